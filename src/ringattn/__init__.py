@@ -1,0 +1,32 @@
+"""ringattn: exact ring attention (context parallelism) for PyTorch, on CPU and CUDA.
+
+    import ringattn
+    out = ringattn.ring_attention(q, k, v, causal=True)          # q, k, v: this rank's shard
+    local = ringattn.shard(x, layout="zigzag")                    # full -> this rank's shard
+    full = ringattn.unshard(local, layout="zigzag")               # inverse, differentiable
+    pos = ringattn.positions(seq_len, layout="zigzag")            # global positions, for RoPE
+"""
+
+from .api import positions, ring_attention, shard, unshard
+from .checks import RingInputError
+from .kernels import KERNELS, AttentionKernel
+from .layout import LAYOUTS, Layout
+from .masks import rank_work
+from .trace import RingTrace, record_ring
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "KERNELS",
+    "LAYOUTS",
+    "AttentionKernel",
+    "Layout",
+    "RingInputError",
+    "RingTrace",
+    "positions",
+    "rank_work",
+    "record_ring",
+    "ring_attention",
+    "shard",
+    "unshard",
+]

@@ -1,0 +1,136 @@
+"""Input validation that fails on every rank before any ring step can hang.
+
+Each rank first checks its own inputs. Then one small all-gather compares a numeric signature of
+the call across ranks (and carries a "this rank has a problem" flag), so a mistake on a single rank,
+or shards that differ between ranks, is raised everywhere with the same message.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .layout import Layout
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Signature fields compared across ranks, with the advice given when they differ.
+_FIELDS = (
+    ("batch", "every rank must pass the same batch size"),
+    ("seq_local", "every rank must hold an equal shard of the sequence; use ringattn.shard"),
+    ("heads_q", "every rank must pass the same number of query heads"),
+    ("head_dim", "every rank must pass the same head_dim"),
+    ("seq_local_kv", "every rank must hold an equal shard of the keys/values"),
+    ("heads_kv", "every rank must pass the same number of key/value heads"),
+    ("dtype", "every rank must use the same dtype"),
+    ("device_type", "every rank must use the same device type"),
+    ("causal", "every rank must pass the same causal flag"),
+    ("layout", "every rank must pass the same layout"),
+    ("scale", "every rank must pass the same scale"),
+)
+
+
+class RingInputError(ValueError):
+    """Inputs to a ring call that cannot work, raised on every rank of the group."""
+
+
+def local_problem(
+    q: object, k: object, v: object, layout: Layout, world_size: int, backend: str | None
+) -> str | None:
+    """What is wrong with this rank's inputs, or ``None``."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            return f"{name} must be a torch.Tensor, got {type(t).__name__}"
+        if t.dim() != 4:
+            return f"{name} must be 4-D (batch, seq, heads, head_dim), got shape {tuple(t.shape)}"
+        if t.dtype not in _DTYPES:
+            return f"{name} has dtype {t.dtype}; use float16, bfloat16, float32 or float64"
+    assert isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
+    if not (q.dtype == k.dtype == v.dtype):
+        return f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
+    if not (q.device == k.device == v.device):
+        return f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}"
+    if k.shape != v.shape:
+        return f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}"
+    if q.shape[0] != k.shape[0]:
+        return f"q and k must have the same batch size, got {q.shape[0]} and {k.shape[0]}"
+    if q.shape[3] != k.shape[3]:
+        return f"q and k must have the same head_dim, got {q.shape[3]} and {k.shape[3]}"
+    heads_q, heads_kv = q.shape[2], k.shape[2]
+    if heads_kv == 0 or heads_q % heads_kv:
+        return (
+            f"heads_q={heads_q} is not a multiple of heads_kv={heads_kv}; grouped-query attention "
+            "needs every key/value head to serve the same number of query heads"
+        )
+    if q.shape[1] != k.shape[1]:
+        return (
+            f"q has {q.shape[1]} local tokens but k/v have {k.shape[1]}; the pass-KV ring needs "
+            "equal shards of queries and keys"
+        )
+    if q.shape[1] % layout.local_multiple(world_size):
+        return (
+            f"the {layout.name!r} layout needs an even number of local tokens per rank, got "
+            f"{q.shape[1]}; shard a sequence whose length is a multiple of {2 * world_size}"
+        )
+    if world_size > 1 and backend is not None:
+        device_type = q.device.type
+        if device_type == "cpu" and "gloo" not in backend and "mpi" not in backend:
+            return f"CPU tensors need a gloo process group, but the group's backend is {backend!r}"
+        if device_type == "cuda" and "nccl" not in backend and "xccl" not in backend:
+            return f"CUDA tensors need an NCCL process group, but the group's backend is {backend!r}"
+    return None
+
+
+def _signature(q, k, causal: bool, layout: Layout, scale: float) -> list[float]:
+    return [
+        q.shape[0], q.shape[1], q.shape[2], q.shape[3], k.shape[1], k.shape[2],
+        _DTYPES.index(q.dtype), 0 if q.device.type == "cpu" else 1, float(causal),
+        ("contiguous", "zigzag", "striped").index(layout.name), scale,
+    ]
+
+
+def _collective_device(group: dist.ProcessGroup) -> torch.device:
+    backend = str(dist.get_backend(group))
+    if "gloo" in backend or "mpi" in backend or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def check_inputs(
+    q: object,
+    k: object,
+    v: object,
+    *,
+    causal: bool,
+    layout: Layout,
+    scale: float | None,
+    group: dist.ProcessGroup | None,
+    world_size: int,
+    across_ranks: bool = True,
+) -> None:
+    """Raise :class:`RingInputError` on every rank if any rank's inputs cannot work together."""
+    backend = str(dist.get_backend(group)) if group is not None else None
+    problem = local_problem(q, k, v, layout, world_size, backend)
+    if world_size == 1 or not across_ranks:
+        if problem:
+            raise RingInputError(f"ring_attention: {problem}")
+        return
+    signature = [0.0] * len(_FIELDS) if problem else _signature(q, k, causal, layout, scale or 0.0)
+    local = torch.tensor([float(problem is not None), *signature], dtype=torch.float64)
+    device = _collective_device(group)
+    gathered = [torch.empty_like(local, device=device) for _ in range(world_size)]
+    dist.all_gather(gathered, local.to(device), group=group)
+    rows = torch.stack(gathered).cpu()
+    if rows[:, 0].any():
+        problems: list[str | None] = [None] * world_size
+        dist.all_gather_object(problems, problem, group=group)
+        listed = "; ".join(f"rank {r}: {p}" for r, p in enumerate(problems) if p)
+        raise RingInputError(f"ring_attention: invalid input on {listed}")
+    for i, (name, advice) in enumerate(_FIELDS, start=1):
+        values = rows[:, i]
+        if not torch.all(values == values[0]):
+            shown = [int(x) if float(x).is_integer() else float(x) for x in values.tolist()]
+            if name == "dtype":
+                shown = [str(_DTYPES[int(x)]) for x in values.tolist()]
+            raise RingInputError(
+                f"ring_attention: {name} differs between ranks {shown} (by rank); {advice}"
+            )

@@ -1,0 +1,119 @@
+"""The ring: double-buffered point-to-point exchange over ``torch.distributed``.
+
+Rank ``r`` sends to ``r + 1`` and receives from ``r - 1`` (modulo the group size). An exchange is
+posted before the current block is computed and waited on after it, so communication overlaps
+compute. Waits are bounded by a timeout so a dead peer ends in an error, not a hang.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+
+from typing import TYPE_CHECKING, Union
+
+import torch
+import torch.distributed as dist
+
+from .trace import current_trace
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+GroupLike = Union[dist.ProcessGroup, "DeviceMesh", None]
+"""A ProcessGroup, a 1-D DeviceMesh, or ``None`` for the default group."""
+
+
+def default_timeout_s() -> float:
+    """Seconds a ring exchange may take before it is declared dead (env ``RINGATTN_TIMEOUT``)."""
+    return float(os.environ.get("RINGATTN_TIMEOUT", "600"))
+
+
+def resolve_group(group: GroupLike) -> dist.ProcessGroup | None:
+    """The process group behind ``group`` (a ProcessGroup, a 1-D DeviceMesh or ``None``).
+
+    ``None`` means the default group, or no group at all when ``torch.distributed`` is not
+    initialised (a world of one).
+    """
+    if group is None:
+        return dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+    if isinstance(group, dist.ProcessGroup):
+        return group
+    try:
+        from torch.distributed.device_mesh import DeviceMesh
+    except ImportError:  # pragma: no cover - torch without distributed
+        DeviceMesh = ()  # type: ignore[assignment]  # noqa: N806
+    if isinstance(group, DeviceMesh):
+        if group.ndim != 1:
+            raise ValueError(
+                f"group is a {group.ndim}-D DeviceMesh; pass its context-parallel dimension, "
+                f"e.g. mesh['cp'] (dims: {group.mesh_dim_names})"
+            )
+        return group.get_group()
+    raise TypeError(
+        f"group must be a ProcessGroup, a 1-D DeviceMesh or None, got {type(group).__name__}"
+    )
+
+
+def group_rank_and_size(group: dist.ProcessGroup | None) -> tuple[int, int]:
+    if group is None:
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+@dataclass
+class PendingExchange:
+    """Posted sends/receives; :meth:`wait` returns the received tensors."""
+
+    works: list
+    received: list[torch.Tensor]
+    timeout: timedelta | None
+
+    def wait(self) -> list[torch.Tensor]:
+        message = (
+            f"ring exchange did not complete within {self.timeout}; a peer is dead or stuck "
+            "(set RINGATTN_TIMEOUT in seconds to change the limit)"
+        )
+        for work in self.works:
+            if self.timeout is None:
+                work.wait()
+                continue
+            try:
+                completed = work.wait(self.timeout)
+            except RuntimeError as exc:
+                if "timed out" in str(exc).lower() or "timeout" in str(exc).lower():
+                    raise TimeoutError(message) from exc
+                raise
+            if completed is False:
+                raise TimeoutError(message)
+        return self.received
+
+
+class RingComm:
+    """Sends to the next rank and receives from the previous one in ``group``."""
+
+    def __init__(self, group: dist.ProcessGroup | None, timeout_s: float | None = None):
+        self.group = group
+        self.rank, self.world_size = group_rank_and_size(group)
+        self.timeout_s = default_timeout_s() if timeout_s is None else timeout_s
+        if self.world_size > 1:
+            self.next_peer = dist.get_global_rank(group, (self.rank + 1) % self.world_size)
+            self.prev_peer = dist.get_global_rank(group, (self.rank - 1) % self.world_size)
+
+    def exchange(self, tensors: Sequence[torch.Tensor], tag: int = 0) -> PendingExchange:
+        """Post sends of ``tensors`` to the next rank and receives of same-shaped tensors from the
+        previous rank. Sent tensors must stay unmodified until :meth:`PendingExchange.wait`."""
+        received = [torch.empty_like(t) for t in tensors]
+        ops = []
+        for i, (send, recv) in enumerate(zip(tensors, received)):
+            ops.append(dist.P2POp(dist.isend, send, self.next_peer, self.group, tag + i))
+            ops.append(dist.P2POp(dist.irecv, recv, self.prev_peer, self.group, tag + i))
+        works = dist.batch_isend_irecv(ops)
+        trace = current_trace()
+        if trace is not None:
+            trace.bytes_sent += sum(t.numel() * t.element_size() for t in tensors)
+        on_cpu = tensors[0].device.type == "cpu"
+        timeout = timedelta(seconds=self.timeout_s) if on_cpu else None
+        return PendingExchange(works, received, timeout)

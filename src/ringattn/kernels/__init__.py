@@ -1,0 +1,38 @@
+"""Local attention kernels behind one interface, and the automatic choice between them."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import AttentionKernel
+from .cpu_flash import CpuFlashKernel
+from .cuda import CudaEfficientKernel, CudaFlashKernel
+from .reference import ReferenceKernel
+
+KERNELS: dict[str, AttentionKernel] = {
+    kernel.name: kernel
+    for kernel in (CpuFlashKernel(), CudaFlashKernel(), CudaEfficientKernel(), ReferenceKernel())
+}
+_PREFERENCE = ("cuda_flash", "cuda_efficient", "cpu_flash", "reference")
+
+
+def select_kernel(kernel: str | AttentionKernel, q: torch.Tensor) -> AttentionKernel:
+    """Resolve ``kernel`` ("auto", a name in :data:`KERNELS`, or an instance) for input ``q``.
+
+    "auto" takes the first of cuda_flash, cuda_efficient, cpu_flash, reference that supports
+    ``q``'s device, dtype and head_dim.
+    """
+    if isinstance(kernel, AttentionKernel):
+        return kernel
+    if kernel == "auto":
+        return next(KERNELS[n] for n in _PREFERENCE if KERNELS[n].unsupported_reason(q) is None)
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; choose 'auto' or one of {sorted(KERNELS)}")
+    chosen = KERNELS[kernel]
+    reason = chosen.unsupported_reason(q)
+    if reason:
+        raise ValueError(f"kernel {kernel!r} {reason}; use kernel='auto'")
+    return chosen
+
+
+__all__ = ["KERNELS", "AttentionKernel", "select_kernel"]

@@ -1,0 +1,107 @@
+"""How a global sequence is split over the ranks of a ring.
+
+A layout maps a rank to the global token positions it holds. Every layout here describes a
+rank's shard as a short tuple of :class:`Segment` s — arithmetic progressions of global
+positions — concatenated in order. The engine needs nothing else: the causal relation between
+two segments of equal stride is a single integer shift (see :mod:`ringattn.masks`).
+
+=============  =======================================  ==========================================
+layout         rank ``r`` of ``p`` holds                use it for
+=============  =======================================  ==========================================
+contiguous     chunk ``r`` of ``p``                     non-causal attention; simplest to reason
+zigzag         chunks ``r`` and ``2p-1-r`` of ``2p``    causal training/prefill (balanced work)
+striped        tokens ``r, r+p, r+2p, ...``             causal, balanced; every block half masked
+=============  =======================================  ==========================================
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+LayoutName = Literal["contiguous", "zigzag", "striped"]
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Global positions ``start, start + stride, ..., start + (length - 1) * stride``."""
+
+    start: int
+    stride: int
+    length: int
+
+    def positions(self) -> range:
+        return range(self.start, self.start + self.stride * self.length, self.stride)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A sharding strategy of the sequence dimension, named by one of :data:`LAYOUTS`."""
+
+    name: str
+
+    def seq_multiple(self, world_size: int) -> int:
+        """The total sequence length must be a multiple of this."""
+        return world_size * self.local_multiple(world_size)
+
+    def local_multiple(self, world_size: int) -> int:
+        """The per-rank sequence length must be a multiple of this."""
+        return 2 if self.name == "zigzag" and world_size > 1 else 1
+
+    def segments(self, rank: int, world_size: int, seq_local: int) -> tuple[Segment, ...]:
+        """The global positions held by ``rank``, in local order."""
+        return _segments(self.name, rank, world_size, seq_local)
+
+    def positions(self, rank: int, world_size: int, seq_local: int) -> torch.Tensor:
+        """Global positions (int64, shape ``(seq_local,)``) of the tokens held by ``rank``."""
+        return torch.tensor(
+            [pos for seg in self.segments(rank, world_size, seq_local) for pos in seg.positions()],
+            dtype=torch.long,
+        )
+
+    def check_seq_len(self, seq_len: int, world_size: int) -> None:
+        """Raise a ``ValueError`` that says what to do when ``seq_len`` cannot be sharded."""
+        multiple = self.seq_multiple(world_size)
+        if seq_len % multiple:
+            raise ValueError(
+                f"sequence length {seq_len} is not divisible by {multiple}, which the "
+                f"{self.name!r} layout needs with world size {world_size}; pad the sequence to "
+                f"{-(-seq_len // multiple) * multiple} tokens (and mask the padding) or pick "
+                f"another length"
+            )
+
+
+@functools.lru_cache(maxsize=4096)
+def _segments(name: str, rank: int, world_size: int, seq_local: int) -> tuple[Segment, ...]:
+    if name == "contiguous":
+        return (Segment(rank * seq_local, 1, seq_local),)
+    if name == "zigzag":
+        half = seq_local // 2
+        return (
+            Segment(rank * half, 1, half),
+            Segment((2 * world_size - 1 - rank) * half, 1, seq_local - half),
+        )
+    return (Segment(rank, world_size, seq_local),)
+
+
+LAYOUTS: dict[str, Layout] = {name: Layout(name) for name in ("contiguous", "zigzag", "striped")}
+
+
+def get_layout(layout: str | Layout) -> Layout:
+    """Return the :class:`Layout` named ``layout`` (or ``layout`` itself)."""
+    if isinstance(layout, Layout):
+        return layout
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {sorted(LAYOUTS)}")
+    return LAYOUTS[layout]
+
+
+@functools.lru_cache(maxsize=256)
+def global_order(layout_name: str, world_size: int, seq_len: int) -> torch.Tensor:
+    """Global positions of all ranks' shards concatenated in rank order, shape ``(seq_len,)``."""
+    layout = LAYOUTS[layout_name]
+    seq_local = seq_len // world_size
+    return torch.cat([layout.positions(r, world_size, seq_local) for r in range(world_size)])

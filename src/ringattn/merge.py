@@ -1,0 +1,34 @@
+"""Online-softmax merge of partial attention results, in fp32.
+
+For a query row with partial results ``(o1, l1)`` and ``(o2, l2)`` — ``l`` the log-sum-exp of the
+scaled scores seen so far and ``o`` the normalised output —
+
+    l = log(exp(l1) + exp(l2)),      o = exp(l1 - l) * o1 + exp(l2 - l) * o2.
+
+A row that has seen no key has ``l = -inf`` and ``o = 0`` and stays finite through the merge.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def merge_partial(
+    out_acc: torch.Tensor, lse_acc: torch.Tensor, out_block: torch.Tensor, lse_block: torch.Tensor
+) -> None:
+    """Merge a block's result into the running accumulators, in place.
+
+    Args:
+        out_acc: ``(batch, seq, heads, head_dim)`` float32 (float64 for float64 inputs) running output (may be a view).
+        lse_acc: ``(batch, heads, seq)`` float32 (float64 for float64 inputs) running log-sum-exp (may be a view).
+        out_block: ``(batch, seq, heads, head_dim)`` block output, any floating dtype.
+        lse_block: ``(batch, heads, seq)`` float32 block log-sum-exp (``-inf`` for rows that saw
+            no key).
+    """
+    lse_new = torch.logaddexp(lse_acc, lse_block)
+    # Where both are -inf the row is still empty: use 0 as the reference so both weights are 0.
+    reference = lse_new.masked_fill(lse_new == float("-inf"), 0.0)
+    weight_acc = torch.exp(lse_acc - reference).transpose(1, 2).unsqueeze(-1)
+    weight_block = torch.exp(lse_block - reference).transpose(1, 2).unsqueeze(-1)
+    out_acc.mul_(weight_acc).addcmul_(out_block, weight_block)
+    lse_acc.copy_(lse_new)

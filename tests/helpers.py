@@ -1,0 +1,49 @@
+"""Shared test utilities: an independent fp64 attention reference and error checks."""
+
+from __future__ import annotations
+
+import torch
+
+
+def reference_attention(q, k, v, causal: bool, scale: float | None = None):
+    """Plain float64 attention over full sequences; returns (out, lse), autograd-enabled.
+
+    q: (batch, seq, heads_q, dim); k, v: (batch, seq, heads_kv, dim).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    groups = q.shape[2] // k.shape[2]
+    k = k.repeat_interleave(groups, dim=2)
+    v = v.repeat_interleave(groups, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    if causal:
+        hidden = torch.ones(q.shape[1], k.shape[1], dtype=torch.bool).triu(1)
+        scores = scores.masked_fill(hidden, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(scores, dim=-1), v)
+    return out, lse
+
+
+def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |got - ref| divided by the tensor's scale, max(max |ref|, 1).
+
+    Inputs are unit-normal, so a reference that is ~0 (e.g. dq of a row that sees a single key)
+    is judged on the scale of its inputs instead of its own."""
+    got, ref = got.double(), ref.double()
+    return ((got - ref).abs().max() / ref.abs().max().clamp_min(1.0)).item()
+
+
+def assert_close(name: str, got: torch.Tensor, ref: torch.Tensor, tol: float) -> float:
+    assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    err = relative_error(got, ref)
+    assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e}"
+    return err
+
+
+def random_qkv(batch, seq, heads_q, heads_kv, dim, seed, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, seq, heads_q, dim, generator=gen, dtype=dtype)
+    k = torch.randn(batch, seq, heads_kv, dim, generator=gen, dtype=dtype)
+    v = torch.randn(batch, seq, heads_kv, dim, generator=gen, dtype=dtype)
+    dout = torch.randn(batch, seq, heads_q, dim, generator=gen, dtype=dtype)
+    return q, k, v, dout

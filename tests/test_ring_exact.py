@@ -1,0 +1,115 @@
+"""Ring attention against an independent single-device fp64 reference, on real gloo groups.
+
+Every world size 1-4, every layout, causal and not, MHA/GQA/MQA, batch 1 and 2, two head dims,
+tiny and odd local lengths: output, log-sum-exp and all three gradients, with asserted tolerances.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_close, random_qkv, reference_attention, relative_error
+
+import ringattn
+
+LAYOUTS = ("contiguous", "zigzag", "striped")
+HEADS = ((4, 4), (8, 2), (4, 1))  # MHA, GQA 4:1, MQA
+FP32_TOL = 1e-5
+
+
+def _local_lengths(layout: str) -> tuple[int, ...]:
+    return (2, 6, 34) if layout == "zigzag" else (1, 3, 17)
+
+
+def _ring_vs_reference(layout, causal, dtype, batch, heads_q, heads_kv, dim, seq_local, world, seed):
+    """Ring result and the fp64 reference for one config, both as this rank's shard."""
+    q, k, v, dout = random_qkv(batch, seq_local * world, heads_q, heads_kv, dim, seed)
+    full = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref_out, ref_lse = reference_attention(*full, causal)
+    ref_grads = torch.autograd.grad(ref_out, full, dout)
+    local = [ringattn.shard(t, layout).to(dtype).requires_grad_() for t in (q, k, v)]
+    out, lse = ringattn.ring_attention(*local, causal=causal, layout=layout, return_lse=True)
+    grads = torch.autograd.grad(out, local, ringattn.shard(dout, layout).to(dtype))
+    got = {"out": out, "lse": lse, "dq": grads[0], "dk": grads[1], "dv": grads[2]}
+    ref = {
+        "out": ringattn.shard(ref_out, layout),
+        "lse": ringattn.shard(ref_lse, layout, dim=2),
+        "dq": ringattn.shard(ref_grads[0], layout),
+        "dk": ringattn.shard(ref_grads[1], layout),
+        "dv": ringattn.shard(ref_grads[2], layout),
+    }
+    return got, ref
+
+
+def _fp32_job(rank, world, layout, causal):
+    worst = 0.0
+    cases = itertools.product((1, 2), HEADS, (64, 24), _local_lengths(layout))
+    for i, (batch, (heads_q, heads_kv), dim, seq_local) in enumerate(cases):
+        got, ref = _ring_vs_reference(
+            layout, causal, torch.float32, batch, heads_q, heads_kv, dim, seq_local, world, i
+        )
+        label = f"b={batch} h={heads_q}/{heads_kv} d={dim} n_local={seq_local}"
+        assert got["out"].dtype == torch.float32 and got["lse"].dtype == torch.float32
+        for name in ("dq", "dk", "dv"):
+            assert got[name].dtype == torch.float32, f"{name} dtype {got[name].dtype}"
+        for name in got:
+            worst = max(worst, assert_close(f"{label} {name}", got[name], ref[name], FP32_TOL))
+    return worst
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_fp32_matches_fp64_reference(pools, world, layout, causal):
+    worst = pools(world).run(_fp32_job, layout, causal)
+    assert max(worst) <= FP32_TOL
+
+
+def _single_device_low_precision(q, k, v, dout, causal, dtype):
+    """The error a single device makes in ``dtype``: fused SDPA over the whole sequence."""
+    inputs = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    out = F.scaled_dot_product_attention(
+        *(t.transpose(1, 2) for t in inputs), is_causal=causal, enable_gqa=True
+    ).transpose(1, 2)
+    grads = torch.autograd.grad(out, inputs, dout.to(dtype))
+    return {"out": out, "dq": grads[0], "dk": grads[1], "dv": grads[2]}
+
+
+def _low_precision_job(rank, world, layout, causal, dtype_name):
+    dtype = getattr(torch, dtype_name)
+    batch, heads_q, heads_kv, dim, seq_local, seed = 2, 8, 2, 64, 48, 7
+    got, ref = _ring_vs_reference(
+        layout, causal, dtype, batch, heads_q, heads_kv, dim, seq_local, world, seed
+    )
+    q, k, v, dout = random_qkv(batch, seq_local * world, heads_q, heads_kv, dim, seed)
+    single = _single_device_low_precision(q, k, v, dout, causal, dtype)
+    report = {}
+    for name in ("out", "dq", "dk", "dv"):
+        assert got[name].dtype == dtype, f"{name} dtype {got[name].dtype} != {dtype}"
+        single_err = relative_error(ringattn.shard(single[name], layout), ref[name])
+        tol = max(2 * single_err, 1e-3)
+        report[name] = (assert_close(name, got[name], ref[name], tol), single_err)
+    assert_close("lse", got["lse"], ref["lse"], 1e-2)
+    return report
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+def test_low_precision_within_twice_single_device_error(pools, world, layout, causal, dtype_name):
+    pools(world).run(_low_precision_job, layout, causal, dtype_name)
+
+
+def _no_group_job(rank, world):
+    """Without an initialised group the call is plain attention (a world of one)."""
+    q, k, v, _ = random_qkv(1, 9, 2, 1, 16, 3)
+    ref_out, _ = reference_attention(q, k, v, True)
+    return relative_error(ringattn.ring_attention(q, k, v, causal=True), ref_out)
+
+
+def test_without_process_group_is_plain_attention():
+    assert _no_group_job(0, 1) < 1e-12
