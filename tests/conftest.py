@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from process_group_pool import ProcessGroupPool
 
 

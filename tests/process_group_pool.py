@@ -35,7 +35,10 @@ def _worker(rank: int, world_size: int, store_path: str, jobs, results) -> None:
     torch.set_num_threads(1)
     store = dist.FileStore(store_path, world_size)
     dist.init_process_group(
-        "gloo", store=store, rank=rank, world_size=world_size,
+        "gloo",
+        store=store,
+        rank=rank,
+        world_size=world_size,
         timeout=timedelta(seconds=GROUP_TIMEOUT_S),
     )
     while True:
@@ -45,7 +48,7 @@ def _worker(rank: int, world_size: int, store_path: str, jobs, results) -> None:
         fn, args = job
         try:
             results.put((rank, True, fn(rank, world_size, *args)))
-        except BaseException as exc:  # noqa: BLE001 - every failure goes back to the test
+        except BaseException as exc:
             results.put((rank, False, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
     dist.destroy_process_group()
 

@@ -24,7 +24,9 @@ def _local_lengths(layout: str) -> tuple[int, ...]:
     return (2, 6, 34) if layout == "zigzag" else (1, 3, 17)
 
 
-def _ring_vs_reference(layout, causal, dtype, batch, heads_q, heads_kv, dim, seq_local, world, seed):
+def _ring_vs_reference(
+    layout, causal, dtype, batch, heads_q, heads_kv, dim, seq_local, world, seed
+):
     """Ring result and the fp64 reference for one config, both as this rank's shard."""
     q, k, v, dout = random_qkv(batch, seq_local * world, heads_q, heads_kv, dim, seed)
     full = [t.clone().requires_grad_() for t in (q, k, v)]

@@ -1,10 +1,10 @@
 """ringattn: exact ring attention (context parallelism) for PyTorch, on CPU and CUDA.
 
-    import ringattn
-    out = ringattn.ring_attention(q, k, v, causal=True)          # q, k, v: this rank's shard
-    local = ringattn.shard(x, layout="zigzag")                    # full -> this rank's shard
-    full = ringattn.unshard(local, layout="zigzag")               # inverse, differentiable
-    pos = ringattn.positions(seq_len, layout="zigzag")            # global positions, for RoPE
+import ringattn
+out = ringattn.ring_attention(q, k, v, causal=True)          # q, k, v: this rank's shard
+local = ringattn.shard(x, layout="zigzag")                    # full -> this rank's shard
+full = ringattn.unshard(local, layout="zigzag")               # inverse, differentiable
+pos = ringattn.positions(seq_len, layout="zigzag")            # global positions, for RoPE
 """
 
 from .api import positions, ring_attention, shard, unshard

@@ -42,7 +42,8 @@ def ring_attention(
         group: a ProcessGroup, a 1-D DeviceMesh, or ``None`` for the default group (a world of
             one when ``torch.distributed`` is not initialised: plain attention).
         return_lse: also return the log-sum-exp ``(batch, heads_q, seq_local)`` in float32,
-            float64 for float64 inputs (natural log, ``-inf`` for a row that sees no key). It carries no gradient.
+            float64 for float64 inputs (natural log, ``-inf`` for a row that sees no key).
+            It carries no gradient.
         kernel: "auto", "cpu_flash", "cuda_flash", "cuda_efficient", "reference", or an
             :class:`~ringattn.kernels.AttentionKernel`.
         check_across_ranks: compare shapes/dtypes/flags across ranks with one small all-gather
@@ -59,8 +60,15 @@ def ring_attention(
     chosen_layout = get_layout(layout)
     _, world_size = group_rank_and_size(process_group)
     check_inputs(
-        q, k, v, causal=causal, layout=chosen_layout, scale=scale, group=process_group,
-        world_size=world_size, across_ranks=check_across_ranks,
+        q,
+        k,
+        v,
+        causal=causal,
+        layout=chosen_layout,
+        scale=scale,
+        group=process_group,
+        world_size=world_size,
+        across_ranks=check_across_ranks,
     )
     plan = RingPlan(
         comm=RingComm(process_group),
@@ -98,7 +106,10 @@ def shard(
 
 
 def unshard(
-    local: torch.Tensor, layout: LayoutName | Layout = "zigzag", dim: int = 1, group: GroupLike = None
+    local: torch.Tensor,
+    layout: LayoutName | Layout = "zigzag",
+    dim: int = 1,
+    group: GroupLike = None,
 ) -> torch.Tensor:
     """Gather every rank's shard into the full tensor, in global order (inverse of :func:`shard`).
 
@@ -112,7 +123,8 @@ def unshard(
         return local
     if local.shape[dim] % chosen.local_multiple(world_size):
         raise ValueError(
-            f"a {chosen.name!r} shard must have a multiple of {chosen.local_multiple(world_size)} tokens "
+            f"a {chosen.name!r} shard must have a multiple of "
+            f"{chosen.local_multiple(world_size)} tokens "
             f"along dim {dim}, got {local.shape[dim]}"
         )
     return _Unshard.apply(local, chosen, dim % local.dim(), process_group)
@@ -128,7 +140,13 @@ class _Unshard(torch.autograd.Function):
         order = global_order(layout.name, world_size, seq_len).to(local.device)
         full = torch.empty_like(torch.cat(parts, dim))
         full.index_copy_(dim, order, torch.cat(parts, dim))
-        ctx.layout, ctx.dim, ctx.group, ctx.rank, ctx.world_size = layout, dim, group, rank, world_size
+        ctx.layout, ctx.dim, ctx.group, ctx.rank, ctx.world_size = (
+            layout,
+            dim,
+            group,
+            rank,
+            world_size,
+        )
         return full
 
     @staticmethod

@@ -44,7 +44,9 @@ def local_problem(
             return f"{name} must be 4-D (batch, seq, heads, head_dim), got shape {tuple(t.shape)}"
         if t.dtype not in _DTYPES:
             return f"{name} has dtype {t.dtype}; use float16, bfloat16, float32 or float64"
-    assert isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
+    assert (
+        isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
+    )
     if not (q.dtype == k.dtype == v.dtype):
         return f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
     if not (q.device == k.device == v.device):
@@ -76,15 +78,25 @@ def local_problem(
         if device_type == "cpu" and "gloo" not in backend and "mpi" not in backend:
             return f"CPU tensors need a gloo process group, but the group's backend is {backend!r}"
         if device_type == "cuda" and "nccl" not in backend and "xccl" not in backend:
-            return f"CUDA tensors need an NCCL process group, but the group's backend is {backend!r}"
+            return (
+                f"CUDA tensors need an NCCL process group, but the group's backend is {backend!r}"
+            )
     return None
 
 
 def _signature(q, k, causal: bool, layout: Layout, scale: float) -> list[float]:
     return [
-        q.shape[0], q.shape[1], q.shape[2], q.shape[3], k.shape[1], k.shape[2],
-        _DTYPES.index(q.dtype), 0 if q.device.type == "cpu" else 1, float(causal),
-        ("contiguous", "zigzag", "striped").index(layout.name), scale,
+        q.shape[0],
+        q.shape[1],
+        q.shape[2],
+        q.shape[3],
+        k.shape[1],
+        k.shape[2],
+        _DTYPES.index(q.dtype),
+        0 if q.device.type == "cpu" else 1,
+        float(causal),
+        ("contiguous", "zigzag", "striped").index(layout.name),
+        scale,
     ]
 
 

@@ -11,7 +11,6 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-
 from typing import TYPE_CHECKING, Union
 
 import torch
@@ -44,7 +43,7 @@ def resolve_group(group: GroupLike) -> dist.ProcessGroup | None:
     try:
         from torch.distributed.device_mesh import DeviceMesh
     except ImportError:  # pragma: no cover - torch without distributed
-        DeviceMesh = ()  # type: ignore[assignment]  # noqa: N806
+        DeviceMesh = ()  # type: ignore[assignment]
     if isinstance(group, DeviceMesh):
         if group.ndim != 1:
             raise ValueError(
@@ -107,7 +106,7 @@ class RingComm:
         previous rank. Sent tensors must stay unmodified until :meth:`PendingExchange.wait`."""
         received = [torch.empty_like(t) for t in tensors]
         ops = []
-        for i, (send, recv) in enumerate(zip(tensors, received)):
+        for i, (send, recv) in enumerate(zip(tensors, received, strict=True)):
             ops.append(dist.P2POp(dist.isend, send, self.next_peer, self.group, tag + i))
             ops.append(dist.P2POp(dist.irecv, recv, self.prev_peer, self.group, tag + i))
         works = dist.batch_isend_irecv(ops)

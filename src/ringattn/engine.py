@@ -101,8 +101,14 @@ def ring_backward(
             for t in plan.tiles(step, seq):
                 rows, cols = slice(t.q_start, t.q_end), slice(t.k_start, t.k_end)
                 dq_t, dk_t, dv_t = plan.kernel.backward(
-                    dout[:, rows], q[:, rows], k_cur[:, cols], v_cur[:, cols],
-                    out[:, rows], lse[:, :, rows], causal=t.causal, scale=plan.scale,
+                    dout[:, rows],
+                    q[:, rows],
+                    k_cur[:, cols],
+                    v_cur[:, cols],
+                    out[:, rows],
+                    lse[:, :, rows],
+                    causal=t.causal,
+                    scale=plan.scale,
                 )
                 dq_acc[:, rows] += dq_t
                 dk_blk[:, cols] += dk_t

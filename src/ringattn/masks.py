@@ -40,7 +40,8 @@ class Tile:
 
 
 def causal_shift(q_seg: Segment, k_seg: Segment) -> int:
-    """Shift such that local row ``i`` of ``q_seg`` sees local column ``j`` iff ``j <= i + shift``."""
+    """Shift such that local row ``i`` of ``q_seg`` sees local column ``j`` iff
+    ``j <= i + shift``."""
     if q_seg.stride != k_seg.stride:
         raise NotImplementedError("causal masking between segments of different strides")
     return (q_seg.start - k_seg.start) // q_seg.stride
@@ -68,7 +69,11 @@ def _coalesce(tiles: list[Tile]) -> list[Tile]:
     merged: list[Tile] = []
     for tile in full:
         last = merged[-1] if merged else None
-        if last and (last.q_start, last.q_end) == (tile.q_start, tile.q_end) and last.k_end == tile.k_start:
+        if (
+            last
+            and (last.q_start, last.q_end) == (tile.q_start, tile.q_end)
+            and last.k_end == tile.k_start
+        ):
             merged[-1] = Tile(last.q_start, last.q_end, last.k_start, tile.k_end)
         else:
             merged.append(tile)
@@ -76,7 +81,11 @@ def _coalesce(tiles: list[Tile]) -> list[Tile]:
     stacked: list[Tile] = []
     for tile in merged:
         last = stacked[-1] if stacked else None
-        if last and (last.k_start, last.k_end) == (tile.k_start, tile.k_end) and last.q_end == tile.q_start:
+        if (
+            last
+            and (last.k_start, last.k_end) == (tile.k_start, tile.k_end)
+            and last.q_end == tile.q_start
+        ):
             stacked[-1] = Tile(last.q_start, tile.q_end, last.k_start, last.k_end)
         else:
             stacked.append(tile)
@@ -99,8 +108,13 @@ def plan_tiles(
         for k_seg in k_segments:
             for t in split_shifted_causal(q_seg.length, k_seg.length, causal_shift(q_seg, k_seg)):
                 tiles.append(
-                    Tile(t.q_start + q_offset, t.q_end + q_offset,
-                         t.k_start + k_offset, t.k_end + k_offset, t.causal)
+                    Tile(
+                        t.q_start + q_offset,
+                        t.q_end + q_offset,
+                        t.k_start + k_offset,
+                        t.k_end + k_offset,
+                        t.causal,
+                    )
                 )
             k_offset += k_seg.length
         q_offset += q_seg.length

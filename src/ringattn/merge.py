@@ -19,8 +19,9 @@ def merge_partial(
     """Merge a block's result into the running accumulators, in place.
 
     Args:
-        out_acc: ``(batch, seq, heads, head_dim)`` float32 (float64 for float64 inputs) running output (may be a view).
-        lse_acc: ``(batch, heads, seq)`` float32 (float64 for float64 inputs) running log-sum-exp (may be a view).
+        out_acc: ``(batch, seq, heads, head_dim)`` running output in float32 (float64 for
+            float64 inputs); may be a view.
+        lse_acc: ``(batch, heads, seq)`` running log-sum-exp, same dtype; may be a view.
         out_block: ``(batch, seq, heads, head_dim)`` block output, any floating dtype.
         lse_block: ``(batch, heads, seq)`` float32 block log-sum-exp (``-inf`` for rows that saw
             no key).

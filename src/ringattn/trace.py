@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-_ACTIVE: contextvars.ContextVar[RingTrace | None] = contextvars.ContextVar("ringattn_trace", default=None)
+_ACTIVE: contextvars.ContextVar[RingTrace | None] = contextvars.ContextVar(
+    "ringattn_trace", default=None
+)
 
 
 @dataclass
@@ -53,7 +55,8 @@ class RingTrace:
         for phase in sorted({s.phase for s in self.steps}):
             t = self.total(phase)
             lines.append(
-                f"{phase}: compute {t['compute_s'] * 1e3:.1f} ms, waiting {t['wait_s'] * 1e3:.1f} ms,"
+                f"{phase}: compute {t['compute_s'] * 1e3:.1f} ms, "
+                f"waiting {t['wait_s'] * 1e3:.1f} ms,"
                 f" sent {t['bytes_sent'] / 2**20:.2f} MiB"
             )
         return "\n".join(lines)

@@ -27,7 +27,8 @@ class AttentionKernel(ABC):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``out`` ``(batch, seq_q, heads_q, head_dim)`` in ``q.dtype`` and ``lse``
-        ``(batch, heads_q, seq_q)`` in float32 — float64 for float64 inputs — (natural log of the softmax denominator)."""
+        ``(batch, heads_q, seq_q)`` in float32 — float64 for float64 inputs — (natural log of
+        the softmax denominator)."""
 
     @abstractmethod
     def backward(

@@ -1,4 +1,7 @@
-"""CPU kernel: PyTorch's fused flash attention for CPU (``aten._scaled_dot_product_flash_attention_for_cpu``)."""
+"""CPU kernel: PyTorch's fused flash attention for CPU.
+
+Calls ``aten._scaled_dot_product_flash_attention_for_cpu`` and its ``_backward``.
+"""
 
 from __future__ import annotations
 

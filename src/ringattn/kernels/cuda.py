@@ -67,8 +67,21 @@ class CudaFlashKernel(_CudaKernel):
         cum_q, cum_k, seed, offset = self._aux
         qt, kt, vt = self._bhsd(q, k, v)
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            dout.transpose(1, 2), qt, kt, vt, out.transpose(1, 2), lse.contiguous(),
-            cum_q, cum_k, q.shape[1], k.shape[1], 0.0, causal, seed, offset, scale=scale,
+            dout.transpose(1, 2),
+            qt,
+            kt,
+            vt,
+            out.transpose(1, 2),
+            lse.contiguous(),
+            cum_q,
+            cum_k,
+            q.shape[1],
+            k.shape[1],
+            0.0,
+            causal,
+            seed,
+            offset,
+            scale=scale,
         )
         heads_kv = k.shape[2]
         return (
@@ -97,8 +110,19 @@ class CudaEfficientKernel(_CudaKernel):
         lse_padded = F.pad(lse, (0, pad)).contiguous()
         qt, kt, vt = self._bhsd(q, k, v)
         dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
-            dout.transpose(1, 2), qt, kt, vt, None, out.transpose(1, 2), lse_padded,
-            seed, offset, 0.0, [True, True, True, False], causal, scale=scale,
+            dout.transpose(1, 2),
+            qt,
+            kt,
+            vt,
+            None,
+            out.transpose(1, 2),
+            lse_padded,
+            seed,
+            offset,
+            0.0,
+            [True, True, True, False],
+            causal,
+            scale=scale,
         )
         heads_kv = k.shape[2]
         return (

@@ -1,0 +1,349 @@
+"""The main job: ring attention over a long sequence on several processes, verified and measured.
+
+Each rank builds only its own shard of the inputs (values are a function of the global token
+position, so no rank ever holds the whole sequence), runs the ring forward and backward, and
+records time, per-step compute/wait and peak memory. Rank 0 then computes the single-process
+result with the same kernel over the whole sequence using all the threads the ranks shared, sends
+each rank its slice of it, and prints the report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+
+from .api import ring_attention
+from .kernels import select_kernel
+from .launch import cpu_threads_per_rank, init_worker
+from .layout import get_layout
+from .memory import PeakMemory
+from .trace import record_ring
+
+_BLOCK = 1024  # tokens generated together from one seed
+_TOLERANCE = {"float64": 1e-10, "float32": 1e-5, "bfloat16": 2e-2, "float16": 5e-3}
+_MIB = 2**20
+
+
+@dataclass
+class DemoConfig:
+    seq_len: int = 32768
+    world_size: int = 4
+    batch: int = 1
+    heads: int = 4
+    kv_heads: int = 2
+    head_dim: int = 64
+    layout: str = "zigzag"
+    dtype: str = "float32"
+    device: str = "cpu"
+    causal: bool = True
+    repeats: int = 1
+    threads: int | None = None
+    seed: int = 0
+    verify: bool = True
+    json_path: str | None = None
+
+    def validate(self, world_size: int) -> None:
+        """Raise ``ValueError`` with advice for settings that cannot run."""
+        get_layout(self.layout).check_seq_len(self.seq_len, world_size)
+        if self.kv_heads <= 0 or self.heads % self.kv_heads:
+            raise ValueError(
+                f"--heads {self.heads} must be a multiple of --kv-heads {self.kv_heads}"
+            )
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda asked for, but torch sees no CUDA device")
+        if min(self.seq_len, self.world_size, self.batch, self.head_dim, self.repeats) <= 0:
+            raise ValueError("sizes and --repeats must be positive")
+
+
+def tokens_at(
+    positions: torch.Tensor, batch: int, heads: int, dim: int, seed: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Unit-normal values ``(batch, len(positions), heads, dim)`` that depend only on the seed and
+    the global positions, so any rank can build any shard without the full tensor."""
+    out = torch.empty(batch, len(positions), heads, dim, dtype=dtype)
+    block_ids = positions // _BLOCK
+    for block in torch.unique(block_ids).tolist():
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + block)
+        values = torch.randn(batch, _BLOCK, heads, dim, generator=gen)
+        rows = (block_ids == block).nonzero().squeeze(1)
+        out[:, rows] = values[:, positions[rows] - block * _BLOCK].to(dtype)
+    return out
+
+
+def make_inputs(cfg: DemoConfig, positions: torch.Tensor, device: torch.device):
+    dtype = getattr(torch, cfg.dtype)
+    shapes = (("q", cfg.heads), ("k", cfg.kv_heads), ("v", cfg.kv_heads), ("dout", cfg.heads))
+    return {
+        name: tokens_at(positions, cfg.batch, heads, cfg.head_dim, cfg.seed * 4 + i, dtype).to(
+            device
+        )
+        for i, (name, heads) in enumerate(shapes)
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _say(rank: int, start: float, message: str) -> None:
+    if rank == 0:
+        print(f"[ringattn demo {time.perf_counter() - start:7.1f}s] {message}", flush=True)
+
+
+def _single_process_reference(cfg: DemoConfig, device: torch.device, threads: int):
+    """Rank 0 only: the same kernel over the whole sequence, with all the ranks' threads."""
+    inputs = make_inputs(cfg, torch.arange(cfg.seq_len), device)
+    kernel = select_kernel("auto", inputs["q"])
+    scale = cfg.head_dim**-0.5
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with PeakMemory(device) as peak:
+            _sync(device)
+            t0 = time.perf_counter()
+            out, lse = kernel.forward(
+                inputs["q"], inputs["k"], inputs["v"], causal=cfg.causal, scale=scale
+            )
+            _sync(device)
+            t1 = time.perf_counter()
+            dq, dk, dv = kernel.backward(
+                inputs["dout"],
+                inputs["q"],
+                inputs["k"],
+                inputs["v"],
+                out,
+                lse,
+                causal=cfg.causal,
+                scale=scale,
+            )
+            _sync(device)
+            t2 = time.perf_counter()
+    finally:
+        torch.set_num_threads(previous_threads)
+    results = {"out": out, "lse": lse, "dq": dq, "dk": dk, "dv": dv}
+    return results, {"forward_s": t1 - t0, "backward_s": t2 - t1, "peak_bytes": peak.bytes}
+
+
+def _scatter_reference(results, cfg: DemoConfig, rank: int, world: int, mine: dict):
+    """Send every rank its slice of the single-process results; return this rank's slice."""
+    layout = get_layout(cfg.layout)
+    seq_local = cfg.seq_len // world
+    names = ("out", "lse", "dq", "dk", "dv")
+    if rank == 0:
+        slices = {}
+        for r in range(world):
+            index = layout.positions(r, world, seq_local).to(results["out"].device)
+            part = {
+                name: results[name].index_select(2 if name == "lse" else 1, index).contiguous()
+                for name in names
+            }
+            if r == 0:
+                slices = part
+            else:
+                for name in names:
+                    dist.send(part[name], dst=r)
+        return slices
+    received = {}
+    for name in names:
+        buffer = torch.empty_like(mine[name].contiguous())
+        dist.recv(buffer, src=0)
+        received[name] = buffer
+    return received
+
+
+def _max_errors(mine: dict, reference: dict) -> dict[str, float]:
+    errors = {}
+    for name, got in mine.items():
+        ref = reference[name].double()
+        errors[name] = ((got.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+    return errors
+
+
+def demo_worker(cfg: DemoConfig) -> dict | None:
+    """Entry point of every rank. Returns the report on rank 0, ``None`` elsewhere."""
+    start = time.perf_counter()
+    device = init_worker(cfg.device)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    threads = cpu_threads_per_rank(cfg.threads)
+    if device.type == "cpu":
+        torch.set_num_threads(threads)
+    cfg.validate(world)
+    layout = get_layout(cfg.layout)
+    seq_local = cfg.seq_len // world
+    _say(rank, start, f"{world} ranks joined; building each rank's shard of {cfg.seq_len:,} tokens")
+
+    inputs = make_inputs(cfg, layout.positions(rank, world, seq_local), device)
+    for name in ("q", "k", "v"):
+        inputs[name].requires_grad_(True)
+
+    def ring_step():
+        out, lse = ring_attention(
+            inputs["q"],
+            inputs["k"],
+            inputs["v"],
+            causal=cfg.causal,
+            layout=layout,
+            return_lse=True,
+        )
+        _sync(device)
+        t_mid = time.perf_counter()
+        grads = torch.autograd.grad(out, [inputs["q"], inputs["k"], inputs["v"]], inputs["dout"])
+        _sync(device)
+        return out, lse, grads, t_mid
+
+    _say(rank, start, "warm-up on a short sequence")
+    short = {
+        n: t[:, : min(seq_local, 256)].detach().requires_grad_(n != "dout")
+        for n, t in inputs.items()
+    }
+    warm_out = ring_attention(short["q"], short["k"], short["v"], causal=cfg.causal, layout=layout)
+    torch.autograd.grad(warm_out, [short["q"], short["k"], short["v"]], short["dout"])
+
+    forward_s, backward_s = [], []
+    with PeakMemory(device) as peak:
+        for i in range(cfg.repeats):
+            _say(rank, start, f"ring forward+backward, run {i + 1} of {cfg.repeats}")
+            dist.barrier()
+            with record_ring() as trace:
+                t0 = time.perf_counter()
+                out, lse, grads, t_mid = ring_step()
+                t1 = time.perf_counter()
+            forward_s.append(t_mid - t0)
+            backward_s.append(t1 - t_mid)
+    mine = {"out": out.detach(), "lse": lse, "dq": grads[0], "dk": grads[1], "dv": grads[2]}
+    rank_report = {
+        "rank": rank,
+        "forward_s": statistics.median(forward_s),
+        "backward_s": statistics.median(backward_s),
+        "peak_bytes": peak.bytes,
+        "memory_method": peak.method,
+        "input_bytes": sum(t.numel() * t.element_size() for t in inputs.values()),
+        "forward": trace.total("forward"),
+        "backward": trace.total("backward"),
+    }
+    dist.barrier()
+
+    reference_stats = None
+    if cfg.verify:
+        _say(rank, start, "single-process reference on rank 0 (the other ranks wait)")
+        reference = reference_stats = None
+        if rank == 0:
+            node_threads = threads * int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+            all_threads = min(node_threads, len(os.sched_getaffinity(0)))
+            reference, reference_stats = _single_process_reference(cfg, device, all_threads)
+        dist.barrier()
+        _say(rank, start, "comparing every rank's shard with the reference")
+        rank_report["errors"] = _max_errors(
+            mine, _scatter_reference(reference, cfg, rank, world, mine)
+        )
+        del reference
+
+    reports = [None] * world
+    dist.all_gather_object(reports, rank_report)
+    dist.destroy_process_group()
+    if rank != 0:
+        return None
+    report = _summarise(cfg, world, threads, reports, reference_stats)
+    print(format_report(report), flush=True)
+    if cfg.json_path:
+        with open(cfg.json_path, "w") as f:
+            json.dump(report, f, indent=2)
+    return report
+
+
+def _attention_flops(cfg: DemoConfig) -> float:
+    """Forward FLOPs of attention (two matmuls), halved under a causal mask."""
+    pairs = cfg.seq_len * cfg.seq_len * (0.5 if cfg.causal else 1.0)
+    return 4.0 * cfg.batch * cfg.heads * cfg.head_dim * pairs
+
+
+def _summarise(cfg, world, threads, reports, reference_stats) -> dict:
+    ring_forward = max(r["forward_s"] for r in reports)
+    ring_backward = max(r["backward_s"] for r in reports)
+    report = {
+        "config": asdict(cfg),
+        "world_size": world,
+        "threads_per_rank": threads,
+        "torch": torch.__version__,
+        "ring": {"forward_s": ring_forward, "backward_s": ring_backward},
+        "ranks": reports,
+        "flops_forward": _attention_flops(cfg),
+    }
+    if reference_stats is not None:
+        tolerance = _TOLERANCE[cfg.dtype]
+        worst = {name: max(r["errors"][name] for r in reports) for name in reports[0]["errors"]}
+        report["single_process"] = reference_stats
+        report["max_relative_error"] = worst
+        report["tolerance"] = tolerance
+        report["passed"] = all(err <= tolerance for err in worst.values())
+    return report
+
+
+def format_report(report: dict) -> str:
+    cfg = report["config"]
+    world = report["world_size"]
+    ring = report["ring"]
+    total_ring = ring["forward_s"] + ring["backward_s"]
+    tokens = cfg["seq_len"] * cfg["batch"]
+    kind = "causal" if cfg["causal"] else "full"
+    lines = [
+        "",
+        f"ringattn demo: {kind} ring attention, {cfg['layout']} layout, {world} ranks "
+        f"({cfg['device']}, {report['threads_per_rank']} thread(s) per rank, "
+        f"torch {report['torch']})",
+        f"  {cfg['seq_len']:,} tokens ({cfg['seq_len'] // world:,} per rank), "
+        f"batch {cfg['batch']}, "
+        f"heads {cfg['heads']} (kv {cfg['kv_heads']}), head_dim {cfg['head_dim']}, {cfg['dtype']}",
+        "",
+        f"  {'':22}{'forward':>10}{'backward':>10}{'fwd+bwd':>10}{'tokens/s':>12}{'TFLOP/s':>9}",
+    ]
+    flops = report["flops_forward"] * 3.5  # backward ~2.5x forward
+
+    def row(name, fwd, bwd):
+        return (
+            f"  {name:22}{fwd:9.2f}s{bwd:9.2f}s{fwd + bwd:9.2f}s{tokens / (fwd + bwd):12,.0f}"
+            f"{flops / (fwd + bwd) / 1e12:9.3f}"
+        )
+
+    lines.append(row(f"ring ({world} ranks)", ring["forward_s"], ring["backward_s"]))
+    single = report.get("single_process")
+    if single:
+        lines.append(row("single process", single["forward_s"], single["backward_s"]))
+        total_single = single["forward_s"] + single["backward_s"]
+        lines.append(
+            f"  efficiency (single / ring time): {total_single / total_ring:.2f} "
+            f"(same kernel, same total threads)"
+        )
+    lines += [
+        "",
+        f"  {'rank':>4}{'compute':>10}{'waiting':>10}{'sent MiB':>10}{'peak MiB':>10}"
+        f"{'inputs MiB':>12}",
+    ]
+    for r in report["ranks"]:
+        compute = r["forward"]["compute_s"] + r["backward"]["compute_s"]
+        wait = r["forward"]["wait_s"] + r["backward"]["wait_s"]
+        sent = (r["forward"]["bytes_sent"] + r["backward"]["bytes_sent"]) / _MIB
+        lines.append(
+            f"  {r['rank']:>4}{compute:9.2f}s{wait:9.2f}s{sent:10.1f}{r['peak_bytes'] / _MIB:10.1f}"
+            f"{r['input_bytes'] / _MIB:12.1f}"
+        )
+    if single:
+        lines.append(
+            f"  single process peak {single['peak_bytes'] / _MIB:.1f} MiB "
+            f"(memory: {report['ranks'][0]['memory_method']})"
+        )
+        errors = ", ".join(f"{k} {v:.1e}" for k, v in report["max_relative_error"].items())
+        verdict = "PASS" if report["passed"] else "FAIL"
+        lines += [
+            "",
+            f"  max error vs single process (relative to max |ref|): {errors}",
+            f"  {verdict} (tolerance {report['tolerance']:.0e} for {cfg['dtype']})",
+        ]
+    return "\n".join(lines)
