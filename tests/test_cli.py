@@ -1,0 +1,71 @@
+"""The command line: help texts, argument errors, and a small end-to-end demo run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ringattn.cli import build_parser, parse_tokens
+
+
+def _ringattn(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ringattn", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_token_counts_accept_suffixes():
+    assert parse_tokens("32K") == 32768
+    assert parse_tokens("1M") == 1024**2
+    assert parse_tokens("1000") == 1000
+
+
+def test_help_lists_demo_flags():
+    help_text = build_parser()._subparsers._group_actions[0].choices["demo"].format_help()
+    for flag in (
+        "--seq-len",
+        "--world-size",
+        "--heads",
+        "--kv-heads",
+        "--layout",
+        "--dtype",
+        "--device",
+    ):
+        assert flag in help_text
+
+
+def test_bad_sequence_length_is_refused_before_launch():
+    result = _ringattn("demo", "--seq-len", "1001", "--world-size", "2")
+    assert result.returncode == 2
+    assert "not divisible by 4" in result.stderr and "pad the sequence to 1004" in result.stderr
+
+
+def test_bad_head_ratio_is_refused_before_launch():
+    result = _ringattn("demo", "--heads", "6", "--kv-heads", "4")
+    assert result.returncode == 2
+    assert "--heads 6 must be a multiple of --kv-heads 4" in result.stderr
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "striped"])
+def test_small_demo_passes_and_reports(tmp_path, layout):
+    report_path = tmp_path / "report.json"
+    result = _ringattn(
+        "demo",
+        "--seq-len",
+        "768",
+        "--world-size",
+        "3",
+        "--layout",
+        layout,
+        "--json",
+        str(report_path),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "PASS" in result.stdout and "efficiency" in result.stdout
+    report = json.loads(report_path.read_text())
+    assert report["passed"] and report["world_size"] == 3
+    assert max(report["max_relative_error"].values()) <= report["tolerance"]
+    assert len(report["ranks"]) == 3 and all(r["peak_bytes"] > 0 for r in report["ranks"])
