@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(BIN)/ringattn demo
 
 test: $(STAMP)
-	$(BIN)/python -m ruff check src tests benchmarks examples
+	$(BIN)/python -m ruff check .
 	$(BIN)/python -m pytest -m "not slow" -q
 
 test-slow: $(STAMP)
@@ -29,8 +29,8 @@ test-all: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/python -m ruff check src tests benchmarks examples
-	$(BIN)/python -m ruff format --check src tests benchmarks examples
+	$(BIN)/python -m ruff check .
+	$(BIN)/python -m ruff format --check .
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
