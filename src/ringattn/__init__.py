@@ -7,11 +7,12 @@ full = ringattn.unshard(local, layout="zigzag")               # inverse, differe
 pos = ringattn.positions(seq_len, layout="zigzag")            # global positions, for RoPE
 """
 
-from .api import positions, ring_attention, shard, unshard
+from .api import padded_length, positions, ring_attention, shard, unshard
 from .checks import RingInputError
 from .kernels import KERNELS, AttentionKernel
 from .layout import LAYOUTS, Layout
-from .masks import rank_work
+from .masks import MaskSpec, rank_work
+from .mods import alibi, alibi_slopes, prefix_lm, softcap
 from .trace import RingTrace, record_ring
 
 __version__ = "0.1.0"
@@ -21,12 +22,18 @@ __all__ = [
     "LAYOUTS",
     "AttentionKernel",
     "Layout",
+    "MaskSpec",
     "RingInputError",
     "RingTrace",
+    "alibi",
+    "alibi_slopes",
+    "padded_length",
     "positions",
+    "prefix_lm",
     "rank_work",
     "record_ring",
     "ring_attention",
     "shard",
+    "softcap",
     "unshard",
 ]

@@ -7,6 +7,9 @@ or shards that differ between ranks, is raised everywhere with the same message.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 
@@ -26,7 +29,109 @@ _FIELDS = (
     ("causal", "every rank must pass the same causal flag"),
     ("layout", "every rank must pass the same layout"),
     ("scale", "every rank must pass the same scale"),
+    ("window_left", "every rank must pass the same window"),
+    ("window_right", "every rank must pass the same window"),
+    ("documents", "every rank must pass the same kind of document description"),
+    ("cu_seqlens_end", "every rank must pass the same cu_seqlens"),
+    ("attention_mask", "every rank must pass an attention_mask, or none"),
+    ("seq_len", "every rank must pass the same seq_len"),
+    ("mask_mod", "every rank must pass a mask_mod, or none"),
+    ("score_mod", "every rank must pass a score_mod, or none"),
+    ("tile_size", "every rank must pass the same tile_size"),
 )
+_ABSENT = -2.0
+_UNBOUNDED = -1.0
+
+
+@dataclass(frozen=True)
+class MaskArgs:
+    """The mask arguments of :func:`ringattn.ring_attention`, as the user passed them."""
+
+    window: object = None
+    cu_seqlens: object = None
+    document_ids: object = None
+    attention_mask: object = None
+    seq_len: object = None
+    mask_mod: object = None
+    score_mod: object = None
+
+    def problem(self, q: torch.Tensor, world_size: int) -> str | None:
+        """What is wrong with the mask arguments for this rank's ``q``, or ``None``."""
+        batch, seq_local = q.shape[0], q.shape[1]
+        total = seq_local * world_size
+        window = self.window
+        if window is not None:
+            sides = (window,) if isinstance(window, int) else window
+            if (
+                not isinstance(sides, tuple)
+                or len(sides) not in (1, 2)
+                or not all(s is None or (isinstance(s, int) and s >= 0) for s in sides)
+            ):
+                return f"window must be an int >= 0 or a (left, right) pair of them, got {window!r}"
+        if self.cu_seqlens is not None and self.document_ids is not None:
+            return "pass either cu_seqlens or document_ids, not both"
+        cu = self.cu_seqlens
+        if cu is not None:
+            if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.numel() < 2:
+                return "cu_seqlens must be a 1-D tensor [0, l1, l1 + l2, ...] of global lengths"
+            if cu.is_floating_point() or int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()):
+                return "cu_seqlens must be integers that start at 0 and never decrease"
+            if int(cu[-1]) > total:
+                return (
+                    f"cu_seqlens ends at {int(cu[-1])} but the ranks hold only {total} tokens "
+                    f"({world_size} x {seq_local})"
+                )
+        ids = self.document_ids
+        if ids is not None and (
+            not isinstance(ids, torch.Tensor)
+            or ids.is_floating_point()
+            or tuple(ids.shape) not in ((seq_local,), (batch, seq_local))
+        ):
+            shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+            return (
+                f"document_ids must be an integer tensor of shape ({seq_local},) or "
+                f"({batch}, {seq_local}) for this rank's shard, got {shape}"
+            )
+        mask = self.attention_mask
+        if mask is not None and (
+            not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (batch, seq_local)
+        ):
+            shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            return (
+                f"attention_mask must have shape (batch, seq_local) = ({batch}, {seq_local}) "
+                f"for this rank's shard, got {shape}"
+            )
+        if self.seq_len is not None and (
+            not isinstance(self.seq_len, int) or not 0 < self.seq_len <= total
+        ):
+            return f"seq_len must be an int in 1..{total} (the padded total), got {self.seq_len!r}"
+        for name in ("mask_mod", "score_mod"):
+            mod = getattr(self, name)
+            if mod is not None and not isinstance(mod, Callable):
+                return f"{name} must be callable, got {type(mod).__name__}"
+        return None
+
+    def signature(self) -> list[float]:
+        window = self.window
+        if window is None:
+            left = right = _ABSENT
+        else:
+            left_side, right_side = (window, 0) if isinstance(window, int) else window
+            left = _UNBOUNDED if left_side is None else float(left_side)
+            right = _UNBOUNDED if right_side is None else float(right_side)
+        documents = (
+            1.0 if self.cu_seqlens is not None else 2.0 if self.document_ids is not None else 0.0
+        )
+        return [
+            left,
+            right,
+            documents,
+            float(self.cu_seqlens[-1]) if self.cu_seqlens is not None else _ABSENT,
+            float(self.attention_mask is not None),
+            float(self.seq_len) if self.seq_len is not None else _ABSENT,
+            float(self.mask_mod is not None),
+            float(self.score_mod is not None),
+        ]
 
 
 class RingInputError(ValueError):
@@ -84,7 +189,7 @@ def local_problem(
     return None
 
 
-def _signature(q, k, causal: bool, layout: Layout, scale: float) -> list[float]:
+def _signature(q, k, causal, layout, scale, masks: MaskArgs, tile_size) -> list[float]:
     return [
         q.shape[0],
         q.shape[1],
@@ -97,6 +202,8 @@ def _signature(q, k, causal: bool, layout: Layout, scale: float) -> list[float]:
         float(causal),
         ("contiguous", "zigzag", "striped").index(layout.name),
         scale,
+        *masks.signature(),
+        tile_size,
     ]
 
 
@@ -117,16 +224,27 @@ def check_inputs(
     scale: float | None,
     group: dist.ProcessGroup | None,
     world_size: int,
+    masks: MaskArgs | None = None,
+    tile_size: int = 512,
     across_ranks: bool = True,
 ) -> None:
     """Raise :class:`RingInputError` on every rank if any rank's inputs cannot work together."""
+    masks = masks or MaskArgs()
     backend = str(dist.get_backend(group)) if group is not None else None
     problem = local_problem(q, k, v, layout, world_size, backend)
+    if problem is None:
+        problem = masks.problem(q, world_size)
+    if problem is None and (not isinstance(tile_size, int) or tile_size < 1):
+        problem = f"tile_size must be a positive int, got {tile_size!r}"
     if world_size == 1 or not across_ranks:
         if problem:
             raise RingInputError(f"ring_attention: {problem}")
         return
-    signature = [0.0] * len(_FIELDS) if problem else _signature(q, k, causal, layout, scale or 0.0)
+    signature = (
+        [0.0] * len(_FIELDS)
+        if problem
+        else _signature(q, k, causal, layout, scale or 0.0, masks, tile_size)
+    )
     local = torch.tensor([float(problem is not None), *signature], dtype=torch.float64)
     device = _collective_device(group)
     gathered = [torch.empty_like(local, device=device) for _ in range(world_size)]

@@ -11,14 +11,14 @@ a key block travels one step behind it and arrives back at its owner after ``p``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .comm import RingComm
 from .kernels import AttentionKernel
 from .layout import Layout
-from .masks import ring_tiles
+from .masks import MaskSpec, Tile, ring_tiles
 from .merge import merge_partial
 from .trace import StepTimer
 
@@ -32,18 +32,61 @@ def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @dataclass(frozen=True, eq=False)
 class RingPlan:
-    """Everything the engine needs besides the tensors."""
+    """Everything the engine needs besides the tensors.
+
+    ``kernel`` runs unmasked and causal tiles; ``masked_kernel`` runs tiles that need a dense
+    mask or a ``score_mod``. Tiles of each step are planned once and reused by the backward pass.
+    """
 
     comm: RingComm
     layout: Layout
     kernel: AttentionKernel
-    causal: bool
+    masked_kernel: AttentionKernel
+    mask: MaskSpec
     scale: float
+    _tiles: dict = field(default_factory=dict)
+    _positions: dict = field(default_factory=dict)
 
-    def tiles(self, step: int, seq_local: int):
+    def positions(self, rank: int, seq_local: int, device: torch.device) -> torch.Tensor:
+        if rank not in self._positions:
+            world = self.comm.world_size
+            self._positions[rank] = self.layout.positions(rank, world, seq_local).to(device)
+        return self._positions[rank]
+
+    def tiles(self, step: int, seq_local: int) -> tuple[Tile, ...]:
         rank, world = self.comm.rank, self.comm.world_size
         source = (rank - step) % world
-        return ring_tiles(self.layout.name, world, rank, source, seq_local, self.causal)
+        if self.mask.only_causal:
+            return ring_tiles(self.layout.name, world, rank, source, seq_local, self.mask.causal)
+        if step not in self._tiles:
+            self._tiles[step] = self.mask.plan(
+                self.layout.segments(rank, world, seq_local),
+                self.layout.segments(source, world, seq_local),
+            )
+        return self._tiles[step]
+
+    def tile_args(self, tile: Tile, step: int, seq_local: int, device: torch.device) -> dict:
+        """Keyword arguments of the kernel call for ``tile`` (mask and score_mod, if any)."""
+        if not tile.masked and self.mask.score_mod is None:
+            return {"causal": tile.causal, "scale": self.scale}
+        source = (self.comm.rank - step) % self.comm.world_size
+        q_pos = self.positions(self.comm.rank, seq_local, device)[tile.q_start : tile.q_end]
+        k_pos = self.positions(source, seq_local, device)[tile.k_start : tile.k_end]
+        args = {"causal": tile.causal, "scale": self.scale}
+        if tile.masked:
+            args["mask"] = self.mask.dense(q_pos, k_pos)
+        if self.mask.score_mod is not None:
+            grids = self.mask.index_grids(q_pos, k_pos, device)
+            score_mod = self.mask.score_mod
+
+            def score_fn(scores: torch.Tensor) -> torch.Tensor:
+                return score_mod(scores, *grids)
+
+            args["score_fn"] = score_fn
+        return args
+
+    def kernel_for(self, tile: Tile) -> AttentionKernel:
+        return self.masked_kernel if tile.masked or self.mask.score_mod is not None else self.kernel
 
 
 def ring_forward(
@@ -64,9 +107,12 @@ def ring_forward(
         with timer.computing():
             for t in plan.tiles(step, seq):
                 rows, cols = slice(t.q_start, t.q_end), slice(t.k_start, t.k_end)
-                out_t, lse_t = plan.kernel.forward(
-                    q[:, rows], k_cur[:, cols], v_cur[:, cols], causal=t.causal, scale=plan.scale
+                args = plan.tile_args(t, step, seq, q.device)
+                out_t, lse_t = plan.kernel_for(t).forward(
+                    q[:, rows], k_cur[:, cols], v_cur[:, cols], **args
                 )
+                if "mask" in args:  # rows the tile hides entirely carry no probability mass
+                    lse_t = lse_t.masked_fill(~args["mask"].any(-1), float("-inf"))
                 merge_partial(out_acc[:, rows], lse_acc[:, :, rows], out_t, lse_t)
         if pending is not None:
             with timer.waiting():
@@ -86,6 +132,8 @@ def ring_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``dq, dk, dv`` (in the inputs' dtypes) of this rank's shard."""
     seq = q.shape[1]
+    # A row that saw no key (lse = -inf) must get P = exp(S - lse) = 0 in every tile: use +inf.
+    lse = lse.masked_fill(lse == float("-inf"), float("inf"))
     acc_dtype = accumulator_dtype(q.dtype)
     dq_acc = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
     timer = StepTimer("backward", q.device)
@@ -100,15 +148,14 @@ def ring_backward(
         with timer.computing():
             for t in plan.tiles(step, seq):
                 rows, cols = slice(t.q_start, t.q_end), slice(t.k_start, t.k_end)
-                dq_t, dk_t, dv_t = plan.kernel.backward(
+                dq_t, dk_t, dv_t = plan.kernel_for(t).backward(
                     dout[:, rows],
                     q[:, rows],
                     k_cur[:, cols],
                     v_cur[:, cols],
                     out[:, rows],
                     lse[:, :, rows],
-                    causal=t.causal,
-                    scale=plan.scale,
+                    **plan.tile_args(t, step, seq, q.device),
                 )
                 dq_acc[:, rows] += dq_t
                 dk_blk[:, cols] += dk_t

@@ -9,12 +9,21 @@ for local row ``i`` and local column ``j``. A block with such a shift splits int
 tiles that every kernel runs exactly: a fully visible tile, a square tile with the ordinary
 (top-left) causal mask, and the rows that see every key. Rows with ``i + shift < 0`` see nothing and
 are left out, so no kernel is ever handed a fully masked row.
+
+Other masks (sliding window, packed documents, padding, ``mask_mod``) are a :class:`MaskSpec`.
+Its blocks are classified per (query tile, key tile) pair from the tiles' position ranges, block
+document ids and validity: a fully hidden pair is skipped, a fully visible one runs the fast
+kernel with no mask (or the causal split above when only causality cuts it), and a partial one is
+a ``masked`` tile whose dense ``tile x tile`` mask is built only when it is computed.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
+
+import torch
 
 from .layout import LAYOUTS, Segment
 
@@ -23,7 +32,8 @@ from .layout import LAYOUTS, Segment
 class Tile:
     """Rows ``q_start:q_end`` against columns ``k_start:k_end`` of the local block.
 
-    ``causal`` tiles are square and use the top-left causal mask (row ``i`` sees column ``j <= i``).
+    ``causal`` tiles are square and use the top-left causal mask (row ``i`` sees column ``j <= i``);
+    ``masked`` tiles need the dense mask of :meth:`MaskSpec.dense`.
     """
 
     q_start: int
@@ -31,6 +41,7 @@ class Tile:
     k_start: int
     k_end: int
     causal: bool = False
+    masked: bool = False
 
     @property
     def work(self) -> int:
@@ -64,8 +75,10 @@ def split_shifted_causal(len_q: int, len_k: int, shift: int) -> list[Tile]:
 
 def _coalesce(tiles: list[Tile]) -> list[Tile]:
     """Join fully visible tiles that share rows (or columns) and touch, so kernels run bigger."""
-    causal = [t for t in tiles if t.causal]
-    full = sorted((t for t in tiles if not t.causal), key=lambda t: (t.q_start, t.k_start))
+    causal = [t for t in tiles if t.causal or t.masked]
+    full = sorted(
+        (t for t in tiles if not (t.causal or t.masked)), key=lambda t: (t.q_start, t.k_start)
+    )
     merged: list[Tile] = []
     for tile in full:
         last = merged[-1] if merged else None
@@ -144,3 +157,208 @@ def rank_work(layout_name: str, world_size: int, seq_local: int, causal: bool) -
         )
         for rank in range(world_size)
     ]
+
+
+MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+ScoreMod = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor
+]
+_EMPTY, _FULL, _PARTIAL = 0, 1, 2
+
+
+@dataclass(frozen=True, eq=False)
+class MaskSpec:
+    """Every mask of a ring call, over *global* token positions.
+
+    Attributes:
+        causal: query ``i`` sees keys ``j <= i``.
+        window: ``(left, right)``: query ``i`` sees keys ``i - left <= j <= i + right``; a side
+            that is ``None`` is unbounded.
+        doc_ids: ``(batch or 1, padded_len)`` int64 document id of every global position; tokens
+            attend only within their document.
+        valid: ``(batch or 1, padded_len)`` bool, ``False`` for padding; a padding query sees
+            nothing and a padding key is seen by nobody.
+        mask_mod: FlexAttention-style ``mask_mod(b, h, q_idx, kv_idx) -> bool``, called with
+            broadcastable index tensors.
+        score_mod: FlexAttention-style ``score_mod(score, b, h, q_idx, kv_idx) -> score``.
+        batch, heads: sizes for the ``b`` and ``h`` indices given to ``mask_mod``/``score_mod``.
+        tile_size: tokens per tile side when tiles are classified.
+    """
+
+    causal: bool = False
+    window: tuple[int | None, int | None] | None = None
+    doc_ids: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
+    mask_mod: MaskMod | None = None
+    score_mod: ScoreMod | None = None
+    batch: int = 1
+    heads: int = 1
+    tile_size: int = 512
+
+    @property
+    def only_causal(self) -> bool:
+        """No mask but (possibly) causality: the fast, precomputed tiling applies."""
+        return (
+            self.window is None
+            and self.doc_ids is None
+            and self.valid is None
+            and self.mask_mod is None
+            and self.score_mod is None
+        )
+
+    def dense(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """Boolean mask ``(batch or 1, heads or 1, len(q_pos), len(k_pos))``, True = visible."""
+        q, k = q_pos[:, None], k_pos[None, :]
+        allowed = torch.ones(q_pos.shape[0], k_pos.shape[0], dtype=torch.bool, device=q_pos.device)
+        if self.causal:
+            allowed &= q >= k
+        if self.window is not None:
+            left, right = self.window
+            if left is not None:
+                allowed &= k >= q - left
+            if right is not None:
+                allowed &= k <= q + right
+        allowed = allowed[None, None]
+        if self.doc_ids is not None:
+            docs_q, docs_k = self.doc_ids[:, q_pos], self.doc_ids[:, k_pos]
+            allowed = allowed & (docs_q[:, None, :, None] == docs_k[:, None, None, :])
+        if self.valid is not None:
+            valid_q, valid_k = self.valid[:, q_pos], self.valid[:, k_pos]
+            allowed = allowed & (valid_q[:, None, :, None] & valid_k[:, None, None, :])
+        if self.mask_mod is not None:
+            allowed = allowed & self._mask_mod_dense(q_pos, k_pos)
+        return allowed
+
+    def index_grids(self, q_pos: torch.Tensor, k_pos: torch.Tensor, device: torch.device):
+        """Broadcastable ``(b, h, q_idx, kv_idx)`` index tensors of shape ``(B,1,1,1)``,
+        ``(1,H,1,1)``, ``(1,1,Q,1)``, ``(1,1,1,K)`` for ``mask_mod`` / ``score_mod``."""
+        return (
+            torch.arange(self.batch, device=device)[:, None, None, None],
+            torch.arange(self.heads, device=device)[None, :, None, None],
+            q_pos.to(device)[None, None, :, None],
+            k_pos.to(device)[None, None, None, :],
+        )
+
+    def _mask_mod_dense(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        b, h, q, k = self.index_grids(q_pos, k_pos, q_pos.device)
+        out = torch.as_tensor(self.mask_mod(b, h, q, k), dtype=torch.bool, device=q_pos.device)
+        return out.expand(-1 if out.shape[0] > 1 else 1, -1, len(q_pos), len(k_pos))
+
+    def _block_states(self, q_blocks: list[Segment], k_blocks: list[Segment]) -> torch.Tensor:
+        """``(len(q_blocks), len(k_blocks))`` states of every mask but causality."""
+        state = torch.full((len(q_blocks), len(k_blocks)), _FULL, dtype=torch.int8)
+        q_lo, q_hi = _bounds(q_blocks)
+        k_lo, k_hi = _bounds(k_blocks)
+        q_lo, q_hi, k_lo, k_hi = q_lo[:, None], q_hi[:, None], k_lo[None, :], k_hi[None, :]
+        if self.window is not None:
+            left, right = self.window
+            empty = torch.zeros_like(state, dtype=torch.bool)
+            full = torch.ones_like(empty)
+            if left is not None:
+                empty |= k_hi < q_lo - left
+                full &= k_lo >= q_hi - left
+            if right is not None:
+                empty |= k_lo > q_hi + right
+                full &= k_hi <= q_lo + right
+            _combine(state, empty, full)
+        for per_token, is_docs in ((self.doc_ids, True), (self.valid, False)):
+            if per_token is None:
+                continue
+            q_stats = _block_stats(per_token, q_blocks)
+            k_stats = _block_stats(per_token, k_blocks)
+            if is_docs:
+                (q_min, q_max), (k_min, k_max) = q_stats, k_stats
+                empty_rows = (q_max[:, :, None] < k_min[:, None, :]) | (
+                    k_max[:, None, :] < q_min[:, :, None]
+                )
+                full_rows = (q_min == q_max)[:, :, None] & (k_min == k_max)[:, None, :]
+                full_rows &= q_min[:, :, None] == k_min[:, None, :]
+            else:
+                (q_any, q_all), (k_any, k_all) = q_stats, k_stats
+                empty_rows = ~q_any[:, :, None] | ~k_any[:, None, :]
+                full_rows = q_all[:, :, None] & k_all[:, None, :]
+            _combine(state, empty_rows.all(0), full_rows.all(0))
+        if self.mask_mod is not None:
+            for i, qb in enumerate(q_blocks):
+                q_pos = _arange(qb)
+                for j, kb in enumerate(k_blocks):
+                    if state[i, j] == _EMPTY:
+                        continue
+                    dense = self._mask_mod_dense(q_pos, _arange(kb))
+                    if not dense.any():
+                        state[i, j] = _EMPTY
+                    elif not dense.all():
+                        state[i, j] = _PARTIAL
+        return state
+
+    def plan(
+        self, q_segments: tuple[Segment, ...], k_segments: tuple[Segment, ...]
+    ) -> tuple[Tile, ...]:
+        """Tiles (local indices) for queries ``q_segments`` against keys ``k_segments``."""
+        q_blocks, q_offsets = _split(q_segments, self.tile_size)
+        k_blocks, k_offsets = _split(k_segments, self.tile_size)
+        if not q_blocks or not k_blocks:
+            return ()
+        states = self._block_states(q_blocks, k_blocks)
+        tiles = []
+        for i, j in (states != _EMPTY).nonzero().tolist():
+            qb, kb = q_blocks[i], k_blocks[j]
+            q0, k0 = q_offsets[i], k_offsets[j]
+            q_lo, q_hi = qb.start, qb.start + qb.stride * (qb.length - 1)
+            k_lo, k_hi = kb.start, kb.start + kb.stride * (kb.length - 1)
+            if self.causal and q_hi < k_lo:
+                continue
+            causal_cuts = self.causal and q_lo < k_hi
+            if states[i, j] == _PARTIAL:
+                tiles.append(Tile(q0, q0 + qb.length, k0, k0 + kb.length, masked=True))
+            elif causal_cuts:
+                for t in split_shifted_causal(qb.length, kb.length, causal_shift(qb, kb)):
+                    tiles.append(
+                        Tile(t.q_start + q0, t.q_end + q0, t.k_start + k0, t.k_end + k0, t.causal)
+                    )
+            else:
+                tiles.append(Tile(q0, q0 + qb.length, k0, k0 + kb.length))
+        # score_mod runs on our own dense kernel: keep its tiles at tile_size.
+        return tuple(tiles if self.score_mod is not None else _coalesce(tiles))
+
+
+def _combine(state: torch.Tensor, empty: torch.Tensor, full: torch.Tensor) -> None:
+    """Fold one mask's per-pair (empty, full) verdicts into ``state`` in place."""
+    state[(state == _FULL) & ~full] = _PARTIAL
+    state[empty] = _EMPTY
+
+
+def _arange(seg: Segment) -> torch.Tensor:
+    return torch.arange(seg.start, seg.start + seg.stride * seg.length, seg.stride)
+
+
+def _bounds(blocks: list[Segment]) -> tuple[torch.Tensor, torch.Tensor]:
+    lo = torch.tensor([b.start for b in blocks])
+    hi = torch.tensor([b.start + b.stride * (b.length - 1) for b in blocks])
+    return lo, hi
+
+
+def _block_stats(per_token: torch.Tensor, blocks: list[Segment]):
+    """Per batch row and block: (min, max) of int ids, or (any, all) of bool validity."""
+    firsts, seconds = [], []
+    for block in blocks:
+        values = per_token[:, _arange(block).to(per_token.device)].cpu()
+        if values.dtype == torch.bool:
+            firsts.append(values.any(1))
+            seconds.append(values.all(1))
+        else:
+            firsts.append(values.amin(1))
+            seconds.append(values.amax(1))
+    return torch.stack(firsts, 1), torch.stack(seconds, 1)
+
+
+def _split(segments: tuple[Segment, ...], tile: int) -> tuple[list[Segment], list[int]]:
+    """Cut segments into blocks of at most ``tile`` tokens; returns blocks and local offsets."""
+    blocks, offsets, offset = [], [], 0
+    for seg in segments:
+        for first in range(0, seg.length, tile):
+            length = min(tile, seg.length - first)
+            blocks.append(Segment(seg.start + seg.stride * first, seg.stride, length))
+            offsets.append(offset + first)
+        offset += seg.length
+    return blocks, offsets

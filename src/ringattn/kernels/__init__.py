@@ -35,4 +35,11 @@ def select_kernel(kernel: str | AttentionKernel, q: torch.Tensor) -> AttentionKe
     return chosen
 
 
-__all__ = ["KERNELS", "AttentionKernel", "select_kernel"]
+def masked_kernel_for(kernel: AttentionKernel, needs_score_mod: bool) -> AttentionKernel:
+    """``kernel`` if it takes dense masks (and ``score_mod`` when needed), else the reference."""
+    if kernel.supports_mask and (kernel.supports_score_mod or not needs_score_mod):
+        return kernel
+    return KERNELS["reference"]
+
+
+__all__ = ["KERNELS", "AttentionKernel", "masked_kernel_for", "select_kernel"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import AttentionKernel
+from .base import AttentionKernel, additive_mask
 
 _FORWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -18,6 +18,7 @@ class CpuFlashKernel(AttentionKernel):
     """Tiled fused attention on CPU; handles grouped KV heads natively."""
 
     name = "cpu_flash"
+    supports_mask = True
 
     def unsupported_reason(self, q: torch.Tensor) -> str | None:
         if q.device.type != "cpu":
@@ -26,13 +27,19 @@ class CpuFlashKernel(AttentionKernel):
             return f"does not support dtype {q.dtype}"
         return None
 
-    def forward(self, q, k, v, *, causal, scale):
+    def forward(self, q, k, v, *, causal, scale, mask=None, score_fn=None):
         out, lse = _FORWARD(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, causal, scale=scale
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            0.0,
+            causal,
+            attn_mask=additive_mask(mask, q.dtype),
+            scale=scale,
         )
         return out.transpose(1, 2), lse
 
-    def backward(self, dout, q, k, v, out, lse, *, causal, scale):
+    def backward(self, dout, q, k, v, out, lse, *, causal, scale, mask=None, score_fn=None):
         dq, dk, dv = _BACKWARD(
             dout.transpose(1, 2),
             q.transpose(1, 2),
@@ -42,6 +49,7 @@ class CpuFlashKernel(AttentionKernel):
             lse,
             0.0,
             causal,
+            attn_mask=additive_mask(mask, q.dtype),
             scale=scale,
         )
         return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)

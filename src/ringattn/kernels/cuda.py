@@ -1,7 +1,8 @@
 """CUDA kernels: PyTorch's fused flash and memory-efficient attention ops.
 
 Both are called per square or full tile only (see :mod:`ringattn.masks`), so the kernels'
-different conventions for causal masks on non-square blocks never matter. Grouped KV heads are
+different conventions for causal masks on non-square blocks never matter. Tiles that need a dense
+mask or a ``score_mod`` go to the reference kernel. Grouped KV heads are
 repeated for the call and their gradients summed back; only ``heads_kv`` heads ever travel.
 """
 
@@ -52,7 +53,7 @@ class CudaFlashKernel(_CudaKernel):
             reason = f"needs head_dim <= 256 and a multiple of 8, got {q.shape[-1]}"
         return reason
 
-    def forward(self, q, k, v, *, causal, scale):
+    def forward(self, q, k, v, *, causal, scale, mask=None, score_fn=None):
         out, lse, cum_q, cum_k, _, _, seed, offset, _ = (
             torch.ops.aten._scaled_dot_product_flash_attention(
                 *self._bhsd(q, k, v), 0.0, causal, False, scale=scale
@@ -61,7 +62,7 @@ class CudaFlashKernel(_CudaKernel):
         self._aux = (cum_q, cum_k, seed, offset)
         return out.transpose(1, 2), lse
 
-    def backward(self, dout, q, k, v, out, lse, *, causal, scale):
+    def backward(self, dout, q, k, v, out, lse, *, causal, scale, mask=None, score_fn=None):
         if self._aux is None:
             self.forward(q[:, :1], k[:, :1], v[:, :1], causal=False, scale=scale)
         cum_q, cum_k, seed, offset = self._aux
@@ -95,14 +96,14 @@ class CudaEfficientKernel(_CudaKernel):
     name = "cuda_efficient"
     dtypes = (torch.float32, torch.float16, torch.bfloat16)
 
-    def forward(self, q, k, v, *, causal, scale):
+    def forward(self, q, k, v, *, causal, scale, mask=None, score_fn=None):
         out, lse, seed, offset = torch.ops.aten._scaled_dot_product_efficient_attention(
             *self._bhsd(q, k, v), None, True, 0.0, causal, scale=scale
         )
         self._aux = (seed, offset)
         return out.transpose(1, 2), lse[:, :, : q.shape[1]]
 
-    def backward(self, dout, q, k, v, out, lse, *, causal, scale):
+    def backward(self, dout, q, k, v, out, lse, *, causal, scale, mask=None, score_fn=None):
         if self._aux is None:
             self.forward(q[:, :1], k[:, :1], v[:, :1], causal=False, scale=scale)
         seed, offset = self._aux

@@ -1,7 +1,8 @@
-"""Reference kernel: plain matmul + softmax in float32 (float64 for float64 inputs).
+"""Our own dense kernel: matmul + softmax per tile in float32 (float64 for float64 inputs).
 
-Readable and device-agnostic; used by tests and as the fallback when no fused kernel fits.
-Memory is O(seq_q * seq_k) per head, so keep blocks small.
+It takes any mask and any ``score_mod`` (the gradient flows through the score modification by
+autograd on the tile), so it runs every tile that the fused kernels cannot. Memory is
+``O(batch * heads * seq_q * seq_k)`` per call: the engine hands it tiles of ``tile_size``.
 """
 
 from __future__ import annotations
@@ -20,40 +21,60 @@ def _fold_heads(grad: torch.Tensor, heads_kv: int) -> torch.Tensor:
     return grad.reshape(b, s, heads_kv, h // heads_kv, d).sum(3)
 
 
-def _scores(q, k, causal, scale, compute_dtype):
-    scores = torch.einsum("bqhd,bkhd->bhqk", q.to(compute_dtype), k.to(compute_dtype)) * scale
+def _visible(q, k, causal, mask):
+    """Boolean visibility ``(b|1, h|1, seq_q, seq_k)`` or ``None`` when everything is visible."""
+    visible = mask
     if causal:
-        hidden = torch.ones(q.shape[1], k.shape[1], dtype=torch.bool, device=q.device).triu(1)
-        scores = scores.masked_fill(hidden, float("-inf"))
-    return scores
+        tri = torch.ones(q.shape[1], k.shape[1], dtype=torch.bool, device=q.device).tril()
+        visible = tri if visible is None else visible & tri
+    return visible
 
 
 class ReferenceKernel(AttentionKernel):
     name = "reference"
+    supports_mask = True
+    supports_score_mod = True
 
     @staticmethod
     def _compute_dtype(q: torch.Tensor) -> torch.dtype:
         return torch.float64 if q.dtype == torch.float64 else torch.float32
 
-    def forward(self, q, k, v, *, causal, scale):
+    def _scores(self, q, k, scale, score_fn, visible):
+        """Raw scaled scores, and the modified + masked scores used by the softmax. With a
+        ``score_fn`` the raw scores require grad, so its derivative can be taken later."""
         dtype = self._compute_dtype(q)
-        heads = q.shape[2]
-        k, v = _expand_heads(k, heads), _expand_heads(v, heads)
-        scores = _scores(q, k, causal, scale, dtype)
+        raw = torch.einsum("bqhd,bkhd->bhqk", q.to(dtype), k.to(dtype)) * scale
+        if score_fn is not None:
+            raw.requires_grad_(True)
+        with torch.set_grad_enabled(score_fn is not None):
+            scores = raw if score_fn is None else score_fn(raw)
+            if visible is not None:
+                scores = scores.masked_fill(~visible, float("-inf"))
+        return raw, scores
+
+    def forward(self, q, k, v, *, causal, scale, mask=None, score_fn=None):
+        dtype = self._compute_dtype(q)
+        k, v = _expand_heads(k, q.shape[2]), _expand_heads(v, q.shape[2])
+        _, scores = self._scores(q, k, scale, score_fn, _visible(q, k, causal, mask))
+        scores = scores.detach()
         lse = torch.logsumexp(scores, dim=-1)
-        probs = torch.exp(scores - lse.unsqueeze(-1))
+        finite_lse = lse.masked_fill(torch.isinf(lse), 0.0)
+        probs = torch.exp(scores - finite_lse.unsqueeze(-1))
         out = torch.einsum("bhqk,bkhd->bqhd", probs, v.to(dtype))
         return out.to(q.dtype), lse
 
-    def backward(self, dout, q, k, v, out, lse, *, causal, scale):
+    def backward(self, dout, q, k, v, out, lse, *, causal, scale, mask=None, score_fn=None):
         dtype = self._compute_dtype(q)
         heads, heads_kv = q.shape[2], k.shape[2]
         k_e, v_e = _expand_heads(k, heads).to(dtype), _expand_heads(v, heads).to(dtype)
-        dout, out = dout.to(dtype), out.to(dtype)
-        probs = torch.exp(_scores(q, k_e, causal, scale, dtype) - lse.to(dtype).unsqueeze(-1))
+        q_c, dout, out = q.to(dtype), dout.to(dtype), out.to(dtype)
+        raw, scores = self._scores(q_c, k_e, scale, score_fn, _visible(q, k_e, causal, mask))
+        probs = torch.exp(scores.detach() - lse.to(dtype).unsqueeze(-1))
         delta = (dout * out).sum(-1).transpose(1, 2).unsqueeze(-1)  # (b, h, q, 1)
         dv = torch.einsum("bhqk,bqhd->bkhd", probs, dout)
         dscores = probs * (torch.einsum("bqhd,bkhd->bhqk", dout, v_e) - delta)
+        if score_fn is not None:
+            (dscores,) = torch.autograd.grad(scores, raw, dscores)
         dq = torch.einsum("bhqk,bkhd->bqhd", dscores, k_e) * scale
-        dk = torch.einsum("bhqk,bqhd->bkhd", dscores, q.to(dtype)) * scale
+        dk = torch.einsum("bhqk,bqhd->bkhd", dscores, q_c) * scale
         return dq, _fold_heads(dk, heads_kv), _fold_heads(dv, heads_kv)
