@@ -142,3 +142,15 @@ def test_fully_masked_rows_are_zero_in_low_precision():
         for g in grads:
             assert torch.isfinite(g).all()
         assert (grads[0][:, 9:] == 0).all() and (grads[1][:, 9:] == 0).all()
+
+
+def test_positions_restart_in_every_document():
+    cu = torch.tensor([0, 3, 10, 11])
+    assert ringattn.positions(11, cu_seqlens=cu).tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 5, 6, 0]
+
+
+def test_packed_documents_balance_best_striped():
+    ids = torch.repeat_interleave(torch.arange(5), torch.tensor([100, 700, 50, 900, 298]))[None]
+    spec = ringattn.MaskSpec(causal=True, doc_ids=ids, tile_size=32)
+    work = ringattn.rank_work("striped", 4, 512, True, spec)
+    assert max(work) / min(work) <= 1.1

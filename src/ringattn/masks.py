@@ -147,18 +147,6 @@ def ring_tiles(
     )
 
 
-def rank_work(layout_name: str, world_size: int, seq_local: int, causal: bool) -> list[int]:
-    """Scored (query, key) pairs per rank over a whole ring pass — the load each rank carries."""
-    return [
-        sum(
-            t.work
-            for k_rank in range(world_size)
-            for t in ring_tiles(layout_name, world_size, rank, k_rank, seq_local, causal)
-        )
-        for rank in range(world_size)
-    ]
-
-
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 ScoreMod = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor
@@ -362,3 +350,32 @@ def _split(segments: tuple[Segment, ...], tile: int) -> tuple[list[Segment], lis
             offsets.append(offset + first)
         offset += seg.length
     return blocks, offsets
+
+
+def rank_work(
+    layout_name: str,
+    world_size: int,
+    seq_local: int,
+    causal: bool,
+    mask: MaskSpec | None = None,
+) -> list[int]:
+    """Scored (query, key) pairs per rank over a whole ring pass — the load each rank carries.
+
+    With a :class:`MaskSpec` (which then decides causality), partial tiles count in full, as the
+    kernel computes them in full.
+    """
+    layout = LAYOUTS[layout_name]
+
+    def tiles(rank: int, k_rank: int) -> tuple[Tile, ...]:
+        if mask is None or mask.only_causal:
+            is_causal = causal if mask is None else mask.causal
+            return ring_tiles(layout_name, world_size, rank, k_rank, seq_local, is_causal)
+        return mask.plan(
+            layout.segments(rank, world_size, seq_local),
+            layout.segments(k_rank, world_size, seq_local),
+        )
+
+    return [
+        sum(t.work for k_rank in range(world_size) for t in tiles(rank, k_rank))
+        for rank in range(world_size)
+    ]
