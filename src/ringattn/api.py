@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.distributed as dist
 
@@ -11,6 +13,7 @@ from .engine import RingAttentionFunction, RingPlan
 from .kernels import AttentionKernel, masked_kernel_for, select_kernel
 from .layout import Layout, LayoutName, get_layout, global_order
 from .masks import MaskMod, MaskSpec, ScoreMod
+from .rotation import choose_rotation
 
 
 def ring_attention(
@@ -23,6 +26,7 @@ def ring_attention(
     scale: float | None = None,
     group: GroupLike = None,
     return_lse: bool = False,
+    rotation: Literal["kv", "q", "auto"] = "auto",
     window: int | tuple[int | None, int | None] | None = None,
     cu_seqlens: torch.Tensor | None = None,
     document_ids: torch.Tensor | None = None,
@@ -42,9 +46,12 @@ def ring_attention(
     whole sequence. All masks use *global* token positions.
 
     Args:
-        q: ``(batch, seq_local, heads_q, head_dim)``.
-        k, v: ``(batch, seq_local, heads_kv, head_dim)`` with ``heads_q % heads_kv == 0``
-            (MHA, GQA, MQA). Only the ``heads_kv`` heads travel.
+        q: ``(batch, seq_q_local, heads_q, head_dim)``.
+        k, v: ``(batch, seq_kv_local, heads_kv, head_dim)`` with ``heads_q % heads_kv == 0``
+            (MHA, GQA, MQA). Only the ``heads_kv`` heads travel. Queries and keys may differ in
+            length (cross-attention, chunked prefill); each is sharded in ``layout`` over its own
+            length, and the queries are the *last* ``seq_q`` positions of the key sequence
+            (bottom-right alignment, as in flash-attn) for ``causal`` and the other masks.
         causal: mask keys at later global positions than the query.
         layout: "contiguous", "zigzag" (balanced causal work) or "striped".
         scale: score scale; default ``head_dim ** -0.5``.
@@ -53,14 +60,18 @@ def ring_attention(
         return_lse: also return the log-sum-exp ``(batch, heads_q, seq_local)`` in float32,
             float64 for float64 inputs (natural log, ``-inf`` for a row that sees no key).
             It carries no gradient.
+        rotation: "kv" moves keys/values around the ring (training, full prefill), "q" moves
+            queries and returns partial outputs (few queries against many keys); "auto" picks
+            the one that moves fewer bytes, see :func:`ringattn.choose_rotation`. Both are exact,
+            forward and backward.
         window: ``(left, right)``: query ``i`` sees keys ``i - left <= j <= i + right`` (a side
             may be ``None``: unbounded); an int ``w`` means ``(w, 0)``, a causal left window.
         cu_seqlens: packed documents as global cumulative lengths ``[0, l1, l1 + l2, ...]``
             (1-D, any int dtype, as in flash-attn's varlen API); tokens attend within their
             document only. Tokens past ``cu_seqlens[-1]`` are padding.
         document_ids: packed documents as per-token ids of *this rank's shard*, shaped
-            ``(seq_local,)`` or ``(batch, seq_local)``. Use either this or ``cu_seqlens``.
-        attention_mask: ``(batch, seq_local)`` of this rank's shard, nonzero/True for real
+            ``(seq_kv_local,)`` or ``(batch, seq_kv_local)``. Use either this or ``cu_seqlens``.
+        attention_mask: ``(batch, seq_kv_local)`` of this rank's shard, nonzero/True for real
             tokens and 0/False for padding (the Hugging Face convention). Padding queries get
             zero output and zero gradients; padding keys are seen by nobody.
         seq_len: the real global length when :func:`shard` padded the sequence; positions at or
@@ -99,10 +110,16 @@ def ring_attention(
         world_size=world_size,
         masks=masks,
         tile_size=tile_size,
+        rotation=rotation,
         across_ranks=check_across_ranks,
     )
-    spec = _mask_spec(q, causal, masks, chosen_layout, process_group, world_size, tile_size)
+    spec = _mask_spec(q, k, causal, masks, chosen_layout, process_group, world_size, tile_size)
     main_kernel = select_kernel(kernel, q)
+    if rotation == "auto":
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        rotation = choose_rotation(
+            q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3], q.dtype, needs_grad
+        )
     plan = RingPlan(
         comm=RingComm(process_group),
         layout=chosen_layout,
@@ -110,15 +127,18 @@ def ring_attention(
         masked_kernel=masked_kernel_for(main_kernel, score_mod is not None),
         mask=spec,
         scale=q.shape[-1] ** -0.5 if scale is None else float(scale),
+        rotation=rotation,
+        seq_q_local=q.shape[1],
+        seq_kv_local=k.shape[1],
     )
     out, lse = RingAttentionFunction.apply(q, k, v, plan)
     return (out, lse) if return_lse else out
 
 
-def _mask_spec(q, causal, masks: MaskArgs, layout, group, world_size, tile_size) -> MaskSpec:
+def _mask_spec(q, k, causal, masks: MaskArgs, layout, group, world_size, tile_size) -> MaskSpec:
     """Turn the user's mask arguments into global per-position tensors (one all-gather each
     for per-shard ids and padding masks)."""
-    batch, seq_local, heads = q.shape[0], q.shape[1], q.shape[2]
+    batch, seq_local, heads = q.shape[0], k.shape[1], q.shape[2]
     total = seq_local * world_size
     device = q.device
     window = (masks.window, 0) if isinstance(masks.window, int) else masks.window

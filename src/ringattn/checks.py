@@ -38,7 +38,9 @@ _FIELDS = (
     ("mask_mod", "every rank must pass a mask_mod, or none"),
     ("score_mod", "every rank must pass a score_mod, or none"),
     ("tile_size", "every rank must pass the same tile_size"),
+    ("rotation", "every rank must pass the same rotation"),
 )
+_ROTATIONS = ("kv", "q", "auto")
 _ABSENT = -2.0
 _UNBOUNDED = -1.0
 
@@ -55,9 +57,9 @@ class MaskArgs:
     mask_mod: object = None
     score_mod: object = None
 
-    def problem(self, q: torch.Tensor, world_size: int) -> str | None:
-        """What is wrong with the mask arguments for this rank's ``q``, or ``None``."""
-        batch, seq_local = q.shape[0], q.shape[1]
+    def problem(self, q: torch.Tensor, k: torch.Tensor, world_size: int) -> str | None:
+        """What is wrong with the mask arguments for this rank's ``q``/``k``, or ``None``."""
+        batch, seq_local = k.shape[0], k.shape[1]
         total = seq_local * world_size
         window = self.window
         if window is not None:
@@ -101,6 +103,8 @@ class MaskArgs:
                 f"attention_mask must have shape (batch, seq_local) = ({batch}, {seq_local}) "
                 f"for this rank's shard, got {shape}"
             )
+        if self.seq_len is not None and q.shape[1] != k.shape[1]:
+            return "seq_len (padding) needs queries and keys of the same length"
         if self.seq_len is not None and (
             not isinstance(self.seq_len, int) or not 0 < self.seq_len <= total
         ):
@@ -168,16 +172,17 @@ def local_problem(
             f"heads_q={heads_q} is not a multiple of heads_kv={heads_kv}; grouped-query attention "
             "needs every key/value head to serve the same number of query heads"
         )
-    if q.shape[1] != k.shape[1]:
+    if q.shape[1] > k.shape[1]:
         return (
-            f"q has {q.shape[1]} local tokens but k/v have {k.shape[1]}; the pass-KV ring needs "
-            "equal shards of queries and keys"
+            f"q has {q.shape[1]} local tokens but k/v only {k.shape[1]}; queries are the last "
+            "tokens of the key sequence, so there cannot be more of them"
         )
-    if q.shape[1] % layout.local_multiple(world_size):
-        return (
-            f"the {layout.name!r} layout needs an even number of local tokens per rank, got "
-            f"{q.shape[1]}; shard a sequence whose length is a multiple of {2 * world_size}"
-        )
+    for name, length in (("q", q.shape[1]), ("k/v", k.shape[1])):
+        if length % layout.local_multiple(world_size):
+            return (
+                f"the {layout.name!r} layout needs an even number of local tokens per rank, "
+                f"got {length} for {name}; shard with ringattn.shard, which pads as needed"
+            )
     if world_size > 1 and backend is not None:
         device_type = q.device.type
         if device_type == "cpu" and "gloo" not in backend and "mpi" not in backend:
@@ -189,7 +194,7 @@ def local_problem(
     return None
 
 
-def _signature(q, k, causal, layout, scale, masks: MaskArgs, tile_size) -> list[float]:
+def _signature(q, k, causal, layout, scale, masks: MaskArgs, tile_size, rotation) -> list[float]:
     return [
         q.shape[0],
         q.shape[1],
@@ -204,6 +209,7 @@ def _signature(q, k, causal, layout, scale, masks: MaskArgs, tile_size) -> list[
         scale,
         *masks.signature(),
         tile_size,
+        rotation,
     ]
 
 
@@ -226,6 +232,7 @@ def check_inputs(
     world_size: int,
     masks: MaskArgs | None = None,
     tile_size: int = 512,
+    rotation: str = "auto",
     across_ranks: bool = True,
 ) -> None:
     """Raise :class:`RingInputError` on every rank if any rank's inputs cannot work together."""
@@ -233,7 +240,9 @@ def check_inputs(
     backend = str(dist.get_backend(group)) if group is not None else None
     problem = local_problem(q, k, v, layout, world_size, backend)
     if problem is None:
-        problem = masks.problem(q, world_size)
+        problem = masks.problem(q, k, world_size)
+    if problem is None and rotation not in _ROTATIONS:
+        problem = f"rotation must be one of {_ROTATIONS}, got {rotation!r}"
     if problem is None and (not isinstance(tile_size, int) or tile_size < 1):
         problem = f"tile_size must be a positive int, got {tile_size!r}"
     if world_size == 1 or not across_ranks:
@@ -243,7 +252,9 @@ def check_inputs(
     signature = (
         [0.0] * len(_FIELDS)
         if problem
-        else _signature(q, k, causal, layout, scale or 0.0, masks, tile_size)
+        else _signature(
+            q, k, causal, layout, scale or 0.0, masks, tile_size, _ROTATIONS.index(rotation)
+        )
     )
     local = torch.tensor([float(problem is not None), *signature], dtype=torch.float64)
     device = _collective_device(group)

@@ -104,6 +104,7 @@ class RingComm:
     def exchange(self, tensors: Sequence[torch.Tensor], tag: int = 0) -> PendingExchange:
         """Post sends of ``tensors`` to the next rank and receives of same-shaped tensors from the
         previous rank. Sent tensors must stay unmodified until :meth:`PendingExchange.wait`."""
+        tensors = [t.contiguous() for t in tensors]
         received = [torch.empty_like(t) for t in tensors]
         ops = []
         for i, (send, recv) in enumerate(zip(tensors, received, strict=True)):

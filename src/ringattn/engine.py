@@ -1,28 +1,42 @@
-"""The ring engine: pass-KV ring attention as one autograd Function.
+"""The ring engine: one loop, two rotations, as one autograd Function.
 
-Forward, at step ``s`` rank ``r`` holds the keys/values of rank ``r - s``; it posts their transfer
-to ``r + 1``, computes the tiles its queries need against them (:func:`ringattn.masks.ring_tiles`)
-and merges each tile's ``(out, lse)`` into fp32 accumulators (:mod:`ringattn.merge`).
+At step ``s`` of a pass, rank ``r`` holds the travelling block of rank ``r - s``; it posts that
+block's transfer to ``r + 1`` before computing, so communication overlaps compute. What travels is
+data of the rotation:
 
-Backward sends the keys/values around again. Each tile's gradients are computed from the final
-``out`` and ``lse`` of its rows; ``dq`` stays local, while the fp32 ``dk``/``dv`` accumulator of
-a key block travels one step behind it and arrives back at its owner after ``p`` steps.
+============  =========================  ==================  ===============================
+pass          travels                    stays               returns to the owner
+============  =========================  ==================  ===============================
+KV forward    k, v                       q, out/lse acc.     —
+KV backward   k, v                       q, dout, out, lse   dk, dv (fp32, one step behind)
+Q forward     q                          k, v                out, lse (merged, one step behind)
+Q backward    q, dout, out, lse          k, v, dk/dv acc.    dq (fp32, one step behind)
+============  =========================  ==================  ===============================
+
+A returning accumulator starts at the block's owner, is updated by every rank it visits, and
+arrives back after ``p`` steps. Each step computes the tiles (:mod:`ringattn.masks`) of the
+(queries x keys) block through the local kernel and merges ``(out, lse)`` with the fp32 online
+softmax (:mod:`ringattn.merge`). Gradients of a tile use the final ``out`` and ``lse`` of its rows.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
 from .comm import RingComm
 from .kernels import AttentionKernel
-from .layout import Layout
-from .masks import MaskSpec, Tile, ring_tiles
+from .layout import Layout, Segment
+from .masks import MaskSpec, Tile, plan_tiles
 from .merge import merge_partial
 from .trace import StepTimer
 
-_KV_TAG, _GRAD_TAG = 0, 2
+Rotation = Literal["kv", "q"]
+_TRAVEL_TAG, _RETURN_TAG = 0, 16
 
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -30,12 +44,18 @@ def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+@functools.lru_cache(maxsize=4096)
+def _causal_tiles(q_segments: tuple[Segment, ...], k_segments: tuple[Segment, ...], causal: bool):
+    return plan_tiles(q_segments, k_segments, causal)
+
+
 @dataclass(frozen=True, eq=False)
 class RingPlan:
     """Everything the engine needs besides the tensors.
 
-    ``kernel`` runs unmasked and causal tiles; ``masked_kernel`` runs tiles that need a dense
-    mask or a ``score_mod``. Tiles of each step are planned once and reused by the backward pass.
+    Queries are bottom-right aligned: the ``seq_q`` queries sit at global positions
+    ``seq_kv - seq_q .. seq_kv - 1`` (offset 0 for self-attention). ``kernel`` runs unmasked and
+    causal tiles; ``masked_kernel`` runs tiles that need a dense mask or a ``score_mod``.
     """
 
     comm: RingComm
@@ -44,35 +64,54 @@ class RingPlan:
     masked_kernel: AttentionKernel
     mask: MaskSpec
     scale: float
-    _tiles: dict = field(default_factory=dict)
-    _positions: dict = field(default_factory=dict)
+    rotation: Rotation
+    seq_q_local: int
+    seq_kv_local: int
+    _cache: dict = field(default_factory=dict)
 
-    def positions(self, rank: int, seq_local: int, device: torch.device) -> torch.Tensor:
-        if rank not in self._positions:
-            world = self.comm.world_size
-            self._positions[rank] = self.layout.positions(rank, world, seq_local).to(device)
-        return self._positions[rank]
+    @property
+    def q_offset(self) -> int:
+        return (self.seq_kv_local - self.seq_q_local) * self.comm.world_size
 
-    def tiles(self, step: int, seq_local: int) -> tuple[Tile, ...]:
-        rank, world = self.comm.rank, self.comm.world_size
-        source = (rank - step) % world
+    def source(self, step: int) -> int:
+        """The rank whose travelling block this rank holds at ``step``."""
+        return (self.comm.rank - step) % self.comm.world_size
+
+    def _segments(self, rank: int, queries: bool) -> tuple[Segment, ...]:
+        world = self.comm.world_size
+        if not queries:
+            return self.layout.segments(rank, world, self.seq_kv_local)
+        return tuple(
+            Segment(s.start + self.q_offset, s.stride, s.length)
+            for s in self.layout.segments(rank, world, self.seq_q_local)
+        )
+
+    def _positions(self, rank: int, queries: bool, device: torch.device) -> torch.Tensor:
+        key = ("pos", rank, queries)
+        if key not in self._cache:
+            segments = self._segments(rank, queries)
+            self._cache[key] = torch.cat(
+                [torch.arange(s.start, s.start + s.stride * s.length, s.stride) for s in segments]
+            ).to(device)
+        return self._cache[key]
+
+    def tiles(self, q_rank: int, k_rank: int) -> tuple[Tile, ...]:
+        """Tiles of ``q_rank``'s queries against ``k_rank``'s keys (planned once per call)."""
+        q_segments, k_segments = self._segments(q_rank, True), self._segments(k_rank, False)
         if self.mask.only_causal:
-            return ring_tiles(self.layout.name, world, rank, source, seq_local, self.mask.causal)
-        if step not in self._tiles:
-            self._tiles[step] = self.mask.plan(
-                self.layout.segments(rank, world, seq_local),
-                self.layout.segments(source, world, seq_local),
-            )
-        return self._tiles[step]
+            return _causal_tiles(q_segments, k_segments, self.mask.causal)
+        key = ("tiles", q_rank, k_rank)
+        if key not in self._cache:
+            self._cache[key] = self.mask.plan(q_segments, k_segments)
+        return self._cache[key]
 
-    def tile_args(self, tile: Tile, step: int, seq_local: int, device: torch.device) -> dict:
+    def tile_args(self, tile: Tile, q_rank: int, k_rank: int, device: torch.device) -> dict:
         """Keyword arguments of the kernel call for ``tile`` (mask and score_mod, if any)."""
-        if not tile.masked and self.mask.score_mod is None:
-            return {"causal": tile.causal, "scale": self.scale}
-        source = (self.comm.rank - step) % self.comm.world_size
-        q_pos = self.positions(self.comm.rank, seq_local, device)[tile.q_start : tile.q_end]
-        k_pos = self.positions(source, seq_local, device)[tile.k_start : tile.k_end]
         args = {"causal": tile.causal, "scale": self.scale}
+        if not tile.masked and self.mask.score_mod is None:
+            return args
+        q_pos = self._positions(q_rank, True, device)[tile.q_start : tile.q_end]
+        k_pos = self._positions(k_rank, False, device)[tile.k_start : tile.k_end]
         if tile.masked:
             args["mask"] = self.mask.dense(q_pos, k_pos)
         if self.mask.score_mod is not None:
@@ -89,36 +128,120 @@ class RingPlan:
         return self.masked_kernel if tile.masked or self.mask.score_mod is not None else self.kernel
 
 
+def _ring_loop(
+    plan: RingPlan,
+    phase: str,
+    travelling: Sequence[torch.Tensor],
+    compute: Callable[[int, Sequence[torch.Tensor]], Sequence[torch.Tensor] | None],
+    combine: Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor]], Sequence[torch.Tensor]]
+    | None = None,
+) -> Sequence[torch.Tensor] | None:
+    """Rotate ``travelling`` once around the ring, calling ``compute(step, block)`` each step.
+
+    With ``combine``, ``compute`` returns this rank's contribution for the block's owner; the
+    contributions are folded (``combine(arrived, mine)``) into an accumulator that follows the
+    block one step behind and ends at its owner, which gets it as the return value.
+    """
+    world = plan.comm.world_size
+    timer = StepTimer(phase, travelling[0].device)
+    in_flight = result = None
+    for step in range(world):
+        pending = plan.comm.exchange(travelling, _TRAVEL_TAG) if step < world - 1 else None
+        with timer.computing():
+            contribution = compute(step, travelling)
+        if combine is not None:
+            if in_flight is not None:
+                with timer.waiting():
+                    arrived = in_flight.wait()
+                contribution = combine(arrived, contribution)
+            if world > 1:
+                in_flight = plan.comm.exchange(contribution, _RETURN_TAG)
+            else:
+                result = contribution
+        if pending is not None:
+            with timer.waiting():
+                travelling = pending.wait()
+        timer.finish_step(step)
+    if in_flight is not None:
+        with timer.waiting():
+            result = in_flight.wait()
+        timer.finish_step(world)
+    return result
+
+
+def _new_output(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty accumulators: out 0 ``(b, s, h, d)`` and lse ``-inf`` ``(b, h, s)``."""
+    dtype = accumulator_dtype(q.dtype)
+    batch, seq, heads, _ = q.shape
+    out = torch.zeros(q.shape, dtype=dtype, device=q.device)
+    lse = torch.full((batch, heads, seq), float("-inf"), dtype=dtype, device=q.device)
+    return out, lse
+
+
+def _attend(plan, q_rank, k_rank, q, k, v, out_acc, lse_acc) -> None:
+    """Merge the attention of ``q`` (``q_rank``'s block) over ``k``/``v`` into the accumulators."""
+    for t in plan.tiles(q_rank, k_rank):
+        rows, cols = slice(t.q_start, t.q_end), slice(t.k_start, t.k_end)
+        args = plan.tile_args(t, q_rank, k_rank, q.device)
+        out_t, lse_t = plan.kernel_for(t).forward(q[:, rows], k[:, cols], v[:, cols], **args)
+        if "mask" in args:  # rows the tile hides entirely carry no probability mass
+            lse_t = lse_t.masked_fill(~args["mask"].any(-1), float("-inf"))
+        merge_partial(out_acc[:, rows], lse_acc[:, :, rows], out_t, lse_t)
+
+
+def _merge_returned(arrived, mine):
+    out, lse = mine
+    merge_partial(out, lse, *arrived)
+    return out, lse
+
+
+def _sum_returned(arrived, mine):
+    for total, part in zip(mine, arrived, strict=True):
+        total += part
+    return mine
+
+
 def ring_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPlan
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``out`` (batch, seq, heads_q, head_dim) in ``q.dtype`` and ``lse``
-    (batch, heads_q, seq) in the accumulator dtype, for this rank's queries against the keys of
-    all ranks."""
-    batch, seq, heads, _ = q.shape
-    acc_dtype = accumulator_dtype(q.dtype)
-    out_acc = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
-    lse_acc = torch.full((batch, heads, seq), float("-inf"), dtype=acc_dtype, device=q.device)
-    timer = StepTimer("forward", q.device)
-    k_cur, v_cur = k, v
-    world = plan.comm.world_size
-    for step in range(world):
-        pending = plan.comm.exchange((k_cur, v_cur), _KV_TAG) if step < world - 1 else None
-        with timer.computing():
-            for t in plan.tiles(step, seq):
-                rows, cols = slice(t.q_start, t.q_end), slice(t.k_start, t.k_end)
-                args = plan.tile_args(t, step, seq, q.device)
-                out_t, lse_t = plan.kernel_for(t).forward(
-                    q[:, rows], k_cur[:, cols], v_cur[:, cols], **args
-                )
-                if "mask" in args:  # rows the tile hides entirely carry no probability mass
-                    lse_t = lse_t.masked_fill(~args["mask"].any(-1), float("-inf"))
-                merge_partial(out_acc[:, rows], lse_acc[:, :, rows], out_t, lse_t)
-        if pending is not None:
-            with timer.waiting():
-                k_cur, v_cur = pending.wait()
-        timer.finish_step(step)
-    return out_acc.to(q.dtype), lse_acc
+    """``out`` (batch, seq_q, heads_q, head_dim) in ``q.dtype`` and ``lse`` (batch, heads_q,
+    seq_q) in the accumulator dtype, for this rank's queries against every rank's keys."""
+    rank = plan.comm.rank
+    if plan.rotation == "kv":
+        out, lse = _new_output(q)
+        _ring_loop(
+            plan,
+            "forward",
+            (k, v),
+            lambda step, kv: _attend(plan, rank, plan.source(step), q, *kv, out, lse),
+        )
+    else:
+
+        def visit(step, block):
+            out_block, lse_block = _new_output(block[0])
+            _attend(plan, plan.source(step), rank, block[0], k, v, out_block, lse_block)
+            return out_block, lse_block
+
+        out, lse = _ring_loop(plan, "forward", (q,), visit, _merge_returned)
+    return out.to(q.dtype), lse
+
+
+def _tile_grads(plan, q_rank, k_rank, dout, q, k, v, out, lse, dq_acc, dk_acc, dv_acc) -> None:
+    """Add the gradients of ``q_rank``'s queries against ``k_rank``'s keys to the accumulators."""
+    for t in plan.tiles(q_rank, k_rank):
+        rows, cols = slice(t.q_start, t.q_end), slice(t.k_start, t.k_end)
+        dq_t, dk_t, dv_t = plan.kernel_for(t).backward(
+            dout[:, rows],
+            q[:, rows],
+            k[:, cols],
+            v[:, cols],
+            out[:, rows],
+            lse[:, :, rows],
+            **plan.tile_args(t, q_rank, k_rank, q.device),
+        )
+        dq_acc[:, rows] += dq_t
+        dk_acc[:, cols] += dk_t
+        dv_acc[:, cols] += dv_t
 
 
 def ring_backward(
@@ -131,53 +254,37 @@ def ring_backward(
     plan: RingPlan,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``dq, dk, dv`` (in the inputs' dtypes) of this rank's shard."""
-    seq = q.shape[1]
+    rank = plan.comm.rank
+    acc_dtype = accumulator_dtype(q.dtype)
     # A row that saw no key (lse = -inf) must get P = exp(S - lse) = 0 in every tile: use +inf.
     lse = lse.masked_fill(lse == float("-inf"), float("inf"))
-    acc_dtype = accumulator_dtype(q.dtype)
-    dq_acc = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
-    timer = StepTimer("backward", q.device)
-    world = plan.comm.world_size
-    k_cur, v_cur = k, v
-    grads_in_flight = None
-    dk_acc = dv_acc = None
-    for step in range(world):
-        pending_kv = plan.comm.exchange((k_cur, v_cur), _KV_TAG) if step < world - 1 else None
-        dk_blk = torch.zeros(k.shape, dtype=acc_dtype, device=k.device)
-        dv_blk = torch.zeros(v.shape, dtype=acc_dtype, device=v.device)
-        with timer.computing():
-            for t in plan.tiles(step, seq):
-                rows, cols = slice(t.q_start, t.q_end), slice(t.k_start, t.k_end)
-                dq_t, dk_t, dv_t = plan.kernel_for(t).backward(
-                    dout[:, rows],
-                    q[:, rows],
-                    k_cur[:, cols],
-                    v_cur[:, cols],
-                    out[:, rows],
-                    lse[:, :, rows],
-                    **plan.tile_args(t, step, seq, q.device),
-                )
-                dq_acc[:, rows] += dq_t
-                dk_blk[:, cols] += dk_t
-                dv_blk[:, cols] += dv_t
-        if grads_in_flight is not None:
-            with timer.waiting():
-                dk_prev, dv_prev = grads_in_flight.wait()
-            dk_blk += dk_prev
-            dv_blk += dv_prev
-        if world > 1:
-            grads_in_flight = plan.comm.exchange((dk_blk, dv_blk), _GRAD_TAG)
-        else:
-            dk_acc, dv_acc = dk_blk, dv_blk
-        if pending_kv is not None:
-            with timer.waiting():
-                k_cur, v_cur = pending_kv.wait()
-        timer.finish_step(step)
-    if grads_in_flight is not None:
-        with timer.waiting():
-            dk_acc, dv_acc = grads_in_flight.wait()
-        timer.finish_step(world)
-    return dq_acc.to(q.dtype), dk_acc.to(k.dtype), dv_acc.to(v.dtype)
+
+    def zeros(like: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(like.shape, dtype=acc_dtype, device=like.device)
+
+    if plan.rotation == "kv":
+        dq = zeros(q)
+
+        def visit(step, block):
+            dk_block, dv_block = zeros(k), zeros(v)
+            k_b, v_b = block
+            source = plan.source(step)
+            _tile_grads(plan, rank, source, dout, q, k_b, v_b, out, lse, dq, dk_block, dv_block)
+            return dk_block, dv_block
+
+        dk, dv = _ring_loop(plan, "backward", (k, v), visit, _sum_returned)
+    else:
+        dk, dv = zeros(k), zeros(v)
+
+        def visit(step, block):
+            (dq_block,) = block_grads = (zeros(block[0]),)
+            q_b, dout_b, out_b, lse_b = block
+            source = plan.source(step)
+            _tile_grads(plan, source, rank, dout_b, q_b, k, v, out_b, lse_b, dq_block, dk, dv)
+            return block_grads
+
+        (dq,) = _ring_loop(plan, "backward", (q, dout, out, lse), visit, _sum_returned)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 class RingAttentionFunction(torch.autograd.Function):
@@ -195,5 +302,5 @@ class RingAttentionFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ring_backward(dout, q, k, v, out, lse, ctx.plan)
+        dq, dk, dv = ring_backward(dout.contiguous(), q, k, v, out, lse, ctx.plan)
         return dq, dk, dv, None

@@ -1,0 +1,58 @@
+"""Which block should travel: keys/values (pass-KV) or queries (pass-Q).
+
+Both rotations compute the same tiles, so they hide the same compute per step; they differ in
+what each step must move. Per step and rank (``e`` = element size of the inputs, accumulators in
+fp32):
+
+- pass-KV forward: the K and V blocks, ``2 * n_kv * h_kv * d * e``;
+  backward: K and V again plus their fp32 gradients, ``2 * n_kv * h_kv * d * (e + 4)``.
+- pass-Q forward: the Q block plus the returning partial output and log-sum-exp,
+  ``n_q * h_q * (d * e + d * 4 + 4)``; backward: Q, dO, O and lse plus the returning fp32
+  dQ, ``n_q * h_q * (3 * d * e + 4 + d * 4)``.
+
+The rule: pick the rotation that moves fewer bytes (over forward and backward when gradients are
+needed); on a tie keep pass-KV. With equal query and key lengths pass-KV always wins; pass-Q wins
+when queries are few next to keys — chunked prefill against a long cache, cross-attention to a long
+context.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+
+def rotation_bytes(
+    seq_q_local: int,
+    seq_kv_local: int,
+    heads_q: int,
+    heads_kv: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    needs_grad: bool,
+) -> dict[str, int]:
+    """Bytes one rank sends per ring step under each rotation (see the module docstring)."""
+    e = torch.empty((), dtype=dtype).element_size()
+    acc = 8 if dtype == torch.float64 else 4
+    kv = 2 * seq_kv_local * heads_kv * head_dim * e
+    q = seq_q_local * heads_q * (head_dim * e + head_dim * acc + acc)
+    if needs_grad:
+        kv += 2 * seq_kv_local * heads_kv * head_dim * (e + acc)
+        q += seq_q_local * heads_q * (3 * head_dim * e + acc + head_dim * acc)
+    return {"kv": kv, "q": q}
+
+
+def choose_rotation(
+    seq_q_local: int,
+    seq_kv_local: int,
+    heads_q: int,
+    heads_kv: int,
+    head_dim: int,
+    dtype: torch.dtype = torch.float32,
+    needs_grad: bool = False,
+) -> Literal["kv", "q"]:
+    """``"q"`` when moving queries costs fewer bytes per step than moving keys/values, else
+    ``"kv"``. A pure function of the shapes; ``rotation="auto"`` calls it."""
+    cost = rotation_bytes(seq_q_local, seq_kv_local, heads_q, heads_kv, head_dim, dtype, needs_grad)
+    return "q" if cost["q"] < cost["kv"] else "kv"
