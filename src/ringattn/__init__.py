@@ -9,10 +9,12 @@ pos = ringattn.positions(seq_len, layout="zigzag")            # global positions
 
 from .api import padded_length, positions, ring_attention, shard, unshard
 from .checks import RingInputError
+from .inference import KVCache, merge_across_ranks
 from .kernels import KERNELS, AttentionKernel
 from .layout import LAYOUTS, Layout
 from .masks import MaskSpec, rank_work
 from .mods import alibi, alibi_slopes, prefix_lm, softcap
+from .rotation import choose_rotation
 from .trace import RingTrace, record_ring
 
 __version__ = "0.1.0"
@@ -21,12 +23,15 @@ __all__ = [
     "KERNELS",
     "LAYOUTS",
     "AttentionKernel",
+    "KVCache",
     "Layout",
     "MaskSpec",
     "RingInputError",
     "RingTrace",
     "alibi",
     "alibi_slopes",
+    "choose_rotation",
+    "merge_across_ranks",
     "padded_length",
     "positions",
     "prefix_lm",
