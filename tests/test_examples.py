@@ -1,0 +1,29 @@
+"""The examples run and do what they claim."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def test_generation_matches_single_process():
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(EXAMPLES / "generate_long_context.py"),
+            "--prompt-len",
+            "300",
+            "--new-tokens",
+            "8",
+            "--world-size",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "identical: True" in result.stdout
