@@ -19,20 +19,29 @@ from ringattn import RingInputError
 
 # Cases where every rank passes the same bad input: name -> (exception type, message pattern).
 UNIFORM = {
-    "not_4d": (RingInputError, r"q must be 4-D \(batch, seq, heads, head_dim\), got shape \(1, 4, 32\)"),
+    "not_4d": (
+        RingInputError,
+        r"q must be 4-D \(batch, seq, heads, head_dim\), got shape \(1, 4, 32\)",
+    ),
     "int_dtype": (RingInputError, r"q has dtype torch\.int64; use float16, bfloat16, float32"),
     "dtype_mismatch": (
-        RingInputError, r"q, k and v must share one dtype, got torch\.float32, torch\.float64"
+        RingInputError,
+        r"q, k and v must share one dtype, got torch\.float32, torch\.float64",
     ),
     "kv_shape": (
-        RingInputError, r"k and v must have the same shape, got \(1, 4, 2, 8\) and \(1, 4, 4, 8\)"
+        RingInputError,
+        r"k and v must have the same shape, got \(1, 4, 2, 8\) and \(1, 4, 4, 8\)",
     ),
     "heads": (RingInputError, r"heads_q=6 is not a multiple of heads_kv=4"),
     "head_dim": (RingInputError, r"q and k must have the same head_dim, got 8 and 16"),
-    "q_k_len": (RingInputError, r"q has 4 local tokens but k/v have 6"),
-    "layout": (ValueError, r"unknown layout 'zigzagg'; choose one of \['contiguous', 'striped'"),
+    "q_k_len": (RingInputError, r"q has 6 local tokens but k/v (have|only) 4"),
+    "layout": (
+        RingInputError,
+        r"unknown layout 'zigzagg'; choose one of \['contiguous', 'striped'",
+    ),
     "odd_zigzag": (
-        RingInputError, r"'zigzag' layout needs an even number of local tokens per rank, got 3"
+        RingInputError,
+        r"'zigzag' layout needs an even number of local tokens per rank, got 3",
     ),
     "group_type": (TypeError, r"group must be a ProcessGroup, a 1-D DeviceMesh or None, got int"),
 }
@@ -58,8 +67,8 @@ def _uniform_case(name):
         q, k, v = _randn(1, 4, 6, 8), _randn(1, 4, 4, 8), _randn(1, 4, 4, 8)
     elif name == "head_dim":
         k, v = _randn(1, 4, 2, 16), _randn(1, 4, 2, 16)
-    elif name == "q_k_len":
-        k, v = _randn(1, 6, 2, 8), _randn(1, 6, 2, 8)
+    elif name == "q_k_len":  # more queries than keys
+        q = _randn(1, 6, 4, 8)
     elif name == "layout":
         kwargs["layout"] = "zigzagg"
     elif name == "odd_zigzag":
@@ -83,16 +92,26 @@ def _rank_case(name, rank):
     k, v = k.to(dtype), v.to(dtype)
     if name == "int_on_rank_1" and rank == 1:
         q, k, v = (torch.ones(t.shape, dtype=torch.int64) for t in (q, k, v))
-    return q, k, v, {"causal": causal, "layout": "zigzag"}
+    kwargs = {"causal": causal, "layout": "zigzag"}
+    if name == "layout_typo_on_rank_1" and rank == 1:
+        kwargs["layout"] = "zigzgg"
+    if name == "scale_differs":  # None means head_dim ** -0.5; 0.0 is a different scale
+        kwargs["scale"] = None if rank == 0 else 0.0
+    return q, k, v, kwargs
 
 
 def _caught(fn):
-    """Run ``fn``; return ``(exception type name, message, pid)`` (type name None if no error)."""
-    try:
-        fn()
-    except Exception as exc:  # every rank reports what it raised
-        return type(exc).__name__, str(exc), os.getpid()
-    return None, "", os.getpid()
+    """Run ``fn``; return ``(exception type name, message, pid)`` (type name None if no error).
+
+    Also asserts that no ring step ran (nothing was sent) before the error."""
+    result = None, "", os.getpid()
+    with ringattn.record_ring() as trace:
+        try:
+            fn()
+        except Exception as exc:  # every rank reports what it raised
+            result = type(exc).__name__, str(exc), os.getpid()
+    assert not trace.steps and trace.bytes_sent == 0, f"ring steps ran: {trace.steps}"
+    return result
 
 
 def _uniform_job(rank, world, name):
@@ -114,8 +133,9 @@ def _valid_job(rank, world):
     local = [ringattn.shard(t, "zigzag").requires_grad_() for t in (q, k, v)]
     out = ringattn.ring_attention(*local, causal=True, layout="zigzag")
     grads = torch.autograd.grad(out, local, ringattn.shard(dout, "zigzag"))
-    pairs = [(out, ref_out), *zip(grads, ref_grads)]
-    return os.getpid(), max(relative_error(got, ringattn.shard(ref, "zigzag")) for got, ref in pairs)
+    pairs = [(out, ref_out), *zip(grads, ref_grads, strict=True)]
+    worst = max(relative_error(got, ringattn.shard(ref, "zigzag")) for got, ref in pairs)
+    return os.getpid(), worst
 
 
 def _assert_every_rank(results, exc_type, pattern):
@@ -172,6 +192,10 @@ def _expected_rank_case(name, world):
     }
     if name == "int_on_rank_1":
         return r"^ring_attention: invalid input on rank 1: q has dtype torch\.int64; use float16"
+    if name == "layout_typo_on_rank_1":
+        return r"^ring_attention: invalid input on rank 1: unknown layout 'zigzgg'"
+    if name == "scale_differs":
+        return r"^ring_attention: scale differs between ranks \[0\.35355\d*, 0(, 0)*\]"
     field = name.removesuffix("_differs")
     advice = {
         "seq_local": "every rank must hold an equal shard of the sequence; use ringattn.shard",
@@ -186,12 +210,20 @@ def _expected_rank_case(name, world):
 
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize(
-    "name", ["seq_local_differs", "causal_differs", "dtype_differs", "int_on_rank_1"]
+    "name",
+    [
+        "seq_local_differs",
+        "causal_differs",
+        "dtype_differs",
+        "int_on_rank_1",
+        "layout_typo_on_rank_1",
+        "scale_differs",
+    ],
 )
 def test_rank_dependent_input_raises_on_every_rank(pools, world, name):
     results = pools(world).run(_rank_job, name)
     _assert_every_rank(results, RingInputError, _expected_rank_case(name, world))
-    if name == "int_on_rank_1":  # only the rank with the problem is named
+    if name in ("int_on_rank_1", "layout_typo_on_rank_1"):  # only the rank at fault is named
         assert all(f"rank {r}" not in results[0][1] for r in range(world) if r != 1)
     _assert_pool_still_works(pools(world), results)
 
@@ -225,33 +257,31 @@ def test_two_dimensional_device_mesh_is_refused(pools):
     _assert_pool_still_works(pools(2), [error for error, _ in results])
 
 
-def _shard_job(rank, world, layout, seq_len, what):
-    if what == "shard":
-        return _caught(lambda: ringattn.shard(torch.zeros(2, seq_len, 3), layout))
-    if what == "positions":
-        return _caught(lambda: ringattn.positions(seq_len, layout))
-    return _caught(lambda: ringattn.unshard(torch.zeros(2, seq_len, 3), layout))
-
-
-@pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("what", ["shard", "positions"])
-def test_shard_of_indivisible_length_names_the_multiple(pools, world, what):
-    seq_len = 2 * world + 1
-    results = pools(world).run(_shard_job, "zigzag", seq_len, what)
-    pattern = (
-        rf"^sequence length {seq_len} is not divisible by {2 * world}, which the 'zigzag' "
-        rf"layout needs with world size {world}; pad the sequence to {4 * world} tokens"
-    )
-    _assert_every_rank(results, ValueError, pattern)
-    striped = pools(world).run(_shard_job, "striped", world + 1, what)
-    _assert_every_rank(striped, ValueError, rf"is not divisible by {world}, which the 'striped'")
+def _unshard_job(rank, world, local_len):
+    return _caught(lambda: ringattn.unshard(torch.zeros(2, local_len, 3), "zigzag"))
 
 
 def test_unshard_of_odd_zigzag_shard_names_the_multiple(pools):
-    results = pools(2).run(_shard_job, "zigzag", 3, "unshard")
+    results = pools(2).run(_unshard_job, 3)
     pattern = r"^a 'zigzag' shard must have a multiple of 2 tokens along dim 1, got 3$"
     _assert_every_rank(results, ValueError, pattern)
     _assert_pool_still_works(pools(2), results)
+
+
+def _unknown_layout_job(rank, world, what):
+    x = torch.zeros(2, 4 * world, 3)
+    calls = {
+        "shard": lambda: ringattn.shard(x, "stripy"),
+        "unshard": lambda: ringattn.unshard(x, "stripy"),
+        "positions": lambda: ringattn.positions(4 * world, "stripy"),
+    }
+    return _caught(calls[what])
+
+
+@pytest.mark.parametrize("what", ["shard", "unshard", "positions"])
+def test_helpers_refuse_an_unknown_layout_on_every_rank(pools, what):
+    results = pools(3).run(_unknown_layout_job, what)
+    _assert_every_rank(results, ValueError, r"^unknown layout 'stripy'; choose one of")
 
 
 def test_shard_errors_in_a_world_of_one():

@@ -96,15 +96,14 @@ def ring_attention(
         RingInputError: (a ``ValueError``) on every rank when any rank's inputs cannot work.
     """
     process_group = resolve_group(group)
-    chosen_layout = get_layout(layout)
     _, world_size = group_rank_and_size(process_group)
     masks = MaskArgs(window, cu_seqlens, document_ids, attention_mask, seq_len, mask_mod, score_mod)
-    check_inputs(
+    chosen_layout = check_inputs(
         q,
         k,
         v,
         causal=causal,
-        layout=chosen_layout,
+        layout=layout,
         scale=scale,
         group=process_group,
         world_size=world_size,
@@ -275,7 +274,7 @@ class _Unshard(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_full):
-        grad_full = grad_full.contiguous()
+        grad_full = grad_full.clone(memory_format=torch.contiguous_format)  # reduced in place
         dist.all_reduce(grad_full, group=ctx.group)
         seq_local = grad_full.shape[ctx.dim] // ctx.world_size
         index = ctx.layout.positions(ctx.rank, ctx.world_size, seq_local).to(grad_full.device)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .layout import Layout
+from .layout import LAYOUTS, Layout, get_layout
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Signature fields compared across ranks, with the advice given when they differ.
@@ -226,7 +226,7 @@ def check_inputs(
     v: object,
     *,
     causal: bool,
-    layout: Layout,
+    layout: str | Layout,
     scale: float | None,
     group: dist.ProcessGroup | None,
     world_size: int,
@@ -234,11 +234,22 @@ def check_inputs(
     tile_size: int = 512,
     rotation: str = "auto",
     across_ranks: bool = True,
-) -> None:
-    """Raise :class:`RingInputError` on every rank if any rank's inputs cannot work together."""
+) -> Layout:
+    """Raise :class:`RingInputError` on every rank if any rank's inputs cannot work together;
+    return the resolved layout."""
     masks = masks or MaskArgs()
     backend = str(dist.get_backend(group)) if group is not None else None
-    problem = local_problem(q, k, v, layout, world_size, backend)
+    try:
+        layout = get_layout(layout)
+    except ValueError as exc:
+        problem = str(exc)
+        layout = LAYOUTS["contiguous"]
+    else:
+        problem = local_problem(q, k, v, layout, world_size, backend)
+    if problem is None and scale is None:
+        scale = q.shape[-1] ** -0.5
+    if problem is None and (not isinstance(scale, int | float) or scale != scale):
+        problem = f"scale must be a number, got {scale!r}"
     if problem is None:
         problem = masks.problem(q, k, world_size)
     if problem is None and rotation not in _ROTATIONS:
@@ -248,7 +259,7 @@ def check_inputs(
     if world_size == 1 or not across_ranks:
         if problem:
             raise RingInputError(f"ring_attention: {problem}")
-        return
+        return layout
     signature = (
         [0.0] * len(_FIELDS)
         if problem
@@ -275,3 +286,4 @@ def check_inputs(
             raise RingInputError(
                 f"ring_attention: {name} differs between ranks {shown} (by rank); {advice}"
             )
+    return layout

@@ -1,0 +1,245 @@
+"""The ring's communication: bytes per step, overlap order, dead peers, strides and subgroups."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+from helpers import random_qkv, reference_attention, relative_error
+
+import ringattn
+import ringattn.comm
+from ringattn.kernels.cpu_flash import CpuFlashKernel
+from ringattn.masks import ring_tiles
+
+BATCH, SEQ_LOCAL, HEADS_Q, HEADS_KV, DIM = 1, 4, 8, 2, 16
+
+
+def _run(pools, world, fn, *args):
+    """Per-rank results of ``fn``: in-process for a world of one, else on the pool."""
+    if world == 1:
+        return [fn(0, 1, *args)]
+    return pools(world).run(fn, *args)
+
+
+def _traced_job(rank, world, dtype_name):
+    """Forward + backward of a GQA ring call under record_ring; returns the step records."""
+    dtype = getattr(torch, dtype_name)
+    q, k, v, dout = random_qkv(BATCH, SEQ_LOCAL * world, HEADS_Q, HEADS_KV, DIM, seed=3)
+    local = [ringattn.shard(t, "zigzag").to(dtype).requires_grad_() for t in (q, k, v)]
+    with ringattn.record_ring() as trace:
+        out = ringattn.ring_attention(*local, causal=True, layout="zigzag")
+        out.backward(ringattn.shard(dout, "zigzag").to(dtype))
+    assert all(s.compute_s >= 0 and s.wait_s >= 0 for s in trace.steps)
+    steps = [(s.phase, s.step, s.bytes_sent) for s in trace.steps]
+    return steps, trace.bytes_sent, trace.total()["bytes_sent"]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+def test_bytes_per_step(pools, world, dtype_name):
+    """Forward steps but the last send one K and one V block of heads_kv heads; backward sends
+    K/V the same way plus the float32 dK/dV accumulators, which finish one step later."""
+    element = torch.empty(0, dtype=getattr(torch, dtype_name)).element_size()
+    block = BATCH * SEQ_LOCAL * HEADS_KV * DIM
+    kv, grads = 2 * block * element, 2 * block * 4
+    forward = [("forward", s, kv if s < world - 1 else 0) for s in range(world)]
+    if world == 1:
+        backward = [("backward", 0, 0)]
+    else:  # step s < p-1: K/V + grads; step p-1: grads only; step p: the wait for the last grads
+        backward = [("backward", s, (kv if s < world - 1 else 0) + grads) for s in range(world)]
+        backward.append(("backward", world, 0))
+    total = sum(b for _, _, b in forward + backward)
+    for steps, sent, summed in _run(pools, world, _traced_job, dtype_name):
+        assert steps == forward + backward
+        assert sent == total and summed == total
+
+
+class LoggingKernel(CpuFlashKernel):
+    """The CPU flash kernel, logging each call to ``events``."""
+
+    def __init__(self, events):
+        self.events = events
+
+    def forward(self, *args, **kwargs):
+        self.events.append(("forward",))
+        return super().forward(*args, **kwargs)
+
+    def backward(self, *args, **kwargs):
+        self.events.append(("backward",))
+        return super().backward(*args, **kwargs)
+
+
+def _overlap_job(rank, world, layout):
+    """Log exchanges, waits and kernel calls of one forward + backward ring call."""
+    events = []
+    comm_cls, pending_cls = ringattn.comm.RingComm, ringattn.comm.PendingExchange
+    exchange, wait = comm_cls.exchange, pending_cls.wait
+
+    def logged_exchange(self, tensors, tag=0):
+        events.append(("exchange", tag))
+        pending = exchange(self, tensors, tag)
+        pending.logged_tag = tag
+        return pending
+
+    def logged_wait(self):
+        events.append(("wait", self.logged_tag))
+        return wait(self)
+
+    q, k, v, dout = random_qkv(1, SEQ_LOCAL * world, 4, 2, 8, seed=9)
+    full = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref_out, _ = reference_attention(*full, True)
+    ref_grads = torch.autograd.grad(ref_out, full, dout)
+    local = [ringattn.shard(t, layout).requires_grad_() for t in (q, k, v)]
+    comm_cls.exchange, pending_cls.wait = logged_exchange, logged_wait
+    try:
+        out = ringattn.ring_attention(
+            *local, causal=True, layout=layout, kernel=LoggingKernel(events)
+        )
+        events.append(("backward pass",))
+        grads = torch.autograd.grad(out, local, ringattn.shard(dout, layout))
+    finally:
+        comm_cls.exchange, pending_cls.wait = exchange, wait
+    pairs = [(out, ref_out), *zip(grads, ref_grads, strict=True)]
+    worst = max(relative_error(got, ringattn.shard(ref, layout)) for got, ref in pairs)
+    # Name exchanges by what they carry: the first one posted moves K/V; any other tag is the
+    # returning dK/dV accumulator.
+    kv_tag = next(e[1] for e in events if e[0] == "exchange")
+    named = [
+        (e[0], "kv" if e[1] == kv_tag else "grads") if e[0] in ("exchange", "wait") else e
+        for e in events
+    ]
+    return named, worst
+
+
+def _expected_events(layout, world, rank):
+    """The event order the engine promises: each exchange posted before that step's kernels,
+    waited on after them; backward grads travel one step behind the keys/values."""
+    tiles = [
+        len(ring_tiles(layout, world, rank, (rank - s) % world, SEQ_LOCAL, True))
+        for s in range(world)
+    ]
+    forward, backward = [], []
+    for s in range(world):
+        last = s == world - 1
+        forward += [] if last else [("exchange", "kv")]
+        forward += [("forward",)] * tiles[s]
+        forward += [] if last else [("wait", "kv")]
+        backward += [] if last else [("exchange", "kv")]
+        backward += [("backward",)] * tiles[s]
+        backward += [("wait", "grads")] if s > 0 else []
+        backward += [("exchange", "grads")]
+        backward += [] if last else [("wait", "kv")]
+    return forward, [*backward, ("wait", "grads")]
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+def test_exchange_is_posted_before_the_step_compute(pools, layout):
+    world = 3
+    for rank, (events, worst) in enumerate(pools(world).run(_overlap_job, layout)):
+        assert worst < 1e-10
+        split = events.index(("backward pass",))
+        forward, backward = events[:split], events[split + 1 :]
+        expected_forward, expected_backward = _expected_events(layout, world, rank)
+        # Spelled out for the forward pass: step s < p-1 posts its exchange before its first
+        # kernel call, and waits only after its last one.
+        steps = [[]]
+        for event in forward:
+            steps[-1].append(event)
+            if event[0] == "wait":
+                steps.append([])
+        assert len(steps) == world
+        for s, step_events in enumerate(steps[:-1]):
+            assert step_events[0] == ("exchange", "kv"), f"rank {rank} step {s}: {step_events}"
+            assert step_events[-1] == ("wait", "kv"), f"rank {rank} step {s}: {step_events}"
+        assert ("exchange", "kv") not in steps[-1]
+        assert forward == expected_forward, f"rank {rank}"
+        assert backward == expected_backward, f"rank {rank}"
+
+
+def _dead_peer_job(rank, world):
+    """Rank 1 never joins the ring; rank 0 must time out instead of hanging."""
+    if rank == 1:
+        return None
+    previous = os.environ.get("RINGATTN_TIMEOUT")
+    os.environ["RINGATTN_TIMEOUT"] = "2"
+    q, k, v, _ = random_qkv(1, 4, 2, 1, 8, seed=0)
+    start = time.monotonic()
+    try:
+        ringattn.ring_attention(q, k, v, causal=True, check_across_ranks=False)
+    except Exception as exc:  # reported to the test
+        return type(exc).__name__, str(exc), time.monotonic() - start
+    finally:
+        if previous is None:
+            del os.environ["RINGATTN_TIMEOUT"]
+        else:
+            os.environ["RINGATTN_TIMEOUT"] = previous
+    return None, "", time.monotonic() - start
+
+
+def test_dead_peer_times_out(pools):
+    try:
+        results = pools(2).run(_dead_peer_job, timeout=60)
+    finally:
+        pools(2).close()  # rank 0 left a send pending: start the next test from a fresh group
+    assert results[1] is None
+    type_name, message, elapsed = results[0]
+    assert type_name == "TimeoutError", message
+    assert "ring exchange did not complete within 0:00:02" in message
+    assert "RINGATTN_TIMEOUT" in message
+    assert 1.5 <= elapsed <= 10
+
+
+def _strided_kv_job(rank, world):
+    """k and v as transposed views of (batch, heads, seq, dim) buffers, a common layout."""
+    q, k, v, dout = random_qkv(1, SEQ_LOCAL * world, 4, 2, 8, seed=4)
+    full = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref_out, _ = reference_attention(*full, True)
+    ref_grads = torch.autograd.grad(ref_out, full, dout)
+    q, k, v = (ringattn.shard(t, "zigzag") for t in (q, k, v))
+    q = q.requires_grad_()
+    k_bhsd, v_bhsd = (t.transpose(1, 2).contiguous().requires_grad_() for t in (k, v))
+    k, v = k_bhsd.transpose(1, 2), v_bhsd.transpose(1, 2)
+    assert not k.is_contiguous() and not v.is_contiguous()
+    try:
+        out = ringattn.ring_attention(q, k, v, causal=True, layout="zigzag")
+        grads = torch.autograd.grad(out, (q, k_bhsd, v_bhsd), ringattn.shard(dout, "zigzag"))
+    except Exception as exc:  # reported to the test
+        return f"{type(exc).__name__}: {exc}"
+    grads = (grads[0], grads[1].transpose(1, 2), grads[2].transpose(1, 2))
+    pairs = [(out, ref_out), *zip(grads, ref_grads, strict=True)]
+    return max(relative_error(got, ringattn.shard(ref, "zigzag")) for got, ref in pairs)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_non_contiguous_kv(pools, world):
+    """Regression: k/v views with strides must be sent as their values, not refused by isend."""
+    results = pools(world).run(_strided_kv_job)
+    assert all(isinstance(r, float) and r < 1e-10 for r in results), results
+
+
+def _subgroup_job(rank, world):
+    """A ring over global ranks [1, 2] of a 3-rank world: peers are mapped to global ranks."""
+    group = dist.new_group([1, 2])
+    if rank == 0:
+        return None
+    q, k, v, dout = random_qkv(1, 8, 4, 2, 8, seed=6)
+    full = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref_out, _ = reference_attention(*full, True)
+    ref_grads = torch.autograd.grad(ref_out, full, dout)
+    local = [ringattn.shard(t, "zigzag", group=group).requires_grad_() for t in (q, k, v)]
+    out = ringattn.ring_attention(*local, causal=True, layout="zigzag", group=group)
+    grads = torch.autograd.grad(out, local, ringattn.shard(dout, "zigzag", group=group))
+    pairs = [(out, ref_out), *zip(grads, ref_grads, strict=True)]
+    return max(
+        relative_error(got, ringattn.shard(ref, "zigzag", group=group)) for got, ref in pairs
+    )
+
+
+def test_ring_over_a_subgroup(pools):
+    results = pools(3).run(_subgroup_job)
+    assert results[0] is None
+    assert max(results[1:]) < 1e-10
