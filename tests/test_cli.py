@@ -69,3 +69,30 @@ def test_small_demo_passes_and_reports(tmp_path, layout):
     assert report["passed"] and report["world_size"] == 3
     assert max(report["max_relative_error"].values()) <= report["tolerance"]
     assert len(report["ranks"]) == 3 and all(r["peak_bytes"] > 0 for r in report["ranks"])
+
+
+def test_bench_runs_a_tiny_grid_and_writes_reports(tmp_path):
+    result = _ringattn(
+        "bench",
+        "--seq-lens",
+        "256",
+        "--world-sizes",
+        "1,2",
+        "--layouts",
+        "zigzag,contiguous",
+        "--mask",
+        "causal",
+        "--repeats",
+        "1",
+        "--out",
+        str(tmp_path),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert len(report["rows"]) == 4
+    for row in report["rows"]:
+        assert row["efficiency_total"] > 0 and min(row["peak_bytes"]) >= 0
+        if row["world_size"] > 1:  # exactly one K/V block of KV heads per step
+            assert row["step_bytes_max"] == row["step_bytes_min"] == row["step_bytes_minimum"]
+    assert (tmp_path / "bench.md").read_text().startswith("Machine:")
+    assert (tmp_path / "efficiency.png").exists() and (tmp_path / "memory.png").exists()

@@ -1,4 +1,4 @@
-"""Command line: ``ringattn demo`` (and later verbs). Run ``ringattn --help``."""
+"""Command line: ``ringattn demo`` and ``ringattn bench``. Run ``ringattn --help``."""
 
 from __future__ import annotations
 
@@ -96,6 +96,90 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0 if report.get("passed", True) else 1
 
 
+def _comma_list(convert):
+    def parse(text: str) -> list:
+        try:
+            return [convert(part) for part in text.split(",") if part.strip()]
+        except (ValueError, argparse.ArgumentTypeError) as exc:
+            raise argparse.ArgumentTypeError(f"bad list {text!r}: {exc}") from None
+
+    return parse
+
+
+def _heads_pair(text: str) -> tuple[int, int]:
+    heads, _, kv_heads = text.partition(":")
+    return int(heads), int(kv_heads or heads)
+
+
+def _bench_parser(sub) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="measure the ring against one process with the same kernel; JSON, table, plots",
+        description=(
+            "Runs a grid of sequence length x world size x layout x mask x heads x dtype. For "
+            "every point it measures, in the same run, ring and single-process forward and "
+            "forward+backward time (median of repeats), per-rank compute/wait time, per-rank "
+            "peak memory and bytes sent per ring step, and writes bench.json, bench.md and "
+            "PNG plots to --out."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--quick", action="store_true", help="small grid, under 3 minutes on 2 cores")
+    p.add_argument(
+        "--seq-lens",
+        type=_comma_list(parse_tokens),
+        default=None,
+        help="total tokens, e.g. 4K,16K (default 4K,16K)",
+    )
+    p.add_argument("--world-sizes", type=_comma_list(int), default=None, help="default 1,2,4")
+    p.add_argument(
+        "--layouts", type=_comma_list(str), default=None, help="default zigzag,contiguous,striped"
+    )
+    p.add_argument("--mask", choices=["both", "causal", "full"], default="both")
+    p.add_argument(
+        "--heads",
+        type=_comma_list(_heads_pair),
+        default=None,
+        help="query:kv heads pairs, e.g. 8:8,8:2 (default 8:8)",
+    )
+    p.add_argument("--dtypes", type=_comma_list(str), default=None, help="default float32")
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 3)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads shared by the ranks (default: all cores)",
+    )
+    p.add_argument("--out", default="bench-results", help="output folder")
+    p.set_defaults(run=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .bench import BenchGrid, run_bench
+
+    grid = BenchGrid.quick() if args.quick else BenchGrid()
+    for name in ("seq_lens", "world_sizes", "layouts", "heads", "dtypes", "repeats"):
+        if getattr(args, name) is not None:
+            setattr(grid, name, getattr(args, name))
+    if args.mask != "both":
+        grid.causal = [args.mask == "causal"]
+    elif not args.quick:
+        grid.causal = [True, False]
+    grid.head_dim, grid.threads = args.head_dim, args.threads
+    unknown = sorted(set(grid.layouts) - set(LAYOUTS))
+    if unknown:
+        print(f"ringattn bench: error: unknown layouts {unknown}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    run_bench(grid, out)
+    print((out / "bench.md").read_text())
+    print(f"wrote {out / 'bench.json'}, {out / 'bench.md'} and plots in {out}/")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ringattn",
@@ -103,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _demo_parser(sub)
+    _bench_parser(sub)
     return parser
 
 

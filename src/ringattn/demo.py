@@ -11,21 +11,16 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
 
-from .api import ring_attention
-from .kernels import select_kernel
 from .launch import cpu_threads_per_rank, init_worker
 from .layout import get_layout
-from .memory import PeakMemory
-from .trace import record_ring
+from .workload import OUTPUT_NAMES, Workload, time_ring, time_single_process
 
-_BLOCK = 1024  # tokens generated together from one seed
 _TOLERANCE = {"float64": 1e-10, "float32": 1e-5, "bfloat16": 2e-2, "float16": 5e-3}
 _MIB = 2**20
 
@@ -48,6 +43,20 @@ class DemoConfig:
     verify: bool = True
     json_path: str | None = None
 
+    @property
+    def workload(self) -> Workload:
+        return Workload(
+            seq_len=self.seq_len,
+            heads=self.heads,
+            kv_heads=self.kv_heads,
+            head_dim=self.head_dim,
+            batch=self.batch,
+            dtype=self.dtype,
+            causal=self.causal,
+            layout=self.layout,
+            seed=self.seed,
+        )
+
     def validate(self, world_size: int) -> None:
         """Raise ``ValueError`` with advice for settings that cannot run."""
         get_layout(self.layout).check_seq_len(self.seq_len, world_size)
@@ -61,81 +70,16 @@ class DemoConfig:
             raise ValueError("sizes and --repeats must be positive")
 
 
-def tokens_at(
-    positions: torch.Tensor, batch: int, heads: int, dim: int, seed: int, dtype: torch.dtype
-) -> torch.Tensor:
-    """Unit-normal values ``(batch, len(positions), heads, dim)`` that depend only on the seed and
-    the global positions, so any rank can build any shard without the full tensor."""
-    out = torch.empty(batch, len(positions), heads, dim, dtype=dtype)
-    block_ids = positions // _BLOCK
-    for block in torch.unique(block_ids).tolist():
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + block)
-        values = torch.randn(batch, _BLOCK, heads, dim, generator=gen)
-        rows = (block_ids == block).nonzero().squeeze(1)
-        out[:, rows] = values[:, positions[rows] - block * _BLOCK].to(dtype)
-    return out
-
-
-def make_inputs(cfg: DemoConfig, positions: torch.Tensor, device: torch.device):
-    dtype = getattr(torch, cfg.dtype)
-    shapes = (("q", cfg.heads), ("k", cfg.kv_heads), ("v", cfg.kv_heads), ("dout", cfg.heads))
-    return {
-        name: tokens_at(positions, cfg.batch, heads, cfg.head_dim, cfg.seed * 4 + i, dtype).to(
-            device
-        )
-        for i, (name, heads) in enumerate(shapes)
-    }
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _say(rank: int, start: float, message: str) -> None:
     if rank == 0:
         print(f"[ringattn demo {time.perf_counter() - start:7.1f}s] {message}", flush=True)
-
-
-def _single_process_reference(cfg: DemoConfig, device: torch.device, threads: int):
-    """Rank 0 only: the same kernel over the whole sequence, with all the ranks' threads."""
-    inputs = make_inputs(cfg, torch.arange(cfg.seq_len), device)
-    kernel = select_kernel("auto", inputs["q"])
-    scale = cfg.head_dim**-0.5
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with PeakMemory(device) as peak:
-            _sync(device)
-            t0 = time.perf_counter()
-            out, lse = kernel.forward(
-                inputs["q"], inputs["k"], inputs["v"], causal=cfg.causal, scale=scale
-            )
-            _sync(device)
-            t1 = time.perf_counter()
-            dq, dk, dv = kernel.backward(
-                inputs["dout"],
-                inputs["q"],
-                inputs["k"],
-                inputs["v"],
-                out,
-                lse,
-                causal=cfg.causal,
-                scale=scale,
-            )
-            _sync(device)
-            t2 = time.perf_counter()
-    finally:
-        torch.set_num_threads(previous_threads)
-    results = {"out": out, "lse": lse, "dq": dq, "dk": dk, "dv": dv}
-    return results, {"forward_s": t1 - t0, "backward_s": t2 - t1, "peak_bytes": peak.bytes}
 
 
 def _scatter_reference(results, cfg: DemoConfig, rank: int, world: int, mine: dict):
     """Send every rank its slice of the single-process results; return this rank's slice."""
     layout = get_layout(cfg.layout)
     seq_local = cfg.seq_len // world
-    names = ("out", "lse", "dq", "dk", "dv")
+    names = OUTPUT_NAMES
     if rank == 0:
         slices = {}
         for r in range(world):
@@ -178,55 +122,28 @@ def demo_worker(cfg: DemoConfig) -> dict | None:
     layout = get_layout(cfg.layout)
     seq_local = cfg.seq_len // world
     _say(rank, start, f"{world} ranks joined; building each rank's shard of {cfg.seq_len:,} tokens")
-
-    inputs = make_inputs(cfg, layout.positions(rank, world, seq_local), device)
-    for name in ("q", "k", "v"):
-        inputs[name].requires_grad_(True)
-
-    def ring_step():
-        out, lse = ring_attention(
-            inputs["q"],
-            inputs["k"],
-            inputs["v"],
-            causal=cfg.causal,
-            layout=layout,
-            return_lse=True,
-        )
-        _sync(device)
-        t_mid = time.perf_counter()
-        grads = torch.autograd.grad(out, [inputs["q"], inputs["k"], inputs["v"]], inputs["dout"])
-        _sync(device)
-        return out, lse, grads, t_mid
+    workload = cfg.workload
+    inputs = workload.inputs(layout.positions(rank, world, seq_local), device)
 
     _say(rank, start, "warm-up on a short sequence")
-    short = {
-        n: t[:, : min(seq_local, 256)].detach().requires_grad_(n != "dout")
-        for n, t in inputs.items()
-    }
-    warm_out = ring_attention(short["q"], short["k"], short["v"], causal=cfg.causal, layout=layout)
-    torch.autograd.grad(warm_out, [short["q"], short["k"], short["v"]], short["dout"])
+    short = {name: t[:, : min(seq_local, 256)] for name, t in inputs.items()}
+    time_ring(workload, short, repeats=1)
 
-    forward_s, backward_s = [], []
-    with PeakMemory(device) as peak:
-        for i in range(cfg.repeats):
-            _say(rank, start, f"ring forward+backward, run {i + 1} of {cfg.repeats}")
-            dist.barrier()
-            with record_ring() as trace:
-                t0 = time.perf_counter()
-                out, lse, grads, t_mid = ring_step()
-                t1 = time.perf_counter()
-            forward_s.append(t_mid - t0)
-            backward_s.append(t1 - t_mid)
-    mine = {"out": out.detach(), "lse": lse, "dq": grads[0], "dk": grads[1], "dv": grads[2]}
+    def before_each(i: int) -> None:
+        _say(rank, start, f"ring forward+backward, run {i + 1} of {cfg.repeats}")
+        dist.barrier()
+
+    timing = time_ring(workload, inputs, cfg.repeats, before_each=before_each)
+    mine = timing.outputs
     rank_report = {
         "rank": rank,
-        "forward_s": statistics.median(forward_s),
-        "backward_s": statistics.median(backward_s),
-        "peak_bytes": peak.bytes,
-        "memory_method": peak.method,
+        "forward_s": timing.forward_s,
+        "backward_s": timing.backward_s,
+        "peak_bytes": timing.peak_bytes,
+        "memory_method": timing.memory_method,
         "input_bytes": sum(t.numel() * t.element_size() for t in inputs.values()),
-        "forward": trace.total("forward"),
-        "backward": trace.total("backward"),
+        "forward": timing.trace.total("forward"),
+        "backward": timing.trace.total("backward"),
     }
     dist.barrier()
 
@@ -237,7 +154,13 @@ def demo_worker(cfg: DemoConfig) -> dict | None:
         if rank == 0:
             node_threads = threads * int(os.environ.get("LOCAL_WORLD_SIZE", 1))
             all_threads = min(node_threads, len(os.sched_getaffinity(0)))
-            reference, reference_stats = _single_process_reference(cfg, device, all_threads)
+            single = time_single_process(workload, device, all_threads)
+            reference = single.outputs
+            reference_stats = {
+                "forward_s": single.forward_s,
+                "backward_s": single.backward_s,
+                "peak_bytes": single.peak_bytes,
+            }
         dist.barrier()
         _say(rank, start, "comparing every rank's shard with the reference")
         rank_report["errors"] = _max_errors(
@@ -258,12 +181,6 @@ def demo_worker(cfg: DemoConfig) -> dict | None:
     return report
 
 
-def _attention_flops(cfg: DemoConfig) -> float:
-    """Forward FLOPs of attention (two matmuls), halved under a causal mask."""
-    pairs = cfg.seq_len * cfg.seq_len * (0.5 if cfg.causal else 1.0)
-    return 4.0 * cfg.batch * cfg.heads * cfg.head_dim * pairs
-
-
 def _summarise(cfg, world, threads, reports, reference_stats) -> dict:
     ring_forward = max(r["forward_s"] for r in reports)
     ring_backward = max(r["backward_s"] for r in reports)
@@ -274,7 +191,7 @@ def _summarise(cfg, world, threads, reports, reference_stats) -> dict:
         "torch": torch.__version__,
         "ring": {"forward_s": ring_forward, "backward_s": ring_backward},
         "ranks": reports,
-        "flops_forward": _attention_flops(cfg),
+        "flops_forward": cfg.workload.flops_forward(),
     }
     if reference_stats is not None:
         tolerance = _TOLERANCE[cfg.dtype]

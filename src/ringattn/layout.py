@@ -76,7 +76,7 @@ class Layout:
 
 @functools.lru_cache(maxsize=4096)
 def _segments(name: str, rank: int, world_size: int, seq_local: int) -> tuple[Segment, ...]:
-    if name == "contiguous":
+    if name == "contiguous" or world_size == 1:  # a world of one holds the sequence in order
         return (Segment(rank * seq_local, 1, seq_local),)
     if name == "zigzag":
         half = seq_local // 2

@@ -1,0 +1,343 @@
+"""``ringattn bench``: the ring against one process running the same kernel, measured in one run.
+
+For every grid point (sequence length x world size x layout x causal x heads x dtype) it records
+forward and forward+backward time of the ring (median of repeats after a warm-up, slowest rank),
+the same for one process running the same kernel over the whole sequence with all the threads the
+ranks share, per-rank compute and wait time inside the ring, per-rank peak memory, and the bytes
+each rank sent per ring step next to the minimum (one K/V block of KV heads). Results go to a
+JSON file, a markdown table and PNG plots.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .launch import init_worker, run_on_ranks
+from .layout import get_layout
+from .workload import Workload, time_ring, time_single_process
+
+_MIB = 2**20
+
+
+@dataclass
+class BenchGrid:
+    seq_lens: list[int] = field(default_factory=lambda: [4096, 16384])
+    world_sizes: list[int] = field(default_factory=lambda: [1, 2, 4])
+    layouts: list[str] = field(default_factory=lambda: ["zigzag", "contiguous", "striped"])
+    causal: list[bool] = field(default_factory=lambda: [True, False])
+    heads: list[tuple[int, int]] = field(default_factory=lambda: [(8, 8)])
+    dtypes: list[str] = field(default_factory=lambda: ["float32"])
+    head_dim: int = 64
+    repeats: int = 3
+    threads: int = 0  # total CPU threads; 0 = every core this process may use
+
+    @classmethod
+    def quick(cls) -> BenchGrid:
+        return cls(
+            seq_lens=[4096, 8192],
+            world_sizes=[1, 2],
+            layouts=["zigzag", "contiguous"],
+            causal=[True],
+            repeats=2,
+        )
+
+    def total_threads(self) -> int:
+        return self.threads or len(os.sched_getaffinity(0))
+
+    def workloads(self) -> list[Workload]:
+        return [
+            Workload(
+                seq_len=n,
+                heads=h,
+                kv_heads=hkv,
+                head_dim=self.head_dim,
+                dtype=dtype,
+                causal=causal,
+                layout=layout,
+            )
+            for n, layout, causal, (h, hkv), dtype in itertools.product(
+                self.seq_lens, self.layouts, self.causal, self.heads, self.dtypes
+            )
+        ]
+
+
+def _rank_stats(workload: Workload, repeats: int) -> dict:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    layout = get_layout(workload.layout)
+    seq_local = workload.seq_len // world
+    inputs = workload.inputs(layout.positions(rank, world, seq_local), torch.device("cpu"))
+    time_ring(workload, {n: t[:, : min(256, seq_local)] for n, t in inputs.items()}, 1)
+    timing = time_ring(workload, inputs, repeats, before_each=lambda i: dist.barrier())
+    steps = timing.trace.steps
+    return {
+        "rank": rank,
+        "forward_s": timing.forward_s,
+        "backward_s": timing.backward_s,
+        "peak_bytes": timing.peak_bytes,
+        "compute_s": sum(s.compute_s for s in steps),
+        "wait_s": sum(s.wait_s for s in steps),
+        "forward_step_bytes": [s.bytes_sent for s in steps if s.phase == "forward"],
+    }
+
+
+def bench_worker(workloads: list[Workload], repeats: int, threads: int) -> list | None:
+    """Every rank: all grid points of one world size. Rank 0 returns the per-rank stats."""
+    init_worker("cpu")
+    torch.set_num_threads(threads)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    collected = []
+    for i, workload in enumerate(workloads):
+        if rank == 0:
+            print(
+                f"[bench p={world}] {i + 1}/{len(workloads)} {workload.seq_len} tokens "
+                f"{workload.layout} {'causal' if workload.causal else 'full'} "
+                f"heads {workload.heads}/{workload.kv_heads} {workload.dtype}",
+                flush=True,
+            )
+        stats = [None] * world
+        dist.all_gather_object(stats, _rank_stats(workload, repeats))
+        collected.append(stats)
+    dist.destroy_process_group()
+    return collected if rank == 0 else None
+
+
+def _row(workload: Workload, world: int, ranks: list[dict], single: dict) -> dict:
+    ring_fwd = max(r["forward_s"] for r in ranks)
+    ring_total = max(r["forward_s"] + r["backward_s"] for r in ranks)
+    compute = [r["compute_s"] for r in ranks]
+    wait = [r["wait_s"] for r in ranks]
+    element = torch.empty((), dtype=workload.torch_dtype).element_size()
+    minimum = 2 * workload.batch * (workload.seq_len // world) * workload.kv_heads
+    minimum *= workload.head_dim * element
+    sent = [b for r in ranks for b in r["forward_step_bytes"][: world - 1]]
+    return {
+        "workload": asdict(workload),
+        "world_size": world,
+        "tokens_per_rank": workload.seq_len // world,
+        "ring_forward_s": ring_fwd,
+        "ring_total_s": ring_total,
+        "single_forward_s": single["forward_s"],
+        "single_total_s": single["total_s"],
+        "single_peak_bytes": single["peak_bytes"],
+        "efficiency_forward": single["forward_s"] / ring_fwd,
+        "efficiency_total": single["total_s"] / ring_total,
+        "compute_s": compute,
+        "wait_s": wait,
+        "balance": max(compute) / max(min(compute), 1e-12),
+        "wait_fraction": sum(wait) / max(sum(compute) + sum(wait), 1e-12),
+        "peak_bytes": [r["peak_bytes"] for r in ranks],
+        "step_bytes_max": max(sent, default=0),
+        "step_bytes_min": min(sent, default=0),
+        "step_bytes_minimum": minimum if world > 1 else 0,
+    }
+
+
+def run_bench(grid: BenchGrid, out_dir: Path) -> list[dict]:
+    """Run the grid, write ``bench.json``, ``bench.md`` and plots to ``out_dir``; return rows."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    threads = grid.total_threads()
+    workloads = grid.workloads()
+    singles: dict[tuple, dict] = {}
+    for workload in workloads:
+        key = (workload.seq_len, workload.causal, workload.heads, workload.kv_heads, workload.dtype)
+        if key in singles:
+            continue
+        print(f"[bench single process] {key}", flush=True)
+        time_single_process(workload, torch.device("cpu"), threads)  # warm-up
+        timing = time_single_process(workload, torch.device("cpu"), threads, grid.repeats)
+        singles[key] = {
+            "forward_s": timing.forward_s,
+            "total_s": timing.forward_s + timing.backward_s,
+            "peak_bytes": timing.peak_bytes,
+        }
+    rows = []
+    for world in grid.world_sizes:
+        fits = [w for w in workloads if w.seq_len % get_layout(w.layout).seq_multiple(world) == 0]
+        per_rank_threads = max(1, threads // world)
+        results = run_on_ranks(bench_worker, (fits, grid.repeats, per_rank_threads), world)
+        stats = next(r for r in results.values() if r is not None)
+        for workload, ranks in zip(fits, stats, strict=True):
+            key = (
+                workload.seq_len,
+                workload.causal,
+                workload.heads,
+                workload.kv_heads,
+                workload.dtype,
+            )
+            rows.append(_row(workload, world, ranks, singles[key]))
+    report = {
+        "grid": asdict(grid),
+        "machine": machine_description(),
+        "threads_total": threads,
+        "rows": rows,
+        "memory_slopes": memory_slopes(rows),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    (out_dir / "bench.json").write_text(json.dumps(report, indent=2))
+    (out_dir / "bench.md").write_text(markdown_report(report))
+    plot_report(report, out_dir)
+    return rows
+
+
+def machine_description() -> str:
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0))
+    return f"{model}, {cores} cores, torch {torch.__version__}"
+
+
+def memory_slopes(rows: list[dict]) -> dict[str, float]:
+    """Least-squares slope of log(peak per rank) against log(tokens per rank), per workload kind
+    (world sizes > 1 only: a world of one holds no ring buffers)."""
+    groups: dict[str, list[tuple[float, float]]] = {}
+    for row in rows:
+        if row["world_size"] < 2:
+            continue
+        w = row["workload"]
+        kind = f"{w['layout']} {'causal' if w['causal'] else 'full'} h{w['heads']}/{w['kv_heads']}"
+        peak = max(row["peak_bytes"])
+        if peak > 0:
+            groups.setdefault(kind, []).append((math.log(row["tokens_per_rank"]), math.log(peak)))
+    slopes = {}
+    for kind, points in groups.items():
+        xs = {x for x, _ in points}
+        if len(xs) < 2:
+            continue
+        mean_x = sum(x for x, _ in points) / len(points)
+        mean_y = sum(y for _, y in points) / len(points)
+        cov = sum((x - mean_x) * (y - mean_y) for x, y in points)
+        var = sum((x - mean_x) ** 2 for x, _ in points)
+        slopes[kind] = cov / var
+    return slopes
+
+
+def markdown_report(report: dict) -> str:
+    lines = [
+        f"Machine: {report['machine']}; {report['threads_total']} threads shared by the ranks.",
+        "",
+        "| tokens | p | layout | mask | heads | dtype | ring fwd s | ring fwd+bwd s "
+        "| single fwd+bwd s | eff. fwd | eff. fwd+bwd | compute max/min | wait % "
+        "| peak MiB/rank | bytes/step (min) |",
+        "|---:|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in report["rows"]:
+        w = r["workload"]
+        lines.append(
+            f"| {w['seq_len']} | {r['world_size']} | {w['layout']} | "
+            f"{'causal' if w['causal'] else 'full'} | {w['heads']}/{w['kv_heads']} | "
+            f"{w['dtype']} | "
+            f"{r['ring_forward_s']:.3f} | {r['ring_total_s']:.3f} | {r['single_total_s']:.3f} | "
+            f"{r['efficiency_forward']:.2f} | {r['efficiency_total']:.2f} | {r['balance']:.2f} | "
+            f"{100 * r['wait_fraction']:.1f} | {max(r['peak_bytes']) / _MIB:.1f} | "
+            f"{r['step_bytes_max']} ({r['step_bytes_minimum']}) |"
+        )
+    if report["memory_slopes"]:
+        lines += ["", "Memory slope, log(peak per rank) vs log(tokens per rank):", ""]
+        lines += [f"- {kind}: {slope:.2f}" for kind, slope in report["memory_slopes"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot_report(report: dict, out_dir: Path) -> list[Path]:
+    """Efficiency, memory and busy/wait plots; skipped (empty list) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install matplotlib)")
+        return []
+    rows = [r for r in report["rows"] if r["world_size"] > 1]
+    paths = []
+
+    def kind(r):
+        w = r["workload"]
+        return f"{w['layout']} {'causal' if w['causal'] else 'full'} p={r['world_size']}"
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in sorted({kind(r) for r in rows}):
+        points = sorted(
+            (r["tokens_per_rank"], r["efficiency_total"]) for r in rows if kind(r) == name
+        )
+        ax.plot(*zip(*points, strict=True), marker="o", label=name)
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set(
+        xscale="log",
+        xlabel="tokens per rank",
+        ylabel="single-process time / ring time",
+        title="Ring efficiency, forward+backward",
+    )
+    ax.legend(fontsize=7)
+    paths.append(out_dir / "efficiency.png")
+    fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, slope in report["memory_slopes"].items():
+        points = sorted(
+            (r["tokens_per_rank"], max(r["peak_bytes"]) / _MIB)
+            for r in rows
+            if f"{r['workload']['layout']} {'causal' if r['workload']['causal'] else 'full'} "
+            f"h{r['workload']['heads']}/{r['workload']['kv_heads']}" == name
+        )
+        ax.plot(*zip(*points, strict=True), marker="o", label=f"{name} (slope {slope:.2f})")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="tokens per rank (n/p)",
+        ylabel="peak memory per rank, MiB",
+        title="Memory per rank vs n/p",
+    )
+    ax.legend(fontsize=7)
+    paths.append(out_dir / "memory.png")
+    fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+    causal_rows = [r for r in rows if r["workload"]["causal"]]
+    if causal_rows:
+        longest = max(r["workload"]["seq_len"] for r in causal_rows)
+        widest = max(r["world_size"] for r in causal_rows)
+        chosen = [
+            r
+            for r in causal_rows
+            if r["workload"]["seq_len"] == longest and r["world_size"] == widest
+        ]
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        width = 0.8 / max(1, len(chosen))
+        for i, r in enumerate(chosen):
+            ranks = range(len(r["compute_s"]))
+            xs = [x + i * width for x in ranks]
+            ax.bar(xs, r["compute_s"], width, label=f"{r['workload']['layout']} compute")
+            ax.bar(
+                xs,
+                r["wait_s"],
+                width,
+                bottom=r["compute_s"],
+                alpha=0.4,
+                label=f"{r['workload']['layout']} waiting",
+            )
+        ax.set(
+            xlabel="rank",
+            ylabel="seconds (last repeat, fwd+bwd)",
+            title=f"Per-rank busy and waiting time, causal, {longest} tokens, p={widest}",
+        )
+        ax.legend(fontsize=7)
+        paths.append(out_dir / "busy_wait.png")
+        fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
+        plt.close(fig)
+    return paths

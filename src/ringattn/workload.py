@@ -1,0 +1,180 @@
+"""One attention workload, measured the same way by ``ringattn demo`` and ``ringattn bench``.
+
+Inputs are a function of the seed and the *global* token position only, so every rank builds its
+own shard without ever holding the whole sequence, and a single process can build the whole
+sequence bit-identically.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .api import ring_attention
+from .kernels import select_kernel
+from .memory import PeakMemory
+from .trace import RingTrace, record_ring
+
+_BLOCK = 1024  # tokens generated together from one seed
+OUTPUT_NAMES = ("out", "lse", "dq", "dk", "dv")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Shapes and flags of one attention problem over the whole sequence."""
+
+    seq_len: int
+    heads: int
+    kv_heads: int
+    head_dim: int = 64
+    batch: int = 1
+    dtype: str = "float32"
+    causal: bool = True
+    layout: str = "zigzag"
+    seed: int = 0
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    def flops_forward(self) -> float:
+        """Forward FLOPs of attention (two matmuls), halved under a causal mask."""
+        pairs = self.seq_len * self.seq_len * (0.5 if self.causal else 1.0)
+        return 4.0 * self.batch * self.heads * self.head_dim * pairs
+
+    def inputs(self, positions: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+        """``q, k, v, dout`` at the given global positions, ``(batch, len, heads, head_dim)``."""
+        shapes = (
+            ("q", self.heads),
+            ("k", self.kv_heads),
+            ("v", self.kv_heads),
+            ("dout", self.heads),
+        )
+        return {
+            name: tokens_at(
+                positions, self.batch, heads, self.head_dim, self.seed * 4 + i, self.torch_dtype
+            ).to(device)
+            for i, (name, heads) in enumerate(shapes)
+        }
+
+
+def tokens_at(
+    positions: torch.Tensor, batch: int, heads: int, dim: int, seed: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Unit-normal values ``(batch, len(positions), heads, dim)`` that depend only on the seed and
+    the global positions."""
+    out = torch.empty(batch, len(positions), heads, dim, dtype=dtype)
+    block_ids = positions // _BLOCK
+    for block in torch.unique(block_ids).tolist():
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + block)
+        values = torch.randn(batch, _BLOCK, heads, dim, generator=gen)
+        rows = (block_ids == block).nonzero().squeeze(1)
+        out[:, rows] = values[:, positions[rows] - block * _BLOCK].to(dtype)
+    return out
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Timing:
+    """Median seconds over the timed repeats, peak memory above entry, and the last outputs."""
+
+    forward_s: float
+    backward_s: float
+    peak_bytes: int
+    memory_method: str
+    outputs: dict[str, torch.Tensor]
+    trace: RingTrace | None = None
+
+
+def time_ring(
+    workload: Workload,
+    inputs: dict[str, torch.Tensor],
+    repeats: int,
+    group=None,
+    before_each=None,
+) -> Timing:
+    """Ring forward and backward on this rank's shard ``inputs``, ``repeats`` times.
+
+    ``before_each(i)`` runs before repeat ``i`` (a barrier, progress output). The trace of the
+    last repeat is kept.
+    """
+    device = inputs["q"].device
+    leaves = [inputs[n].detach().requires_grad_(True) for n in ("q", "k", "v")]
+    forward, backward = [], []
+    outputs: dict[str, torch.Tensor] = {}
+    with PeakMemory(device) as peak:
+        for i in range(repeats):
+            outputs = {}  # free the previous repeat's results before the next one
+            if before_each is not None:
+                before_each(i)
+            with record_ring() as trace:
+                synchronize(device)
+                t0 = time.perf_counter()
+                out, lse = ring_attention(
+                    *leaves,
+                    causal=workload.causal,
+                    layout=workload.layout,
+                    group=group,
+                    return_lse=True,
+                )
+                synchronize(device)
+                t1 = time.perf_counter()
+                grads = torch.autograd.grad(out, leaves, inputs["dout"])
+                synchronize(device)
+                t2 = time.perf_counter()
+            forward.append(t1 - t0)
+            backward.append(t2 - t1)
+            outputs = dict(zip(OUTPUT_NAMES, (out.detach(), lse, *grads), strict=True))
+            del out, lse, grads
+    return Timing(
+        statistics.median(forward),
+        statistics.median(backward),
+        peak.bytes,
+        peak.method,
+        outputs,
+        trace,
+    )
+
+
+def time_single_process(
+    workload: Workload, device: torch.device, threads: int, repeats: int = 1
+) -> Timing:
+    """The same kernel over the whole sequence in this process, with ``threads`` CPU threads."""
+    inputs = workload.inputs(torch.arange(workload.seq_len), device)
+    q, k, v, dout = inputs["q"], inputs["k"], inputs["v"], inputs["dout"]
+    kernel = select_kernel("auto", q)
+    scale = workload.head_dim**-0.5
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    forward, backward = [], []
+    outputs: dict[str, torch.Tensor] = {}
+    try:
+        with PeakMemory(device) as peak:
+            for _ in range(repeats):
+                outputs = {}
+                synchronize(device)
+                t0 = time.perf_counter()
+                out, lse = kernel.forward(q, k, v, causal=workload.causal, scale=scale)
+                synchronize(device)
+                t1 = time.perf_counter()
+                dq, dk, dv = kernel.backward(
+                    dout, q, k, v, out, lse, causal=workload.causal, scale=scale
+                )
+                synchronize(device)
+                t2 = time.perf_counter()
+                forward.append(t1 - t0)
+                backward.append(t2 - t1)
+                outputs = dict(zip(OUTPUT_NAMES, (out, lse, dq, dk, dv), strict=True))
+                del out, lse, dq, dk, dv
+    finally:
+        torch.set_num_threads(previous_threads)
+    return Timing(
+        statistics.median(forward), statistics.median(backward), peak.bytes, peak.method, outputs
+    )
