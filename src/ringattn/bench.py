@@ -270,11 +270,20 @@ def plot_report(report: dict, out_dir: Path) -> list[Path]:
         return f"{w['layout']} {'causal' if w['causal'] else 'full'} p={r['world_size']}"
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    bases = sorted({kind(r).rsplit(" p=", 1)[0] for r in rows})
+    worlds = sorted({r["world_size"] for r in rows})
     for name in sorted({kind(r) for r in rows}):
+        base, world = name.rsplit(" p=", 1)
         points = sorted(
             (r["tokens_per_rank"], r["efficiency_total"]) for r in rows if kind(r) == name
         )
-        ax.plot(*zip(*points, strict=True), marker="o", label=name)
+        ax.plot(
+            *zip(*points, strict=True),
+            marker="o",
+            label=name,
+            color=plt.cm.tab10(bases.index(base) % 10),
+            linestyle=("-", "--", ":", "-.")[worlds.index(int(world)) % 4],
+        )
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set(
         xscale="log",
@@ -331,6 +340,10 @@ def plot_report(report: dict, out_dir: Path) -> list[Path]:
                 alpha=0.4,
                 label=f"{r['workload']['layout']} waiting",
             )
+        ax.set_xticks(
+            [r + width * (len(chosen) - 1) / 2 for r in range(widest)],
+            [str(r) for r in range(widest)],
+        )
         ax.set(
             xlabel="rank",
             ylabel="seconds (last repeat, fwd+bwd)",

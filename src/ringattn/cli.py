@@ -1,9 +1,11 @@
-"""Command line: ``ringattn demo`` and ``ringattn bench``. Run ``ringattn --help``."""
+"""Command line: ``ringattn demo``, ``bench`` and ``plan``. Run ``ringattn --help``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from dataclasses import asdict
 
 from .layout import LAYOUTS
 
@@ -180,6 +182,131 @@ def _run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan_parser(sub) -> None:
+    from .plan import PROFILES, Config
+
+    d = Config(seq_len=0, devices=0)
+    p = sub.add_parser(
+        "plan",
+        help="predict time, overlap and memory of a ring configuration on given hardware",
+        description=(
+            "A cost model of the ring: per-step compute and transfer time, whether the transfer "
+            "is hidden, total time and efficiency, memory per device, the minimum tokens per "
+            "device for full overlap and the longest sequence that fits, plus the best layout "
+            f"and rotation. Hardware profiles: {', '.join(sorted(PROFILES))}, 'local' "
+            "(after --calibrate) or a profile JSON path."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--seq-len", type=parse_tokens, default=1024**2, help="total tokens (1M ok)")
+    p.add_argument("--devices", type=int, default=64)
+    p.add_argument("--hardware", default="h100-nvlink")
+    p.add_argument("--heads", type=int, default=d.heads)
+    p.add_argument("--kv-heads", type=int, default=d.kv_heads)
+    p.add_argument("--head-dim", type=int, default=d.head_dim)
+    p.add_argument("--batch", type=int, default=d.batch)
+    p.add_argument("--dtype", default=d.dtype, choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--layout", default=d.layout, choices=sorted(LAYOUTS))
+    p.add_argument("--rotation", default=d.rotation, choices=["kv", "q"])
+    p.add_argument("--no-causal", dest="causal", action="store_false")
+    p.add_argument("--inference", action="store_true", help="forward only")
+    p.add_argument(
+        "--calibrate", action="store_true", help="measure this machine and save the 'local' profile"
+    )
+    p.add_argument(
+        "--paper-table",
+        action="store_true",
+        help="reproduce the Ring Attention paper's minimal sequence lengths",
+    )
+    p.add_argument(
+        "--validate",
+        metavar="BENCH_JSON",
+        help="predicted vs measured time for the rows of a `ringattn bench` run",
+    )
+    p.set_defaults(run=_run_plan)
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    from .plan import (
+        CALIBRATION_PATH,
+        PROFILES,
+        Config,
+        best_configuration,
+        calibrate,
+        load_hardware,
+        paper_minimal_sequence,
+        predict,
+        save_profile,
+        validate,
+    )
+
+    if args.calibrate:
+        print("calibrating: kernel FLOP/s, gloo bandwidth/latency, transfer cost (about 1 min)")
+        hardware = calibrate()
+        path = save_profile(hardware, CALIBRATION_PATH)
+        print(json.dumps(asdict(hardware), indent=2))
+        print(f"saved to {path}; use --hardware local")
+        return 0
+    if args.paper_table:
+        print("| hardware | peak TFLOPS | link GB/s | minimal tokens/device (6 F/B) | paper |")
+        print("|---|---:|---:|---:|---:|")
+        for name, paper in (("a100-nvlink", "6.2K"), ("a100-infiniband", "149.5K")):
+            hw = PROFILES[name]
+            minimal = paper_minimal_sequence(hw.peak_flops, hw.bandwidth)
+            print(
+                f"| {name} | {hw.peak_flops / 1e12:.0f} | {hw.bandwidth / 1e9:g} | "
+                f"{minimal / 1e3:.1f}K | {paper} |"
+            )
+        return 0
+    try:
+        hardware = load_hardware(args.hardware)
+    except ValueError as exc:
+        print(f"ringattn plan: error: {exc}", file=sys.stderr)
+        return 2
+    if args.validate:
+        rows = json.loads(open(args.validate).read())["rows"]
+        print("| tokens | p | layout | mask | predicted s | measured s | error |")
+        print("|---:|---:|---|---|---:|---:|---:|")
+        for r in validate(rows, hardware):
+            c = r["config"]
+            print(
+                f"| {c.seq_len} | {c.devices} | {c.layout} | "
+                f"{'causal' if c.causal else 'full'} | {r['predicted_s']:.3f} | "
+                f"{r['measured_s']:.3f} | {100 * r['error']:+.0f}% |"
+            )
+        return 0
+    config = Config(
+        seq_len=args.seq_len,
+        devices=args.devices,
+        heads=args.heads,
+        kv_heads=args.kv_heads,
+        head_dim=args.head_dim,
+        batch=args.batch,
+        dtype=args.dtype,
+        causal=args.causal,
+        layout=args.layout,
+        rotation=args.rotation,
+        backward=not args.inference,
+    )
+    multiple = LAYOUTS[config.layout].seq_multiple(config.devices)
+    if config.seq_len % multiple or config.heads % config.kv_heads:
+        print(
+            f"ringattn plan: error: --seq-len must be a multiple of {multiple} for this layout "
+            "and --heads a multiple of --kv-heads",
+            file=sys.stderr,
+        )
+        return 2
+    print(predict(config, hardware).summary())
+    best = best_configuration(config, hardware)
+    print(
+        f"best known configuration: {best.config.layout} layout, pass-"
+        f"{best.config.rotation.upper()}, {best.total_s:.4f} s (efficiency "
+        f"{best.efficiency:.2f})"
+    )
+    print(f"hardware source: {hardware.source}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ringattn",
@@ -188,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _demo_parser(sub)
     _bench_parser(sub)
+    _plan_parser(sub)
     return parser
 
 

@@ -1,0 +1,415 @@
+"""A cost model of the ring: what a configuration costs on given hardware, before running it.
+
+Per ring step a rank computes its share of the tiles and, at the same time, sends one travelling
+block to its neighbour. With ``F`` the sustained FLOP/s of the attention kernel on one device,
+``B`` the bytes/s one device sends to its neighbour and ``L`` the latency of one message:
+
+    compute_step = flops_of_the_busiest_rank / p / F
+    comm_step    = bytes_per_step / B + L                         (see ringattn.rotation)
+    step         = max(compute_step + s * comm_step, comm_step)
+
+``s`` is the share of a transfer's time that also occupies the compute units: 0 on GPUs (DMA
+engines move the data), measured on CPUs, where gloo copies through the same cores. A pass is
+``p`` steps, the last without a transfer, plus the final hop of a returning accumulator; backward
+FLOPs are ``backward_ratio`` x forward (2.5 for flash attention: five matmuls against two).
+
+The smallest block that hides its transfer (forward, pass-KV, MHA, no latency) follows from
+``4 d c^2 / F >= 2 c d e / B``: ``c >= e F / (2 B)``, i.e. ``c >= F / B`` for 2-byte elements —
+the condition of the Ring Attention paper (Liu, Zaharia, Abbeel 2023, arXiv:2310.01889, Sec. 3).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from .layout import LAYOUTS
+from .masks import rank_work
+from .rotation import rotation_bytes
+
+CALIBRATION_PATH = Path(os.environ.get("RINGATTN_PROFILE", "~/.cache/ringattn/local.json"))
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """One device of a ring and its link to the next device."""
+
+    name: str
+    flops: float  # sustained attention FLOP/s per device in `dtype`
+    bandwidth: float  # bytes/s a device sends to its ring neighbour (one direction)
+    latency: float  # seconds per message
+    memory: float  # bytes per device
+    dtype: str
+    source: str
+    comm_compute_share: float = 0.0  # s: share of transfer time that also takes compute
+    ranks_share_device: bool = False  # CPU ranks on one machine split its cores and copies
+    backward_ratio: float = 2.5
+    peak_flops: float | None = None  # datasheet peak, for the paper's overlap condition
+
+
+# Datasheet peaks (dense bf16) and per-direction link bandwidths; `flops` assumes the kernel
+# sustains 60% of peak, roughly what flash-attention reports on these parts.
+_SUSTAINED = 0.6
+PROFILES: dict[str, Hardware] = {
+    "a100-nvlink": Hardware(
+        "a100-nvlink",
+        _SUSTAINED * 312e12,
+        300e9,
+        5e-6,
+        80e9,
+        "bfloat16",
+        "NVIDIA A100 SXM datasheet: 312 TFLOPS dense bf16, NVLink 3 600 GB/s total (300 GB/s "
+        "per direction, the figure of the Ring Attention paper's Table 2)",
+        peak_flops=312e12,
+    ),
+    "a100-infiniband": Hardware(
+        "a100-infiniband",
+        _SUSTAINED * 312e12,
+        12.5e9,
+        10e-6,
+        80e9,
+        "bfloat16",
+        "A100 datasheet (312 TFLOPS); 100 Gb/s InfiniBand per GPU = 12.5 GB/s, as in the Ring "
+        "Attention paper's Table 2",
+        peak_flops=312e12,
+    ),
+    "h100-nvlink": Hardware(
+        "h100-nvlink",
+        _SUSTAINED * 989e12,
+        450e9,
+        5e-6,
+        80e9,
+        "bfloat16",
+        "NVIDIA H100 SXM datasheet: 989 TFLOPS dense bf16, NVLink 4 900 GB/s total (450 GB/s "
+        "per direction)",
+        peak_flops=989e12,
+    ),
+    "h100-infiniband": Hardware(
+        "h100-infiniband",
+        _SUSTAINED * 989e12,
+        50e9,
+        10e-6,
+        80e9,
+        "bfloat16",
+        "H100 datasheet (989 TFLOPS); NDR 400 Gb/s InfiniBand per GPU = 50 GB/s",
+        peak_flops=989e12,
+    ),
+    "cpu-2core": Hardware(
+        "cpu-2core",
+        150e9,
+        0.6e9,
+        100e-6,
+        24 * 2**30,
+        "float32",
+        "this project's 2-core development machine, measured 2026-11-25 (fp32 flash kernel "
+        "~150 GFLOP/s on 2 threads, gloo loopback ~0.6 GB/s); recalibrate with "
+        "`ringattn plan --calibrate`",
+        comm_compute_share=0.5,
+        ranks_share_device=True,
+    ),
+}
+
+
+def load_hardware(name: str) -> Hardware:
+    """A built-in profile, ``local`` (the calibration file), or a path to a profile JSON."""
+    if name in PROFILES:
+        return PROFILES[name]
+    path = CALIBRATION_PATH.expanduser() if name == "local" else Path(name)
+    if not path.exists():
+        hint = "run `ringattn plan --calibrate` first" if name == "local" else "no such file"
+        raise ValueError(
+            f"unknown hardware {name!r}: choose one of {sorted(PROFILES)}, 'local' or a JSON "
+            f"profile path ({hint})"
+        )
+    return Hardware(**json.loads(path.read_text()))
+
+
+@dataclass(frozen=True)
+class Config:
+    """A ring attention problem to predict."""
+
+    seq_len: int
+    devices: int
+    heads: int = 32
+    kv_heads: int = 8
+    head_dim: int = 128
+    batch: int = 1
+    dtype: str = "bfloat16"
+    causal: bool = True
+    layout: str = "zigzag"
+    rotation: str = "kv"
+    backward: bool = True
+
+
+@dataclass(frozen=True)
+class Prediction:
+    config: Config
+    hardware: str
+    compute_step_s: float
+    comm_step_s: float
+    overlapped: bool
+    forward_s: float
+    backward_s: float
+    total_s: float
+    ideal_s: float
+    efficiency: float
+    memory_bytes: float
+    min_tokens_per_device: float
+    max_seq_len: int
+
+    def summary(self) -> str:
+        c = self.config
+        return "\n".join(
+            [
+                f"{c.seq_len:,} tokens on {c.devices} x {self.hardware}: {c.layout} layout, "
+                f"pass-{c.rotation.upper()}, {'causal' if c.causal else 'full'}, "
+                f"{c.heads} heads ({c.kv_heads} KV), d={c.head_dim}, {c.dtype}, batch {c.batch}",
+                f"  per step: compute {self.compute_step_s * 1e3:.3f} ms, "
+                f"transfer {self.comm_step_s * 1e3:.3f} ms -> "
+                f"{'fully overlapped' if self.overlapped else 'communication-bound'}",
+                f"  forward {self.forward_s:.4f} s"
+                + (f", backward {self.backward_s:.4f} s" if c.backward else "")
+                + f", total {self.total_s:.4f} s; efficiency {self.efficiency:.2f} "
+                f"(ideal {self.ideal_s:.4f} s)",
+                f"  memory per device (attention inputs, outputs, ring buffers): "
+                f"{self.memory_bytes / 2**30:.2f} GiB",
+                f"  full overlap needs >= {self.min_tokens_per_device:,.0f} tokens per device; "
+                f"longest sequence that fits the device memory: {self.max_seq_len:,} tokens",
+            ]
+        )
+
+
+def _element_size(dtype: str) -> int:
+    return torch.empty((), dtype=getattr(torch, dtype)).element_size()
+
+
+def memory_per_token(config: Config) -> float:
+    """Bytes per token per device: q, k, v, out (+ dout, dq, dk, dv for training) in the input
+    dtype, fp32 accumulators, and the ring's receive buffers for one travelling block."""
+    e = _element_size(config.dtype)
+    q_row = config.heads * config.head_dim
+    kv_row = config.kv_heads * config.head_dim
+    tokens = q_row * e * 2 + kv_row * e * 2 + q_row * 4  # q, out, k, v, fp32 out accumulator
+    tokens += kv_row * e * 2  # received K/V block
+    if config.backward:
+        tokens += q_row * e * 2 + kv_row * e * 2  # dout, dq, dk, dv
+        tokens += q_row * 4 + kv_row * 4 * 4  # fp32 dq; fp32 dk/dv in flight (send + receive)
+    return config.batch * tokens
+
+
+def _rates(hardware: Hardware, devices: int) -> tuple[float, float]:
+    """FLOP/s and bytes/s one rank gets when ``devices`` ranks run."""
+    if not hardware.ranks_share_device:
+        return hardware.flops, hardware.bandwidth
+    return hardware.flops / devices, hardware.bandwidth * min(1.0, 2 / devices)
+
+
+def min_tokens_for_overlap(config: Config, hardware: Hardware) -> float:
+    """Smallest tokens per device whose forward step hides its transfer (latency included)."""
+    flops, bandwidth = _rates(hardware, config.devices)
+    causal_share = 0.5 if config.causal else 1.0
+    a = 4 * config.batch * config.heads * config.head_dim * causal_share / flops
+    per_token = rotation_bytes(
+        1, 1, config.heads, config.kv_heads, config.head_dim, getattr(torch, config.dtype), False
+    )[config.rotation]
+    b = (1 - hardware.comm_compute_share) * config.batch * per_token / bandwidth
+    # a c^2 >= b c + L  ->  c = (b + sqrt(b^2 + 4 a L)) / (2 a)
+    return (b + math.sqrt(b * b + 4 * a * hardware.latency)) / (2 * a)
+
+
+def predict(config: Config, hardware: Hardware) -> Prediction:
+    """Predicted time, efficiency and memory of ``config`` on ``hardware``."""
+    p = config.devices
+    seq_local = config.seq_len // p
+    work = rank_work(config.layout, p, seq_local, config.causal)
+    flops_rank = 4.0 * config.batch * config.heads * config.head_dim * max(work)
+    flops_total = 4.0 * config.batch * config.heads * config.head_dim * sum(work)
+    dtype = getattr(torch, config.dtype)
+    fwd_bytes = rotation_bytes(
+        seq_local, seq_local, config.heads, config.kv_heads, config.head_dim, dtype, False
+    )[config.rotation]
+    both_bytes = rotation_bytes(
+        seq_local, seq_local, config.heads, config.kv_heads, config.head_dim, dtype, True
+    )[config.rotation]
+    share = hardware.comm_compute_share
+    rank_flops, rank_bandwidth = _rates(hardware, p)
+
+    def pass_time(flops: float, step_bytes: float, returns: bool) -> tuple[float, float, float]:
+        compute = flops / p / rank_flops
+        comm = step_bytes / rank_bandwidth + hardware.latency if p > 1 else 0.0
+        busy = max(compute + share * comm, comm)
+        total = (p - 1) * busy + compute + (comm if returns else 0.0)
+        return total, compute, comm
+
+    forward_returns = config.rotation == "q"
+    forward, compute_step, comm_step = pass_time(flops_rank, fwd_bytes, forward_returns)
+    backward = 0.0
+    if config.backward:
+        backward, _, _ = pass_time(
+            hardware.backward_ratio * flops_rank, both_bytes - fwd_bytes, True
+        )
+    ratio = 1 + (hardware.backward_ratio if config.backward else 0.0)
+    ideal = ratio * flops_total / p / rank_flops
+    per_token = memory_per_token(config)
+    return Prediction(
+        config=config,
+        hardware=hardware.name,
+        compute_step_s=compute_step,
+        comm_step_s=comm_step,
+        overlapped=p == 1 or compute_step >= comm_step,
+        forward_s=forward,
+        backward_s=backward,
+        total_s=forward + backward,
+        ideal_s=ideal,
+        efficiency=ideal / (forward + backward) if forward + backward > 0 else 1.0,
+        memory_bytes=per_token * seq_local,
+        min_tokens_per_device=min_tokens_for_overlap(config, hardware),
+        max_seq_len=int(hardware.memory / per_token) * p,
+    )
+
+
+def best_configuration(config: Config, hardware: Hardware) -> Prediction:
+    """The fastest layout and rotation for ``config`` that fits in device memory."""
+    candidates = [
+        predict(replace(config, layout=layout, rotation=rotation), hardware)
+        for layout in LAYOUTS
+        for rotation in ("kv", "q")
+        if config.seq_len % LAYOUTS[layout].seq_multiple(config.devices) == 0
+    ]
+    fitting = [c for c in candidates if c.memory_bytes <= hardware.memory] or candidates
+    return min(fitting, key=lambda c: c.total_s)
+
+
+def paper_minimal_sequence(peak_flops: float, bandwidth: float) -> float:
+    """Minimal sequence length per device as the Ring Attention paper's Table 2 lists it.
+
+    The paper's overlap condition is a block of ``c >= F / B`` tokens (bf16, MHA); its Table 2
+    values (6.2K on A100 NVLink, 149.5K on A100 InfiniBand) equal ``6 F / B`` within 0.5%: each
+    device holds several such blocks in the paper's blockwise transformer. We use the factor 6
+    inferred from those two rows.
+    """
+    return 6 * peak_flops / bandwidth
+
+
+def save_profile(hardware: Hardware, path: Path) -> Path:
+    path = path.expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(asdict(hardware), indent=2))
+    return path
+
+
+def _calibration_worker(seq_len: int, repeats: int) -> dict | None:
+    """Two ranks: gloo bandwidth and latency, and the compute share of a transfer."""
+    import time
+
+    import torch.distributed as dist
+
+    from .comm import RingComm
+    from .launch import cpu_threads_per_rank, init_worker
+    from .workload import Workload, time_ring
+
+    init_worker("cpu")
+    torch.set_num_threads(cpu_threads_per_rank())
+    comm = RingComm(dist.group.WORLD)
+
+    def exchange_time(numel: int) -> float:
+        buffer = torch.zeros(numel)
+        comm.exchange([buffer]).wait()
+        times = []
+        for _ in range(repeats * 3):
+            dist.barrier()
+            start = time.perf_counter()
+            comm.exchange([buffer]).wait()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    latency = exchange_time(1)
+    big = 8 * 2**20
+    bandwidth = big * 4 / max(exchange_time(big) - latency, 1e-9)
+    workload = Workload(seq_len=seq_len, heads=8, kv_heads=8, causal=False, layout="contiguous")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    inputs = workload.inputs(
+        torch.arange(rank * seq_len // world, (rank + 1) * seq_len // world), torch.device("cpu")
+    )
+    timing = time_ring(workload, inputs, repeats, before_each=lambda i: dist.barrier())
+    steps = [s for s in timing.trace.steps if s.phase == "forward"]
+    result = {
+        "latency": latency,
+        "bandwidth": bandwidth,
+        "forward_s": timing.forward_s,
+        "step_bytes": steps[0].bytes_sent,
+        "compute_s": [s.compute_s for s in steps],
+    }
+    gathered = [None] * world
+    dist.all_gather_object(gathered, result)
+    dist.destroy_process_group()
+    return gathered if rank == 0 else None
+
+
+def calibrate(seq_len: int = 8192, repeats: int = 3) -> Hardware:
+    """Measure this machine: kernel FLOP/s on all cores, forward/backward time ratio, gloo
+    bandwidth and latency between two local ranks, and how much a transfer slows compute."""
+    from .launch import run_on_ranks
+    from .workload import Workload, time_single_process
+
+    cores = len(os.sched_getaffinity(0))
+    workload = Workload(seq_len=seq_len, heads=8, kv_heads=8, causal=False)
+    time_single_process(workload, torch.device("cpu"), cores)
+    single = time_single_process(workload, torch.device("cpu"), cores, repeats)
+    flops = workload.flops_forward() / single.forward_s
+    ranks = next(r for r in run_on_ranks(_calibration_worker, (seq_len, repeats), 2).values() if r)
+    bandwidth = min(r["bandwidth"] for r in ranks)
+    latency = max(r["latency"] for r in ranks)
+    # forward = compute(step 0) + compute(step 1): the extra time of the step that overlapped
+    # a transfer, over the transfer's time, is the compute share of the transfer.
+    comm = ranks[0]["step_bytes"] / bandwidth + latency
+    slowdown = statistics.mean(r["compute_s"][0] - r["compute_s"][-1] for r in ranks)
+    share = min(1.0, max(0.0, slowdown / comm))
+    return Hardware(
+        name="local",
+        flops=flops,
+        bandwidth=bandwidth,
+        latency=latency,
+        memory=float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")),
+        dtype="float32",
+        source=f"calibrated on this machine ({cores} cores, torch {torch.__version__})",
+        comm_compute_share=share,
+        ranks_share_device=True,
+        backward_ratio=single.backward_s / single.forward_s,
+    )
+
+
+def validate(bench_rows: list[dict], hardware: Hardware) -> list[dict]:
+    """Predicted against measured forward+backward time for ``ringattn bench`` rows."""
+    table = []
+    for row in bench_rows:
+        w = row["workload"]
+        config = Config(
+            seq_len=w["seq_len"],
+            devices=row["world_size"],
+            heads=w["heads"],
+            kv_heads=w["kv_heads"],
+            head_dim=w["head_dim"],
+            batch=w["batch"],
+            dtype=w["dtype"],
+            causal=w["causal"],
+            layout=w["layout"],
+            rotation="kv",
+        )
+        predicted = predict(config, hardware).total_s
+        measured = row["ring_total_s"]
+        table.append(
+            {
+                "config": config,
+                "predicted_s": predicted,
+                "measured_s": measured,
+                "error": predicted / measured - 1,
+            }
+        )
+    return table
