@@ -36,11 +36,13 @@ def main() -> None:
     workloads = {
         "one causal sequence": MaskSpec(causal=True),
         "packed docs 256..8K": MaskSpec(
-            causal=True, doc_ids=packed_document_ids(n, 256, 8192, args.seed),
+            causal=True,
+            doc_ids=packed_document_ids(n, 256, 8192, args.seed),
             tile_size=args.tile_size,
         ),
         "packed docs 4K..32K": MaskSpec(
-            causal=True, doc_ids=packed_document_ids(n, 4096, 32768, args.seed),
+            causal=True,
+            doc_ids=packed_document_ids(n, 4096, 32768, args.seed),
             tile_size=args.tile_size,
         ),
         "sliding window 4K": MaskSpec(causal=True, window=(4096, 0), tile_size=args.tile_size),

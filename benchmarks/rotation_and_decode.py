@@ -25,15 +25,29 @@ HEADS, KV_HEADS, DIM = 8, 2, 64
 RATIOS = (1 / 64, 1 / 16, 1 / 4, 1 / 2, 1)
 
 
-def _median_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        dist.barrier()
-        start = time.perf_counter()
+TIE = 0.10  # differences below 10% are within this machine's run-to-run noise (see p=1 rows)
+
+
+def winner(kv_s: float, q_s: float) -> str:
+    """The faster rotation, or "tie" when they differ by less than TIE."""
+    if abs(kv_s - q_s) < TIE * min(kv_s, q_s):
+        return "tie"
+    return "q" if q_s < kv_s else "kv"
+
+
+def _median_times(fns: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each function; repeats are interleaved so no function always runs
+    first after a shape change (allocator warm-up would bias it)."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            dist.barrier()
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def _worker(kv_len: int, repeats: int, decode_cache: int) -> dict | None:
@@ -50,6 +64,8 @@ def _worker(kv_len: int, repeats: int, decode_cache: int) -> dict | None:
         v = torch.randn_like(k)
         row = {"q_len": q_local * world, "kv_len": kv_len}
         for grad in (False, True):
+            phase = "fwdbwd" if grad else "fwd"
+            calls = {}
             for rotation in ("kv", "q"):
                 leaves = [t.clone().requires_grad_(grad) for t in (q, k, v)]
 
@@ -58,8 +74,9 @@ def _worker(kv_len: int, repeats: int, decode_cache: int) -> dict | None:
                     if grad:
                         torch.autograd.grad(out, leaves, torch.ones_like(out))
 
-                row[f"{rotation}_{'fwdbwd' if grad else 'fwd'}_s"] = _median_time(call, repeats)
-            row[f"auto_{'fwdbwd' if grad else 'fwd'}"] = ringattn.choose_rotation(
+                calls[f"{rotation}_{phase}_s"] = call
+            row.update(_median_times(calls, repeats))
+            row[f"auto_{phase}"] = ringattn.choose_rotation(
                 q_local, kv_local, HEADS, KV_HEADS, DIM, torch.float32, grad
             )
         rows.append(row)
@@ -68,11 +85,14 @@ def _worker(kv_len: int, repeats: int, decode_cache: int) -> dict | None:
     prompt = decode_cache // world
     with torch.no_grad():
         cache.prefill(
-            0, torch.randn(1, prompt, HEADS, DIM), torch.randn(1, prompt, KV_HEADS, DIM),
+            0,
+            torch.randn(1, prompt, HEADS, DIM),
+            torch.randn(1, prompt, KV_HEADS, DIM),
             torch.randn(1, prompt, KV_HEADS, DIM),
         )
         token = [torch.randn(1, 1, h, DIM) for h in (HEADS, KV_HEADS, KV_HEADS)]
-        decode_s = _median_time(lambda: cache.extend(0, *token), repeats * 10)
+        decode_s = _median_times({"decode": lambda: cache.extend(0, *token)}, repeats * 10)
+        decode_s = decode_s["decode"]
     dist.destroy_process_group()
     return {"rows": rows, "decode_s": decode_s} if rank == 0 else None
 
@@ -84,15 +104,18 @@ def main() -> None:
     parser.add_argument("--decode-cache", type=parse_tokens, default=32768)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    print("| p | q_len / kv_len | kv fwd s | q fwd s | winner | auto | kv fwd+bwd s | q fwd+bwd s"
-          " | winner | auto |")
+    print(
+        "| p | q_len / kv_len | kv fwd s | q fwd s | winner | auto | kv fwd+bwd s | q fwd+bwd s"
+        " | winner | auto |"
+    )
     print("|---:|---:|---:|---:|---|---|---:|---:|---|---|")
     decode = {}
     for world in (int(w) for w in args.world_sizes.split(",")):
         result = next(
             r
-            for r in run_on_ranks(_worker, (args.kv_len, args.repeats, args.decode_cache), world)
-            .values()
+            for r in run_on_ranks(
+                _worker, (args.kv_len, args.repeats, args.decode_cache), world
+            ).values()
             if r
         )
         decode[world] = result["decode_s"]
@@ -100,7 +123,7 @@ def main() -> None:
             cells = [f"{world}", f"{r['q_len']}/{r['kv_len']}"]
             for phase in ("fwd", "fwdbwd"):
                 kv_s, q_s = r[f"kv_{phase}_s"], r[f"q_{phase}_s"]
-                cells += [f"{kv_s:.4f}", f"{q_s:.4f}", "q" if q_s < kv_s else "kv", r[f"auto_{phase}"]]
+                cells += [f"{kv_s:.4f}", f"{q_s:.4f}", winner(kv_s, q_s), r[f"auto_{phase}"]]
             print("| " + " | ".join(cells) + " |", flush=True)
     print(f"\ndecode step (1 token, cache of {args.decode_cache} tokens, 1 layer):")
     for world, seconds in decode.items():

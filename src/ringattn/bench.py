@@ -201,22 +201,25 @@ def machine_description() -> str:
     return f"{model}, {cores} cores, torch {torch.__version__}"
 
 
+def memory_kind(row: dict) -> str:
+    """The group a row's memory belongs to: workload kind and world size."""
+    w = row["workload"]
+    mask = "causal" if w["causal"] else "full"
+    return f"{w['layout']} {mask} h{w['heads']}/{w['kv_heads']} p={row['world_size']}"
+
+
 def memory_slopes(rows: list[dict]) -> dict[str, float]:
-    """Least-squares slope of log(peak per rank) against log(tokens per rank), per workload kind
-    (world sizes > 1 only: a world of one holds no ring buffers)."""
+    """Least-squares slope of log(peak per rank) against log(tokens per rank) as the sequence
+    grows, per workload kind and world size (> 1: a world of one holds no ring buffers)."""
     groups: dict[str, list[tuple[float, float]]] = {}
     for row in rows:
-        if row["world_size"] < 2:
-            continue
-        w = row["workload"]
-        kind = f"{w['layout']} {'causal' if w['causal'] else 'full'} h{w['heads']}/{w['kv_heads']}"
         peak = max(row["peak_bytes"])
-        if peak > 0:
-            groups.setdefault(kind, []).append((math.log(row["tokens_per_rank"]), math.log(peak)))
+        if row["world_size"] > 1 and peak > 0:
+            point = (math.log(row["tokens_per_rank"]), math.log(peak))
+            groups.setdefault(memory_kind(row), []).append(point)
     slopes = {}
     for kind, points in groups.items():
-        xs = {x for x, _ in points}
-        if len(xs) < 2:
+        if len({x for x, _ in points}) < 2:
             continue
         mean_x = sum(x for x, _ in points) / len(points)
         mean_y = sum(y for _, y in points) / len(points)
@@ -301,8 +304,7 @@ def plot_report(report: dict, out_dir: Path) -> list[Path]:
         points = sorted(
             (r["tokens_per_rank"], max(r["peak_bytes"]) / _MIB)
             for r in rows
-            if f"{r['workload']['layout']} {'causal' if r['workload']['causal'] else 'full'} "
-            f"h{r['workload']['heads']}/{r['workload']['kv_heads']}" == name
+            if memory_kind(r) == name
         )
         ax.plot(*zip(*points, strict=True), marker="o", label=f"{name} (slope {slope:.2f})")
     ax.set(

@@ -128,6 +128,11 @@ def _bench_parser(sub) -> None:
     )
     p.add_argument("--quick", action="store_true", help="small grid, under 3 minutes on 2 cores")
     p.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="only measure this machine for `ringattn plan --hardware local`",
+    )
+    p.add_argument(
         "--seq-lens",
         type=_comma_list(parse_tokens),
         default=None,
@@ -162,6 +167,8 @@ def _run_bench(args: argparse.Namespace) -> int:
 
     from .bench import BenchGrid, run_bench
 
+    if args.calibrate:
+        return _calibrate()
     grid = BenchGrid.quick() if args.quick else BenchGrid()
     for name in ("seq_lens", "world_sizes", "layouts", "heads", "dtypes", "repeats"):
         if getattr(args, name) is not None:
@@ -226,27 +233,30 @@ def _plan_parser(sub) -> None:
     p.set_defaults(run=_run_plan)
 
 
+def _calibrate() -> int:
+    from .plan import CALIBRATION_PATH, calibrate, save_profile
+
+    print("calibrating: kernel FLOP/s, gloo bandwidth/latency, transfer cost (about 1 min)")
+    hardware = calibrate()
+    path = save_profile(hardware, CALIBRATION_PATH)
+    print(json.dumps(asdict(hardware), indent=2))
+    print(f"saved to {path}; use `ringattn plan --hardware local`")
+    return 0
+
+
 def _run_plan(args: argparse.Namespace) -> int:
     from .plan import (
-        CALIBRATION_PATH,
         PROFILES,
         Config,
         best_configuration,
-        calibrate,
         load_hardware,
         paper_minimal_sequence,
         predict,
-        save_profile,
         validate,
     )
 
     if args.calibrate:
-        print("calibrating: kernel FLOP/s, gloo bandwidth/latency, transfer cost (about 1 min)")
-        hardware = calibrate()
-        path = save_profile(hardware, CALIBRATION_PATH)
-        print(json.dumps(asdict(hardware), indent=2))
-        print(f"saved to {path}; use --hardware local")
-        return 0
+        return _calibrate()
     if args.paper_table:
         print("| hardware | peak TFLOPS | link GB/s | minimal tokens/device (6 F/B) | paper |")
         print("|---|---:|---:|---:|---:|")

@@ -73,36 +73,35 @@ def split_shifted_causal(len_q: int, len_k: int, shift: int) -> list[Tile]:
     return tiles
 
 
+def _join_runs(tiles: list[Tile], rows_fixed: bool) -> list[Tile]:
+    """Join neighbours that share their rows (``rows_fixed``) or their columns and touch."""
+
+    def span(t: Tile) -> tuple[int, int, int, int]:  # (fixed start, end, moving start, end)
+        if rows_fixed:
+            return t.q_start, t.q_end, t.k_start, t.k_end
+        return t.k_start, t.k_end, t.q_start, t.q_end
+
+    joined: list[Tile] = []
+    for tile in sorted(tiles, key=span):
+        fixed0, fixed1, move0, move1 = span(tile)
+        last = span(joined[-1]) if joined else None
+        if last and last[:2] == (fixed0, fixed1) and last[3] == move0:
+            start = last[2]
+            joined[-1] = (
+                Tile(fixed0, fixed1, start, move1)
+                if rows_fixed
+                else Tile(start, move1, fixed0, fixed1)
+            )
+        else:
+            joined.append(tile)
+    return joined
+
+
 def _coalesce(tiles: list[Tile]) -> list[Tile]:
     """Join fully visible tiles that share rows (or columns) and touch, so kernels run bigger."""
-    causal = [t for t in tiles if t.causal or t.masked]
-    full = sorted(
-        (t for t in tiles if not (t.causal or t.masked)), key=lambda t: (t.q_start, t.k_start)
-    )
-    merged: list[Tile] = []
-    for tile in full:
-        last = merged[-1] if merged else None
-        if (
-            last
-            and (last.q_start, last.q_end) == (tile.q_start, tile.q_end)
-            and last.k_end == tile.k_start
-        ):
-            merged[-1] = Tile(last.q_start, last.q_end, last.k_start, tile.k_end)
-        else:
-            merged.append(tile)
-    merged.sort(key=lambda t: (t.k_start, t.k_end, t.q_start))
-    stacked: list[Tile] = []
-    for tile in merged:
-        last = stacked[-1] if stacked else None
-        if (
-            last
-            and (last.k_start, last.k_end) == (tile.k_start, tile.k_end)
-            and last.q_end == tile.q_start
-        ):
-            stacked[-1] = Tile(last.q_start, tile.q_end, last.k_start, last.k_end)
-        else:
-            stacked.append(tile)
-    return causal + stacked
+    special = [t for t in tiles if t.causal or t.masked]
+    full = [t for t in tiles if not (t.causal or t.masked)]
+    return special + _join_runs(_join_runs(full, rows_fixed=True), rows_fixed=False)
 
 
 def plan_tiles(
@@ -358,11 +357,13 @@ def rank_work(
     seq_local: int,
     causal: bool,
     mask: MaskSpec | None = None,
+    diagonal_block: int = 0,
 ) -> list[int]:
     """Scored (query, key) pairs per rank over a whole ring pass — the load each rank carries.
 
     With a :class:`MaskSpec` (which then decides causality), partial tiles count in full, as the
-    kernel computes them in full.
+    kernel computes them in full. ``diagonal_block`` adds the work a fused kernel spends on the
+    diagonal of a causal tile, whose blocks of that many tokens it computes in full.
     """
     layout = LAYOUTS[layout_name]
 
@@ -375,7 +376,11 @@ def rank_work(
             layout.segments(k_rank, world_size, seq_local),
         )
 
+    def work(t: Tile) -> int:
+        rows = t.q_end - t.q_start
+        return t.work + (rows * min(diagonal_block, rows) // 2 if t.causal else 0)
+
     return [
-        sum(t.work for k_rank in range(world_size) for t in tiles(rank, k_rank))
+        sum(work(t) for k_rank in range(world_size) for t in tiles(rank, k_rank))
         for rank in range(world_size)
     ]

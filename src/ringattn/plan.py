@@ -8,9 +8,17 @@ block to its neighbour. With ``F`` the sustained FLOP/s of the attention kernel 
     comm_step    = bytes_per_step / B + L                         (see ringattn.rotation)
     step         = max(compute_step + s * comm_step, comm_step)
 
+When CPU ranks share one machine, a rank's FLOP/s is its share of the cores, and the pass takes
+at least the machine's total work over the machine's FLOP/s (an idle rank frees its core). The
+kernel runs slower on small blocks: ``F(c) = F * c / (c + h)`` for blocks of ``c`` tokens, and a
+fused kernel computes the diagonal of a causal tile in blocks of ``diagonal_block`` tokens, which
+adds ``rows * diagonal_block / 2`` scored pairs per causal tile.
+
 ``s`` is the share of a transfer's time that also occupies the compute units: 0 on GPUs (DMA
 engines move the data), measured on CPUs, where gloo copies through the same cores. A pass is
-``p`` steps, the last without a transfer, plus the final hop of a returning accumulator; backward
+``p`` steps, the last without a transfer, plus the final hop of a returning accumulator, plus a
+fixed ``step_overhead`` per step (merges, bookkeeping; scaled by ``p / cores`` when CPU ranks
+oversubscribe the cores); backward
 FLOPs are ``backward_ratio`` x forward (2.5 for flash attention: five matmuls against two).
 
 The smallest block that hides its transfer (forward, pass-KV, MHA, no latency) follows from
@@ -49,6 +57,10 @@ class Hardware:
     source: str
     comm_compute_share: float = 0.0  # s: share of transfer time that also takes compute
     ranks_share_device: bool = False  # CPU ranks on one machine split its cores and copies
+    cores: int = 1  # with ranks_share_device: cores of the machine `flops` was measured on
+    half_efficiency_tokens: float = 0.0  # h: the kernel runs at flops * c / (c + h) on c tokens
+    diagonal_block: int = 0  # the fused kernel computes causal diagonals in blocks this wide
+    step_overhead: float = 0.0  # seconds per ring step not hidden (merges, bookkeeping, waking)
     backward_ratio: float = 2.5
     peak_flops: float | None = None  # datasheet peak, for the paper's overlap condition
 
@@ -102,16 +114,22 @@ PROFILES: dict[str, Hardware] = {
     ),
     "cpu-2core": Hardware(
         "cpu-2core",
-        150e9,
-        0.6e9,
-        100e-6,
+        160e9,
+        0.68e9,
+        280e-6,
         24 * 2**30,
         "float32",
-        "this project's 2-core development machine, measured 2026-11-25 (fp32 flash kernel "
-        "~150 GFLOP/s on 2 threads, gloo loopback ~0.6 GB/s); recalibrate with "
-        "`ringattn plan --calibrate`",
+        "this project's 2-core development machine: FLOP/s, bandwidth, latency and diagonal "
+        "block from `ringattn bench --calibrate` on 2026-11-25 (docs/profile-local.json); the "
+        "small-block, per-step and transfer-share terms fitted to the runs in "
+        "docs/benchmarks.md (least maximum error)",
         comm_compute_share=0.5,
         ranks_share_device=True,
+        cores=2,
+        half_efficiency_tokens=300.0,
+        diagonal_block=152,
+        backward_ratio=2.5,
+        step_overhead=0.006,
     ),
 }
 
@@ -203,16 +221,20 @@ def memory_per_token(config: Config) -> float:
     return config.batch * tokens
 
 
-def _rates(hardware: Hardware, devices: int) -> tuple[float, float]:
-    """FLOP/s and bytes/s one rank gets when ``devices`` ranks run."""
+def _rates(hardware: Hardware, devices: int, tokens: float) -> tuple[float, float, float]:
+    """FLOP/s of the whole machine (all ranks together) and of one rank, and bytes/s of one rank,
+    when ``devices`` ranks each compute blocks of ``tokens`` tokens."""
+    flops = hardware.flops * tokens / (tokens + hardware.half_efficiency_tokens)
     if not hardware.ranks_share_device:
-        return hardware.flops, hardware.bandwidth
-    return hardware.flops / devices, hardware.bandwidth * min(1.0, 2 / devices)
+        return flops * devices, flops, hardware.bandwidth
+    per_rank = flops * max(1, hardware.cores // devices) / hardware.cores
+    return flops, per_rank, hardware.bandwidth * min(1.0, 2 / devices)
 
 
 def min_tokens_for_overlap(config: Config, hardware: Hardware) -> float:
     """Smallest tokens per device whose forward step hides its transfer (latency included)."""
-    flops, bandwidth = _rates(hardware, config.devices)
+    _, flops, bandwidth = _rates(hardware, config.devices, config.seq_len / config.devices)
+    flops = min(flops, hardware.flops / config.devices) if hardware.ranks_share_device else flops
     causal_share = 0.5 if config.causal else 1.0
     a = 4 * config.batch * config.heads * config.head_dim * causal_share / flops
     per_token = rotation_bytes(
@@ -227,7 +249,9 @@ def predict(config: Config, hardware: Hardware) -> Prediction:
     """Predicted time, efficiency and memory of ``config`` on ``hardware``."""
     p = config.devices
     seq_local = config.seq_len // p
-    work = rank_work(config.layout, p, seq_local, config.causal)
+    work = rank_work(
+        config.layout, p, seq_local, config.causal, diagonal_block=hardware.diagonal_block
+    )
     flops_rank = 4.0 * config.batch * config.heads * config.head_dim * max(work)
     flops_total = 4.0 * config.batch * config.heads * config.head_dim * sum(work)
     dtype = getattr(torch, config.dtype)
@@ -238,24 +262,25 @@ def predict(config: Config, hardware: Hardware) -> Prediction:
         seq_local, seq_local, config.heads, config.kv_heads, config.head_dim, dtype, True
     )[config.rotation]
     share = hardware.comm_compute_share
-    rank_flops, rank_bandwidth = _rates(hardware, p)
+    machine_flops, rank_flops, rank_bandwidth = _rates(hardware, p, seq_local)
 
-    def pass_time(flops: float, step_bytes: float, returns: bool) -> tuple[float, float, float]:
-        compute = flops / p / rank_flops
+    def pass_time(scale: float, step_bytes: float, returns: bool) -> tuple[float, float, float]:
+        # the busiest rank bounds the pass, and so does the machine when ranks share it
+        compute_pass = max(scale * flops_rank / rank_flops, scale * flops_total / machine_flops)
+        compute = compute_pass / p
         comm = step_bytes / rank_bandwidth + hardware.latency if p > 1 else 0.0
         busy = max(compute + share * comm, comm)
         total = (p - 1) * busy + compute + (comm if returns else 0.0)
-        return total, compute, comm
+        crowding = max(1.0, p / hardware.cores) if hardware.ranks_share_device else 1.0
+        return total + (p + returns) * hardware.step_overhead * crowding, compute, comm
 
     forward_returns = config.rotation == "q"
-    forward, compute_step, comm_step = pass_time(flops_rank, fwd_bytes, forward_returns)
+    forward, compute_step, comm_step = pass_time(1.0, fwd_bytes, forward_returns)
     backward = 0.0
     if config.backward:
-        backward, _, _ = pass_time(
-            hardware.backward_ratio * flops_rank, both_bytes - fwd_bytes, True
-        )
+        backward, _, _ = pass_time(hardware.backward_ratio, both_bytes - fwd_bytes, True)
     ratio = 1 + (hardware.backward_ratio if config.backward else 0.0)
-    ideal = ratio * flops_total / p / rank_flops
+    ideal = ratio * flops_total / machine_flops
     per_token = memory_per_token(config)
     return Prediction(
         config=config,
@@ -339,12 +364,17 @@ def _calibration_worker(seq_len: int, repeats: int) -> dict | None:
     )
     timing = time_ring(workload, inputs, repeats, before_each=lambda i: dist.barrier())
     steps = [s for s in timing.trace.steps if s.phase == "forward"]
+    tiny = {name: t[:, :64] for name, t in inputs.items()}
+    time_ring(workload, tiny, 1)
+    tiny_timing = time_ring(workload, tiny, repeats * 3, before_each=lambda i: dist.barrier())
+    passes_steps = 2 * world + 1  # forward p steps, backward p steps and the returning hop
     result = {
         "latency": latency,
         "bandwidth": bandwidth,
         "forward_s": timing.forward_s,
         "step_bytes": steps[0].bytes_sent,
         "compute_s": [s.compute_s for s in steps],
+        "step_overhead": (tiny_timing.forward_s + tiny_timing.backward_s) / passes_steps,
     }
     gathered = [None] * world
     dist.all_gather_object(gathered, result)
@@ -359,10 +389,22 @@ def calibrate(seq_len: int = 8192, repeats: int = 3) -> Hardware:
     from .workload import Workload, time_single_process
 
     cores = len(os.sched_getaffinity(0))
-    workload = Workload(seq_len=seq_len, heads=8, kv_heads=8, causal=False)
-    time_single_process(workload, torch.device("cpu"), cores)
-    single = time_single_process(workload, torch.device("cpu"), cores, repeats)
-    flops = workload.flops_forward() / single.forward_s
+    inverse_rates = {}  # 1 / FLOP/s at two sizes: 1/F(c) = (1 + h / c) / F
+    for tokens in (seq_len // 4, seq_len):
+        workload = Workload(seq_len=tokens, heads=8, kv_heads=8, causal=False)
+        time_single_process(workload, torch.device("cpu"), cores)
+        single = time_single_process(workload, torch.device("cpu"), cores, repeats)
+        inverse_rates[tokens] = single.forward_s / workload.flops_forward()
+    small, large = seq_len // 4, seq_len
+    slope = (inverse_rates[small] - inverse_rates[large]) / (1 / small - 1 / large)
+    flops = 1 / max(inverse_rates[large] - slope / large, 1e-30)
+    half_tokens = max(0.0, slope * flops)
+    # causal time / full time = (n^2 / 2 + n * block / 2) / n^2 on n tokens
+    causal = Workload(seq_len=small, heads=8, kv_heads=8, causal=True)
+    time_single_process(causal, torch.device("cpu"), cores)
+    causal_s = time_single_process(causal, torch.device("cpu"), cores, repeats).forward_s
+    full_s = inverse_rates[small] * 2 * causal.flops_forward()
+    diagonal_block = int(max(0.0, small * (2 * causal_s / full_s - 1)))
     ranks = next(r for r in run_on_ranks(_calibration_worker, (seq_len, repeats), 2).values() if r)
     bandwidth = min(r["bandwidth"] for r in ranks)
     latency = max(r["latency"] for r in ranks)
@@ -381,6 +423,10 @@ def calibrate(seq_len: int = 8192, repeats: int = 3) -> Hardware:
         source=f"calibrated on this machine ({cores} cores, torch {torch.__version__})",
         comm_compute_share=share,
         ranks_share_device=True,
+        cores=cores,
+        half_efficiency_tokens=half_tokens,
+        diagonal_block=diagonal_block,
+        step_overhead=statistics.median(r["step_overhead"] for r in ranks),
         backward_ratio=single.backward_s / single.forward_s,
     )
 

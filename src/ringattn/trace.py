@@ -93,22 +93,21 @@ class StepTimer:
         return time.perf_counter()
 
     @contextlib.contextmanager
-    def computing(self) -> Iterator[None]:
+    def _timed(self, field: str) -> Iterator[None]:
         if self.trace is None:
             yield
             return
         start = self._now()
         yield
-        self.compute_s += self._now() - start
+        setattr(self, field, getattr(self, field) + self._now() - start)
 
-    @contextlib.contextmanager
-    def waiting(self) -> Iterator[None]:
-        if self.trace is None:
-            yield
-            return
-        start = self._now()
-        yield
-        self.wait_s += self._now() - start
+    def computing(self) -> contextlib.AbstractContextManager[None]:
+        """Time the block as compute of the current step."""
+        return self._timed("compute_s")
+
+    def waiting(self) -> contextlib.AbstractContextManager[None]:
+        """Time the block as waiting on communication in the current step."""
+        return self._timed("wait_s")
 
     def finish_step(self, step: int) -> None:
         if self.trace is None:

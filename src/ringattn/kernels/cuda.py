@@ -34,6 +34,15 @@ class _CudaKernel(AttentionKernel):
         return None
 
     @staticmethod
+    def _bshd_grads(dq, dk, dv, heads_kv):
+        """Kernel gradients ``(b, h, s, d)`` back to ``(b, s, h, d)``, KV heads summed."""
+        return (
+            dq.transpose(1, 2),
+            _fold_heads(dk.transpose(1, 2), heads_kv),
+            _fold_heads(dv.transpose(1, 2), heads_kv),
+        )
+
+    @staticmethod
     def _bhsd(q, k, v):
         heads = q.shape[2]
         return (
@@ -84,12 +93,7 @@ class CudaFlashKernel(_CudaKernel):
             offset,
             scale=scale,
         )
-        heads_kv = k.shape[2]
-        return (
-            dq.transpose(1, 2),
-            _fold_heads(dk.transpose(1, 2), heads_kv),
-            _fold_heads(dv.transpose(1, 2), heads_kv),
-        )
+        return self._bshd_grads(dq, dk, dv, k.shape[2])
 
 
 class CudaEfficientKernel(_CudaKernel):
@@ -125,9 +129,4 @@ class CudaEfficientKernel(_CudaKernel):
             causal,
             scale=scale,
         )
-        heads_kv = k.shape[2]
-        return (
-            dq.transpose(1, 2),
-            _fold_heads(dk.transpose(1, 2), heads_kv),
-            _fold_heads(dv.transpose(1, 2), heads_kv),
-        )
+        return self._bshd_grads(dq, dk, dv, k.shape[2])
