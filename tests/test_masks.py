@@ -154,3 +154,31 @@ def test_packed_documents_balance_best_striped():
     spec = ringattn.MaskSpec(causal=True, doc_ids=ids, tile_size=32)
     work = ringattn.rank_work("striped", 4, 512, True, spec)
     assert max(work) / min(work) <= 1.1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"window": (5,)}, r"window must be an int >= 0 or a \(left, right\) pair"),
+        ({"window": -1}, r"window must be an int >= 0"),
+        ({"cu_seqlens": torch.tensor([1, 4])}, r"start at 0 and never decrease"),
+        ({"cu_seqlens": torch.tensor([0, 40])}, r"cu_seqlens ends at 40 but the ranks hold only 8"),
+        ({"document_ids": torch.zeros(3, dtype=torch.long)}, r"document_ids must be an integer"),
+        (
+            {"attention_mask": torch.ones(1, 8)},
+            r"attention_mask must have shape \(batch, seq_local\)",
+        ),
+        (
+            {"cu_seqlens": torch.tensor([0, 8]), "document_ids": torch.zeros(8, dtype=torch.long)},
+            r"either cu_seqlens or document_ids",
+        ),
+        ({"seq_len": 9}, r"seq_len must be an int in 1\.\.8"),
+        ({"mask_mod": 3}, r"mask_mod must be callable"),
+        ({"rotation": "sideways"}, r"rotation must be one of"),
+        ({"tile_size": 0}, r"tile_size must be a positive int"),
+    ],
+)
+def test_bad_mask_arguments_say_what_is_wrong(kwargs, message):
+    q, k, v, _ = random_qkv(2, 8, 2, 2, 8, 0)
+    with pytest.raises(ringattn.RingInputError, match=message):
+        ringattn.ring_attention(q, k, v, **kwargs)

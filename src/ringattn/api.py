@@ -141,6 +141,7 @@ def _mask_spec(q, k, causal, masks: MaskArgs, layout, group, world_size, tile_si
     total = seq_local * world_size
     device = q.device
     window = (masks.window, 0) if isinstance(masks.window, int) else masks.window
+    window = None if window is None else tuple(window)
     doc_ids = valid = None
     real_len = masks.seq_len
     if masks.cu_seqlens is not None:

@@ -63,10 +63,10 @@ class MaskArgs:
         total = seq_local * world_size
         window = self.window
         if window is not None:
-            sides = (window,) if isinstance(window, int) else window
+            sides = (window, 0) if isinstance(window, int) else window
             if (
-                not isinstance(sides, tuple)
-                or len(sides) not in (1, 2)
+                not isinstance(sides, tuple | list)
+                or len(sides) != 2
                 or not all(s is None or (isinstance(s, int) and s >= 0) for s in sides)
             ):
                 return f"window must be an int >= 0 or a (left, right) pair of them, got {window!r}"
