@@ -96,3 +96,20 @@ def test_bench_runs_a_tiny_grid_and_writes_reports(tmp_path):
             assert row["step_bytes_max"] == row["step_bytes_min"] == row["step_bytes_minimum"]
     assert (tmp_path / "bench.md").read_text().startswith("Machine:")
     assert (tmp_path / "efficiency.png").exists() and (tmp_path / "memory.png").exists()
+
+
+def test_plan_prints_prediction_and_best_configuration(capsys):
+    from ringattn.cli import main
+
+    assert main(["plan", "--seq-len", "1M", "--devices", "64", "--hardware", "h100-nvlink"]) == 0
+    out = capsys.readouterr().out
+    assert "1,048,576 tokens on 64 x h100-nvlink" in out and "best known configuration" in out
+    assert main(["plan", "--paper-table"]) == 0
+    assert "149.8K | 149.5K" in capsys.readouterr().out
+
+
+def test_plan_refuses_unknown_hardware(capsys):
+    from ringattn.cli import main
+
+    assert main(["plan", "--hardware", "tpu-v9"]) == 2
+    assert "unknown hardware 'tpu-v9'" in capsys.readouterr().err
