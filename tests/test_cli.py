@@ -113,3 +113,27 @@ def test_plan_refuses_unknown_hardware(capsys):
 
     assert main(["plan", "--hardware", "tpu-v9"]) == 2
     assert "unknown hardware 'tpu-v9'" in capsys.readouterr().err
+
+
+def test_demo_runs_under_torchrun(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "ringattn",
+            "demo",
+            "--seq-len",
+            "512",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 ranks" in result.stdout and "PASS" in result.stdout

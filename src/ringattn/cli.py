@@ -321,6 +321,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ringattn",
         description="Exact ring attention (context parallelism) for PyTorch.",
+        epilog=(
+            "examples:\n"
+            "  ringattn demo                          # 32K tokens on 4 local ranks, verified\n"
+            "  ringattn demo --seq-len 64K --world-size 2 --layout striped\n"
+            "  torchrun --nproc-per-node 4 -m ringattn demo   # the same under torchrun\n"
+            "  ringattn bench --quick                 # ring vs one process, JSON/table/plots\n"
+            "  ringattn plan --seq-len 1M --devices 64 --hardware h100-nvlink"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _demo_parser(sub)
