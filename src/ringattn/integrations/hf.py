@@ -1,0 +1,319 @@
+"""Hugging Face ``transformers`` integration: context parallelism for HF models via ring attention.
+
+Every rank of the context-parallel group runs the *whole* model on its own shard of the sequence
+(shards in one of ringattn's layouts) with the *global* ``position_ids`` of its tokens, so RoPE
+phases match the unsharded run. Every attention layer then calls :func:`ringattn.ring_attention`
+instead of eager/SDPA attention, which makes the result exact: the unsharded logits equal those of
+the single-process model, and the summed parameter gradients equal the single-process ones.
+
+.. code-block:: python
+
+    import ringattn
+    from ringattn.integrations import hf
+
+    hf.register()                                   # attn_implementation "ring", zigzag layout
+    model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="ring")
+    batch = tokenizer(texts, return_tensors="pt", padding=True)      # same full batch on every rank
+    local = hf.shard_batch(batch, shift_labels=True)                  # this rank's shard
+    logits = model(
+        input_ids=local["input_ids"],
+        attention_mask=local["attention_mask"],
+        position_ids=local["position_ids"],
+        use_cache=False,
+    ).logits
+    loss = hf.cp_loss(logits, local["labels"])      # exact global mean token loss
+    loss.backward()
+    # each rank holds a partial sum of every parameter gradient: all-reduce with SUM over the
+    # context-parallel group (not an average) before the optimizer step.
+
+Contract (checked against transformers 5.x): the attention function gets
+``(module, query, key, value, attention_mask, scaling=, dropout=, **kwargs)`` with ``query``
+``(batch, heads, seq_local, head_dim)`` and un-repeated ``key``/``value``
+``(batch, kv_heads, seq_local, head_dim)`` and returns ``(out (batch, seq_local, heads, head_dim),
+None)``. The mask function registered for the same name never builds a dense mask: it passes the
+2-D padding mask of this rank's shard through to the attention function (or ``None``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import ringattn
+from ringattn.comm import GroupLike, group_rank_and_size, resolve_group
+from ringattn.layout import Layout, LayoutName
+
+__all__ = ["cp_loss", "make_attention_function", "make_mask_function", "register", "shard_batch"]
+
+IGNORE_INDEX = -100
+
+
+def _any_rank_false(flag: bool, device: torch.device, group: GroupLike) -> bool:
+    """True if ``flag`` is False on at least one rank of ``group`` (one tiny all-reduce)."""
+    process_group = resolve_group(group)
+    _, world_size = group_rank_and_size(process_group)
+    if world_size == 1:
+        return not flag
+    value = torch.tensor([0 if flag else 1], dtype=torch.int32, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=process_group)
+    return bool(value.item())
+
+
+def make_mask_function(group: GroupLike = None) -> Callable[..., torch.Tensor | None]:
+    """A mask function for ``transformers``' ``AttentionMaskInterface`` that builds no mask.
+
+    It returns the 2-D boolean padding mask ``(batch, seq_local)`` of this rank's shard unchanged
+    (the attention function gives it to :func:`ringattn.ring_attention` as ``attention_mask``), or
+    ``None`` when no rank of ``group`` has a padding token — decided collectively, so every rank
+    takes the same (mask-free or masked) path through the ring. Causality, sliding windows and
+    softcapping are applied by the attention function; any other ``mask_function`` pattern (e.g.
+    image-token overlays) is not supported.
+    """
+
+    def ring_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any):
+        # transformers calls mask functions with keyword arguments only, and their names changed
+        # between versions (cache_position in 4.53, q_length/q_offset in 5.x): only the 2-D
+        # padding mask matters here.
+        if attention_mask is None:
+            return None
+        if attention_mask.dim() != 2:
+            return attention_mask  # the attention function rejects it with a clear error
+        if not _any_rank_false(bool(attention_mask.all()), attention_mask.device, group):
+            return None
+        return attention_mask
+
+    return ring_mask
+
+
+def _window(module: torch.nn.Module, kwargs: Mapping[str, Any], causal: bool):
+    """ringattn ``window`` for the layer's HF ``sliding_window`` (``None`` when it has none).
+
+    HF's causal sliding window ``w`` keeps key ``j`` for query ``i`` iff ``i - w < j <= i``
+    (``masking_utils.sliding_window_overlay``; flash-attn gets ``window_size=(w - 1, ...)``), i.e.
+    ``w`` tokens including the query itself: ringattn's ``window=(w - 1, 0)``. The bidirectional
+    variant keeps ``|i - j| <= w``: ``window=(w, w)``.
+    """
+    if "sliding_window" in kwargs:
+        sliding_window = kwargs["sliding_window"]
+    else:
+        sliding_window = getattr(module, "sliding_window", None)
+    if sliding_window is None:
+        return None
+    sliding_window = int(sliding_window)
+    if sliding_window <= 0:
+        raise ValueError(f"sliding_window must be positive, got {sliding_window}")
+    return (sliding_window - 1, 0) if causal else (sliding_window, sliding_window)
+
+
+def make_attention_function(
+    layout: LayoutName | Layout = "zigzag", group: GroupLike = None
+) -> Callable[..., tuple[torch.Tensor, None]]:
+    """An attention function for ``transformers``' ``AttentionInterface`` that runs ring attention.
+
+    The returned function takes ``(module, query, key, value, attention_mask, scaling=None,
+    dropout=0.0, **kwargs)`` with ``query`` ``(batch, heads, seq_local, head_dim)`` and ``key``,
+    ``value`` ``(batch, kv_heads, seq_local, head_dim)`` of this rank's shard (in ``layout``), and
+    returns ``(out, None)`` with ``out`` ``(batch, seq_local, heads, head_dim)``.
+    ``attention_mask`` must be ``None`` or this rank's 2-D padding mask ``(batch, seq_local)``
+    (1/True = real token). Causality comes from ``kwargs["is_causal"]`` or ``module.is_causal``,
+    the sliding window from ``kwargs["sliding_window"]`` or ``module.sliding_window``, and
+    ``kwargs["softcap"]`` becomes :func:`ringattn.softcap`. Dropout, attention sinks, returned
+    attention weights and KV caches with past tokens are not supported and raise.
+    """
+
+    def ring_attention_forward(
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scaling: float | None = None,
+        dropout: float = 0.0,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:
+        if dropout:
+            raise ValueError(
+                f"ring attention has no attention dropout (got dropout={dropout}); set the "
+                "config's attention_dropout to 0"
+            )
+        if kwargs.get("s_aux") is not None:
+            raise NotImplementedError("ring attention does not support attention sinks (s_aux)")
+        if kwargs.get("output_attentions"):
+            raise ValueError("ring attention cannot return attention weights")
+        if query.shape[2] != key.shape[2]:
+            raise ValueError(
+                f"ring attention needs as many keys as queries on every rank (got "
+                f"{query.shape[2]} queries and {key.shape[2]} keys): a KV cache with past tokens "
+                "is not supported; call the model with use_cache=False"
+            )
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(
+                "ring attention takes only a 2-D padding mask (batch, seq_local) of this rank's "
+                f"shard, got a {attention_mask.dim()}-D mask of shape "
+                f"{tuple(attention_mask.shape)}; pass a 2-D attention_mask to the model"
+            )
+        is_causal = kwargs.get("is_causal")
+        if is_causal is None:
+            is_causal = getattr(module, "is_causal", True)
+        is_causal = bool(is_causal)
+        softcap = kwargs.get("softcap")
+        out = ringattn.ring_attention(
+            query.transpose(1, 2),
+            key.transpose(1, 2),
+            value.transpose(1, 2),
+            causal=is_causal,
+            layout=layout,
+            group=group,
+            scale=scaling,
+            window=_window(module, kwargs, is_causal),
+            attention_mask=None if attention_mask is None else attention_mask.bool(),
+            score_mod=None if softcap is None else ringattn.softcap(float(softcap)),
+        )
+        return out, None
+
+    return ring_attention_forward
+
+
+def register(
+    name: str = "ring", layout: LayoutName | Layout = "zigzag", group: GroupLike = None
+) -> str:
+    """Register ring attention with ``transformers`` as ``attn_implementation=name``.
+
+    Registers the attention function (:func:`make_attention_function`) through
+    ``transformers.AttentionInterface.register`` and a mask function of the same name
+    (:func:`make_mask_function`) through ``transformers.masking_utils.AttentionMaskInterface``, so
+    no dense ``(seq, seq)`` mask is ever built. Use it with
+    ``from_pretrained(..., attn_implementation=name)`` or ``model.set_attn_implementation(name)``.
+    Inputs must be sharded in ``layout`` over ``group`` (see :func:`shard_batch`). Registering the
+    same name again replaces the previous functions. Returns ``name``.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(name, make_attention_function(layout=layout, group=group))
+    AttentionMaskInterface.register(name, make_mask_function(group=group))
+    return name
+
+
+def shard_batch(
+    batch: Mapping[str, Any],
+    layout: LayoutName | Layout = "zigzag",
+    group: GroupLike = None,
+    *,
+    shift_labels: bool = False,
+    pad_token_id: int = 0,
+    ignore_index: int = IGNORE_INDEX,
+) -> dict[str, Any]:
+    """This rank's shard of a full batch, plus the global ``position_ids`` for RoPE.
+
+    ``batch`` holds full-sequence tensors, identical on every rank: ``input_ids`` ``(batch, seq)``
+    and optionally ``attention_mask`` ``(batch, seq)`` (1 = real token), ``labels``
+    ``(batch, seq)`` and ``position_ids`` ``(batch | 1, seq)``. Returns a new dict where these are
+    sharded along dim 1 into ``(batch, seq_local)`` tensors (``seq_local`` =
+    ``ringattn.padded_length(seq, layout, world_size) // world_size``), with ``position_ids``
+    ``(batch, seq_local)`` added (the global positions of this rank's tokens) when absent; other
+    entries are copied unchanged. A length the layout cannot split is padded at the end
+    (``input_ids`` with ``pad_token_id``, ``attention_mask`` with 0 — created if absent —,
+    ``labels`` with ``ignore_index``), and the padding mask hides it.
+
+    ``shift_labels=True`` is what causal-LM training under context parallelism needs: the
+    next-token shift must happen on the *global* sequence, before sharding (a token's successor
+    usually lives on another rank). It sets ``labels[:, t] = source[:, t + 1]`` and
+    ``labels[:, -1] = ignore_index``, where ``source`` is ``batch["labels"`` if given, else
+    ``input_ids`` with padding tokens (``attention_mask == 0``) set to ``ignore_index``; the
+    result is then sharded. Such labels are already shifted: pass them to :func:`cp_loss`, never as
+    ``labels=`` to the model (its loss would shift them again, within the shard).
+    """
+    if "input_ids" not in batch:
+        raise ValueError("shard_batch needs batch['input_ids'] of shape (batch, seq)")
+    input_ids = batch["input_ids"]
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+    bsz, seq_len = input_ids.shape
+    process_group = resolve_group(group)
+    _, world_size = group_rank_and_size(process_group)
+    padded = ringattn.padded_length(seq_len, layout, world_size)
+
+    out = dict(batch)
+    tensors: dict[str, tuple[torch.Tensor, int]] = {"input_ids": (input_ids, pad_token_id)}
+    attention_mask = batch.get("attention_mask")
+    if attention_mask is None and padded != seq_len:
+        attention_mask = torch.ones_like(input_ids)
+    if attention_mask is not None:
+        tensors["attention_mask"] = (attention_mask, 0)
+    labels = batch.get("labels")
+    if shift_labels:
+        source = labels
+        if source is None:
+            source = input_ids
+            if attention_mask is not None:
+                source = source.masked_fill(attention_mask == 0, ignore_index)
+        labels = torch.cat([source[:, 1:], source.new_full((bsz, 1), ignore_index)], dim=1)
+    if labels is not None:
+        tensors["labels"] = (labels, ignore_index)
+    if batch.get("position_ids") is not None:
+        position_ids = batch["position_ids"].expand(bsz, -1)
+        tail = torch.arange(seq_len, padded, device=position_ids.device)
+        tensors["position_ids"] = (position_ids, None)
+    for key, (tensor, pad_value) in tensors.items():
+        if tensor.shape[:2] != (bsz, seq_len):
+            raise ValueError(
+                f"batch[{key!r}] must have shape ({bsz}, {seq_len}, ...) like input_ids, "
+                f"got {tuple(tensor.shape)}"
+            )
+        if padded != seq_len:
+            if key == "position_ids":
+                pad = tail.to(tensor.dtype).expand(bsz, -1)
+            else:
+                pad = tensor.new_full((bsz, padded - seq_len, *tensor.shape[2:]), pad_value)
+            tensor = torch.cat([tensor, pad], dim=1)
+        out[key] = ringattn.shard(tensor, layout=layout, dim=1, group=process_group)
+    if "position_ids" not in tensors:
+        pos = ringattn.positions(seq_len, layout=layout, group=process_group)
+        out["position_ids"] = pos.to(input_ids.device).unsqueeze(0).expand(bsz, -1)
+    return out
+
+
+def cp_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    group: GroupLike = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Exact global mean token cross-entropy over all ranks of the context-parallel group.
+
+    ``logits`` ``(batch, seq_local, vocab)`` and ``labels`` ``(batch, seq_local)`` are this rank's
+    shard, with labels already aligned to the logits (shifted on the global sequence, see
+    :func:`shard_batch`). The per-token loss sum and the count of labels ``!= ignore_index`` are
+    summed over ``group``; every rank returns the same scalar, ``global_sum / global_count``
+    (0 if no label counts), in float32.
+
+    Gradients: backward on each rank differentiates ``local_sum / global_count`` — this rank's
+    share of the global mean — so the sum over ranks of the parameter gradients is exactly the
+    gradient of the global mean loss. All-reduce parameter gradients with SUM over the
+    context-parallel group (if a data-parallel wrapper averages over it instead, multiply by the
+    context-parallel world size).
+    """
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} must agree on all "
+            "but the last dimension"
+        )
+    flat_labels = labels.reshape(-1).to(logits.device)
+    local_sum = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(),
+        flat_labels,
+        ignore_index=ignore_index,
+        reduction="sum",
+    )
+    stats = torch.stack([local_sum.detach(), (flat_labels != ignore_index).sum().to(torch.float32)])
+    process_group = resolve_group(group)
+    _, world_size = group_rank_and_size(process_group)
+    if world_size > 1:
+        dist.all_reduce(stats, group=process_group)
+    total, count = stats[0], stats[1].clamp_min(1.0)
+    return (local_sum + (total - local_sum.detach())) / count

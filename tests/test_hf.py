@@ -1,0 +1,184 @@
+"""Hugging Face transformers integration: tiny random-weight models under context parallelism.
+
+Every rank builds the same model (same seed), runs the single-process reference on the full batch
+(eager attention), then runs the model on its own shard with ``attn_implementation="ring"``. The
+unsharded logits must equal the reference logits at real tokens, ``cp_loss`` must equal the
+reference mean loss, and the parameter gradients must equal the reference gradients after they are
+all-reduced with SUM across ranks (each rank's gradient is only a partial sum: its own tokens'
+contribution).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import torch.distributed as dist  # noqa: E402
+
+import ringattn  # noqa: E402
+from ringattn.integrations import hf  # noqa: E402
+
+BATCH, SEQ, VOCAB = 2, 64, 128
+TOL = 1e-5
+SMALL = {
+    "vocab_size": VOCAB,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+}
+
+
+def _model(kind: str):
+    """Same random weights on every rank: seeded right before construction."""
+    if kind == "llama":
+        config = transformers.LlamaConfig(**SMALL)
+        cls = transformers.LlamaForCausalLM
+    elif kind == "mistral_window":  # sliding window 16 on every layer
+        config = transformers.MistralConfig(**SMALL, sliding_window=16)
+        cls = transformers.MistralForCausalLM
+    elif kind == "qwen2_window":  # layer 0 full attention, layer 1 sliding window 16
+        config = transformers.Qwen2Config(
+            **SMALL, use_sliding_window=True, sliding_window=16, max_window_layers=1
+        )
+        cls = transformers.Qwen2ForCausalLM
+    elif kind == "gemma2_softcap":  # sliding / full layers, attention logits soft-capped at 0.5
+        config = transformers.Gemma2Config(
+            **SMALL, head_dim=16, sliding_window=16, attn_logit_softcapping=0.5
+        )
+        cls = transformers.Gemma2ForCausalLM
+    else:
+        raise ValueError(kind)
+    torch.manual_seed(1234)
+    return cls(config).float()
+
+
+def _set_attention(model, name: str) -> None:
+    if hasattr(model, "set_attn_implementation"):  # newer transformers; 4.53 lacks it
+        model.set_attn_implementation(name)
+    else:
+        model.config._attn_implementation = name
+
+
+def _batch(padding: bool):
+    gen = torch.Generator().manual_seed(99)
+    input_ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen)
+    attention_mask = torch.ones(BATCH, SEQ, dtype=torch.long)
+    if padding:
+        attention_mask[1, SEQ - 21 :] = 0  # row 1 right-padded
+        input_ids[1, SEQ - 21 :] = 0
+    return input_ids, attention_mask
+
+
+def _cp_matches_single_process(rank, world_size, kind, padding, layout):
+    torch.manual_seed(0)
+    name = hf.register(f"ring_{layout}", layout=layout)
+    model = _model(kind)
+    input_ids, attention_mask = _batch(padding)
+    valid = attention_mask.bool()
+
+    # single-process reference: HF's own shift, mean over non-ignored labels
+    _set_attention(model, "eager")
+    model.zero_grad()
+    ref_logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    ref_labels = input_ids.masked_fill(~valid, -100)
+    ref_loss = torch.nn.functional.cross_entropy(
+        ref_logits[:, :-1].reshape(-1, VOCAB), ref_labels[:, 1:].reshape(-1), ignore_index=-100
+    )
+    ref_loss.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    ref_logits = ref_logits.detach()
+
+    # context parallel: this rank's shard, global positions, ring attention
+    _set_attention(model, name)
+    model.zero_grad()
+    local = hf.shard_batch(
+        {"input_ids": input_ids, "attention_mask": attention_mask}, layout=layout, shift_labels=True
+    )
+    logits = model(
+        input_ids=local["input_ids"],
+        attention_mask=local["attention_mask"],
+        position_ids=local["position_ids"],
+        use_cache=False,
+    ).logits
+    loss = hf.cp_loss(logits, local["labels"])
+    loss.backward()
+
+    full = ringattn.unshard(logits.detach(), layout=layout, seq_len=SEQ)
+    scale = ref_logits[valid].abs().max()
+    logit_err = ((full - ref_logits)[valid].abs().max() / scale).item()
+    loss_err = abs(loss.item() - ref_loss.item()) / abs(ref_loss.item())
+    grad_err = 0.0
+    for n, p in model.named_parameters():
+        grad = p.grad.clone()
+        dist.all_reduce(grad)  # each rank's gradient is a partial sum over its own tokens
+        ref = ref_grads[n]
+        err = ((grad - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+        grad_err = max(grad_err, err)
+    assert logit_err < TOL, f"rank {rank}: logits differ by {logit_err:.2e} (relative)"
+    assert loss_err < TOL, f"rank {rank}: loss {loss.item()} vs {ref_loss.item()}"
+    assert grad_err < TOL, f"rank {rank}: gradients differ by {grad_err:.2e} (relative)"
+    return logit_err, loss_err, grad_err
+
+
+CASES = [
+    ("llama", False, "zigzag"),
+    ("llama", True, "zigzag"),
+    ("mistral_window", True, "zigzag"),
+    ("qwen2_window", False, "striped"),
+    ("gemma2_softcap", True, "contiguous"),
+]
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize(("kind", "padding", "layout"), CASES)
+def test_model_matches_single_process(pools, world_size, kind, padding, layout):
+    pools(world_size).run(_cp_matches_single_process, kind, padding, layout)
+
+
+@pytest.mark.parametrize(("kind", "padding", "layout"), [CASES[1], CASES[2]])
+def test_model_matches_single_process_4_ranks(pools, kind, padding, layout):
+    pools(4).run(_cp_matches_single_process, kind, padding, layout)
+
+
+def test_sliding_window_convention():
+    """HF's sliding_window=w keeps key j for query i iff i - w < j <= i: ringattn (w - 1, 0)."""
+    from transformers.masking_utils import sliding_window_causal_mask_function
+
+    w, n = 4, 12
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    hf_allowed = sliding_window_causal_mask_function(w)(0, 0, i, j)
+    left, right = hf._window(torch.nn.Module(), {"sliding_window": w}, causal=True)
+    assert torch.equal(hf_allowed, (j <= i) & (j >= i - left) & (j <= i + right))
+    assert hf._window(torch.nn.Module(), {"sliding_window": None}, causal=True) is None
+
+
+def test_shard_batch_shifts_globally_and_pads():
+    """Single process: labels are shifted on the full sequence; odd lengths are padded/masked."""
+    input_ids = torch.arange(10).reshape(1, 10) + 1
+    attention_mask = torch.ones(1, 10, dtype=torch.long)
+    attention_mask[0, 8:] = 0
+    out = hf.shard_batch(
+        {"input_ids": input_ids, "attention_mask": attention_mask}, shift_labels=True
+    )
+    assert out["labels"].tolist() == [[2, 3, 4, 5, 6, 7, 8, -100, -100, -100]]
+    assert out["position_ids"].tolist() == [list(range(10))]
+    logits = torch.randn(1, 10, 16, requires_grad=True)
+    loss = hf.cp_loss(logits, out["labels"])
+    ref = torch.nn.functional.cross_entropy(logits[0], out["labels"][0], ignore_index=-100)
+    torch.testing.assert_close(loss, ref)
+
+
+def test_rejects_dense_masks_and_caches():
+    attn = hf.make_attention_function()
+    q = torch.randn(1, 4, 8, 16)
+    with pytest.raises(ValueError, match="2-D padding mask"):
+        attn(torch.nn.Module(), q, q, q, torch.zeros(1, 1, 8, 8))
+    with pytest.raises(ValueError, match="use_cache=False"):
+        attn(torch.nn.Module(), q, q[:, :, :4], q[:, :, :4], None)
+    with pytest.raises(ValueError, match="dropout"):
+        attn(torch.nn.Module(), q, q, q, None, dropout=0.1)
