@@ -182,3 +182,22 @@ def test_rejects_dense_masks_and_caches():
         attn(torch.nn.Module(), q, q[:, :, :4], q[:, :, :4], None)
     with pytest.raises(ValueError, match="dropout"):
         attn(torch.nn.Module(), q, q, q, None, dropout=0.1)
+
+
+def _generate_job(rank, world_size, layout):
+    model = _model("llama").eval()
+    prompt = torch.randint(0, VOCAB, (BATCH, 50), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ring_tokens = hf.generate_greedy(model, prompt, 12, layout=layout)
+        _set_attention(model, "eager")
+        sequence = prompt
+        for _ in range(12):  # reference: full recompute each step, no cache
+            next_token = model(input_ids=sequence, use_cache=False).logits[:, -1].argmax(-1)
+            sequence = torch.cat([sequence, next_token[:, None]], 1)
+    return ring_tokens.tolist(), sequence[:, 50:].tolist()
+
+
+@pytest.mark.parametrize(("world_size", "layout"), [(2, "zigzag"), (3, "striped")])
+def test_greedy_generation_matches_single_process(pools, world_size, layout):
+    for ring_tokens, reference in pools(world_size).run(_generate_job, layout):
+        assert ring_tokens == reference

@@ -47,7 +47,14 @@ import ringattn
 from ringattn.comm import GroupLike, group_rank_and_size, resolve_group
 from ringattn.layout import Layout, LayoutName
 
-__all__ = ["cp_loss", "make_attention_function", "make_mask_function", "register", "shard_batch"]
+__all__ = [
+    "cp_loss",
+    "generate_greedy",
+    "make_attention_function",
+    "make_mask_function",
+    "register",
+    "shard_batch",
+]
 
 IGNORE_INDEX = -100
 
@@ -317,3 +324,86 @@ def cp_loss(
         dist.all_reduce(stats, group=process_group)
     total, count = stats[0], stats[1].clamp_min(1.0)
     return (local_sum + (total - local_sum.detach())) / count
+
+
+def generate_greedy(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    layout: LayoutName | Layout = "zigzag",
+    group: GroupLike = None,
+) -> torch.Tensor:
+    """Greedy decoding: ring prefill of the sharded prompt, then decode steps from the sharded
+    :class:`ringattn.KVCache` (two all-reduces per layer and step, not a ring pass).
+
+    ``input_ids`` ``(batch, prompt_len)`` is the full prompt, the same on every rank, without
+    padding. Returns the ``(batch, max_new_tokens)`` new tokens, the same on every rank. Supports
+    decoders with plain causal attention and the default ``head_dim ** -0.5`` scaling (Llama-style);
+    layers with sliding windows or soft-capping raise.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    config = model.config
+    batch, prompt_len = input_ids.shape
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    param = next(model.parameters())
+    cache = ringattn.KVCache(
+        config.num_hidden_layers,
+        batch,
+        config.num_key_value_heads,
+        head_dim,
+        dtype=param.dtype,
+        device=param.device,
+        group=group,
+    )
+    lengths = torch.full((batch,), prompt_len)
+    prefilling = [True]
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        if _window(module, kwargs, True) is not None or kwargs.get("softcap") is not None:
+            raise NotImplementedError("generate_greedy supports plain causal attention only")
+        if scaling is not None and abs(scaling - head_dim**-0.5) > 1e-12:
+            raise NotImplementedError(
+                f"generate_greedy needs scaling head_dim**-0.5, got {scaling}"
+            )
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+        if prefilling[0]:
+            return cache.prefill(module.layer_idx, q, k, v, lengths=lengths, layout=layout), None
+        return cache.extend(module.layer_idx, q, k, v), None
+
+    name = "ringattn_kv_cache"
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, lambda *args, **kwargs: None)
+    previous = config._attn_implementation
+    _set_attn_implementation(model, name)
+    try:
+        local = ringattn.shard(input_ids, layout, group=group)
+        positions = ringattn.positions(prompt_len, layout, group=group).to(input_ids.device)
+        logits = model(
+            input_ids=local, position_ids=positions.expand(batch, -1), use_cache=False
+        ).logits
+        last = logits.new_zeros(batch, logits.shape[-1])
+        owner = (positions == prompt_len - 1).nonzero()
+        if len(owner):
+            last = logits[:, int(owner[0])].clone()
+        process_group = resolve_group(group)
+        if group_rank_and_size(process_group)[1] > 1:
+            dist.all_reduce(last, group=process_group)  # only the owner's row is non-zero
+        tokens = [last.argmax(-1)]
+        prefilling[0] = False
+        for step in range(max_new_tokens - 1):
+            position = torch.full((batch, 1), prompt_len + step, device=input_ids.device)
+            logits = model(input_ids=tokens[-1][:, None], position_ids=position, use_cache=False)
+            tokens.append(logits.logits[:, -1].argmax(-1))
+    finally:
+        _set_attn_implementation(model, previous)
+    return torch.stack(tokens, 1)
+
+
+def _set_attn_implementation(model: torch.nn.Module, name: str) -> None:
+    if hasattr(model, "set_attn_implementation"):  # transformers >= 4.55
+        model.set_attn_implementation(name)
+    else:
+        model.config._attn_implementation = name
