@@ -1,0 +1,212 @@
+"""Train a small Llama-style model on a long-range retrieval task with data parallel x context
+parallel (a 2-D DeviceMesh), on CPU by default.
+
+    torchrun --nproc-per-node 4 examples/train_long_context.py --dp 2 --cp 2 --seq-len 12K
+    python examples/train_long_context.py --dp 2 --cp 2         # starts the 4 local ranks itself
+    # multi-node: torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d \\
+    #             --rdzv-endpoint HOST:PORT examples/train_long_context.py --dp 4 --cp 4
+
+The task: a sequence of random filler tokens holds (key, value) pairs near its start; the last
+token repeats one key, and the model must predict its value — 10K+ tokens back, so only attention
+across the whole sequence can solve it. Only the answer position is trained.
+
+Data parallelism uses DDP over the mesh's "dp" dimension (FSDP2's fully_shard would shard the
+weights too, but this model is tiny and DDP's averaging is what the exactness test checks);
+context parallelism shards every sequence over "cp" in the zigzag layout, and each rank's
+gradients are summed over "cp" (``cp_loss`` gives each rank its share of the global mean).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from generate_long_context import TinyDecoder
+from torch.distributed.device_mesh import init_device_mesh
+from torch.nn.parallel import DistributedDataParallel
+
+import ringattn
+from ringattn.cli import parse_tokens
+from ringattn.integrations.hf import cp_loss
+from ringattn.launch import cpu_threads_per_rank, init_worker, run_on_ranks
+
+VOCAB = 512
+KEYS = range(256, 384)  # key tokens; values are in 384..511, filler in 0..255
+
+
+def make_batch(batch: int, seq_len: int, step: int, seed: int = 0):
+    """(tokens (batch, seq_len), answer (batch,)): pairs at the start, the query at the end."""
+    gen = torch.Generator().manual_seed(seed * 100_003 + step)
+    tokens = torch.randint(0, 256, (batch, seq_len), generator=gen)
+    answers = torch.empty(batch, dtype=torch.long)
+    for row in range(batch):
+        keys = torch.randperm(len(KEYS), generator=gen)[:8] + KEYS.start
+        values = torch.randint(384, 512, (8,), generator=gen)
+        tokens[row, 1:17:2], tokens[row, 2:18:2] = keys, values
+        pick = int(torch.randint(0, 8, (1,), generator=gen))
+        tokens[row, -1] = keys[pick]
+        answers[row] = values[pick]
+    return tokens, answers
+
+
+def answer_labels(tokens: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
+    """Labels aligned with the logits: only the last position is trained (-100 elsewhere)."""
+    labels = torch.full_like(tokens, -100)
+    labels[:, -1] = answers
+    return labels
+
+
+def ring_attention_fn(cp_group, layout: str):
+    def attend(layer, q, k, v):
+        return ringattn.ring_attention(q, k, v, causal=True, layout=layout, group=cp_group)
+
+    return attend
+
+
+def dense_attention(layer, q, k, v):
+    return F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+    ).transpose(1, 2)
+
+
+def train(
+    dp: int,
+    cp: int,
+    steps: int,
+    seq_len: int,
+    batch: int,
+    lr: float,
+    checkpoint: str | None,
+    resume: bool,
+    layout: str = "zigzag",
+    log_every: int = 1,
+) -> dict:
+    """Every rank of a dp x cp job. Returns the per-step losses and final parameters (rank 0)."""
+    init_worker("cpu")
+    torch.set_num_threads(cpu_threads_per_rank())
+    mesh = init_device_mesh("cpu", (dp, cp), mesh_dim_names=("dp", "cp"))
+    dp_group, cp_group = mesh["dp"].get_group(), mesh["cp"].get_group()
+    dp_rank, rank = mesh["dp"].get_local_rank(), dist.get_rank()
+    model = TinyDecoder(vocab=VOCAB, dim=64, layers=2, heads=4, kv_heads=2, seed=0)
+    model = DistributedDataParallel(model, process_group=dp_group)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    start_step, losses = 0, []
+    if resume and checkpoint and Path(checkpoint).exists():
+        state = torch.load(checkpoint, weights_only=False)
+        model.module.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_step, losses = state["step"], state["losses"]
+    attend = ring_attention_fn(cp_group, layout)
+    started = time.perf_counter()
+    for step in range(start_step, steps):
+        tokens, answers = make_batch(batch * dp, seq_len, step)
+        mine = slice(dp_rank * batch, (dp_rank + 1) * batch)  # this replica's sequences
+        local = ringattn.shard(tokens[mine], layout, group=cp_group)
+        labels = ringattn.shard(answer_labels(tokens[mine], answers[mine]), layout, group=cp_group)
+        positions = ringattn.positions(seq_len, layout, group=cp_group)
+        logits = model(local, positions, attend)
+        loss = cp_loss(logits, labels, group=cp_group)
+        optimizer.zero_grad()
+        loss.backward()  # DDP averages over dp; then sum the cp shares
+        for param in model.parameters():
+            dist.all_reduce(param.grad, group=cp_group)
+        optimizer.step()
+        global_loss = loss.detach().clone()
+        dist.all_reduce(global_loss, group=dp_group)
+        losses.append(float(global_loss) / dp)
+        if rank == 0 and (step % log_every == 0 or step == steps - 1):
+            rate = (step + 1 - start_step) * batch * dp * seq_len / (time.perf_counter() - started)
+            print(
+                f"step {step + 1}/{steps}  loss {losses[-1]:.4f}  "
+                f"{rate / (dp * cp):,.0f} tokens/s per rank",
+                flush=True,
+            )
+        if checkpoint and rank == 0:
+            torch.save(
+                {
+                    "model": model.module.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "step": step + 1,
+                    "losses": losses,
+                },
+                checkpoint,
+            )
+        if checkpoint:
+            dist.barrier()
+    result = None
+    if rank == 0:
+        result = {
+            "losses": losses,
+            "params": {k: v.clone() for k, v in model.module.state_dict().items()},
+        }
+    dist.destroy_process_group()
+    return result
+
+
+def train_single_process(steps: int, seq_len: int, batch: int, lr: float) -> dict:
+    """The same training on one process: the whole global batch, dense attention."""
+    model = TinyDecoder(vocab=VOCAB, dim=64, layers=2, heads=4, kv_heads=2, seed=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses = []
+    for step in range(steps):
+        tokens, answers = make_batch(batch, seq_len, step)
+        logits = model(tokens, torch.arange(seq_len), dense_attention)
+        loss = F.cross_entropy(logits[:, -1].float(), answers)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    return {"losses": losses, "params": model.state_dict()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dp", type=int, default=2)
+    parser.add_argument("--cp", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--seq-len", type=parse_tokens, default=12 * 1024)
+    parser.add_argument("--batch", type=int, default=1, help="sequences per data-parallel replica")
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--checkpoint", default="train-checkpoint.pt")
+    parser.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    parser.add_argument("--plot", default=None, help="write the loss curve to this PNG")
+    args = parser.parse_args()
+    run_args = (
+        args.dp,
+        args.cp,
+        args.steps,
+        args.seq_len,
+        args.batch,
+        args.lr,
+        args.checkpoint,
+        args.resume,
+    )
+    results = run_on_ranks(train, run_args, args.dp * args.cp)
+    result = next((r for r in results.values() if r), None)
+    if result is None:
+        return
+    Path("train-losses.json").write_text(json.dumps(result["losses"]))
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(range(1, len(result["losses"]) + 1), result["losses"], marker=".")
+        ax.set(
+            xlabel="step",
+            ylabel="loss (answer token)",
+            title=f"dp={args.dp} x cp={args.cp}, {args.seq_len} tokens",
+        )
+        fig.savefig(args.plot, dpi=120, bbox_inches="tight")
+        print(f"wrote {args.plot}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""The long-context training recipe: dp=2 x cp=2 matches single-process training, and resumes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")  # the recipe uses ringattn.integrations.hf.cp_loss
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+STEPS, SEQ, BATCH, LR = 3, 256, 1, 3e-3
+
+
+def _train(tmp_path, steps, *extra):
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(EXAMPLES / "train_long_context.py"),
+            "--dp",
+            "2",
+            "--cp",
+            "2",
+            "--steps",
+            str(steps),
+            "--seq-len",
+            str(SEQ),
+            "--batch",
+            str(BATCH),
+            "--lr",
+            str(LR),
+            "--checkpoint",
+            str(tmp_path / "ckpt.pt"),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def _single_process():
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import train_long_context
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    return train_long_context.train_single_process(STEPS, SEQ, 2 * BATCH, LR)
+
+
+def test_dp2_cp2_matches_single_process_and_resumes(tmp_path):
+    out = _train(tmp_path, STEPS)
+    assert f"step {STEPS}/{STEPS}" in out and "tokens/s per rank" in out
+    reference = _single_process()
+    losses = json.loads((tmp_path / "train-losses.json").read_text())
+    assert losses == pytest.approx(reference["losses"], rel=1e-5)
+    params = torch.load(tmp_path / "ckpt.pt", weights_only=False)["model"]
+    for name, value in params.items():
+        torch.testing.assert_close(value, reference["params"][name], rtol=1e-4, atol=1e-4)
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    _train(resumed, STEPS - 1)
+    _train(resumed, STEPS, "--resume")
+    again = torch.load(resumed / "ckpt.pt", weights_only=False)
+    assert again["step"] == STEPS
+    assert json.loads((resumed / "train-losses.json").read_text()) == pytest.approx(losses)
+    for name, value in again["model"].items():
+        torch.testing.assert_close(value, params[name], rtol=1e-5, atol=1e-6)
