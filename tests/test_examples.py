@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -20,6 +22,27 @@ def test_generation_matches_single_process():
             "8",
             "--world-size",
             "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "identical: True" in result.stdout
+
+
+def test_hf_generation_matches_hf_generate():
+    pytest.importorskip("transformers")
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(EXAMPLES / "hf_generate.py"),
+            "--prompt-len",
+            "300",
+            "--new-tokens",
+            "6",
+            "--world-size",
+            "2",
         ],
         capture_output=True,
         text=True,
