@@ -11,42 +11,27 @@ import pytest
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def test_generation_matches_single_process():
+def _run_example(script: str, *args: str) -> str:
     result = subprocess.run(
-        [
-            sys.executable,
-            str(EXAMPLES / "generate_long_context.py"),
-            "--prompt-len",
-            "300",
-            "--new-tokens",
-            "8",
-            "--world-size",
-            "3",
-        ],
+        [sys.executable, str(EXAMPLES / script), *args],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "identical: True" in result.stdout
+    return result.stdout
+
+
+def test_generation_matches_single_process():
+    out = _run_example(
+        "generate_long_context.py", "--prompt-len", "300", "--new-tokens", "8", "--world-size", "3"
+    )
+    assert "identical: True" in out
 
 
 def test_hf_generation_matches_hf_generate():
     pytest.importorskip("transformers")
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(EXAMPLES / "hf_generate.py"),
-            "--prompt-len",
-            "300",
-            "--new-tokens",
-            "6",
-            "--world-size",
-            "2",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    out = _run_example(
+        "hf_generate.py", "--prompt-len", "300", "--new-tokens", "6", "--world-size", "2"
     )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "identical: True" in result.stdout
+    assert "identical: True" in out
