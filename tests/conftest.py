@@ -4,15 +4,16 @@ from process_group_pool import ProcessGroupPool
 
 
 class Pools:
-    """One persistent process-group pool per world size, started on first use."""
+    """One persistent process-group pool per (world size, device), started on first use."""
 
     def __init__(self):
-        self._pools: dict[int, ProcessGroupPool] = {}
+        self._pools: dict[tuple[int, str], ProcessGroupPool] = {}
 
-    def __call__(self, world_size: int) -> ProcessGroupPool:
-        if world_size not in self._pools:
-            self._pools[world_size] = ProcessGroupPool(world_size)
-        return self._pools[world_size]
+    def __call__(self, world_size: int, device: str = "cpu") -> ProcessGroupPool:
+        key = (world_size, device)
+        if key not in self._pools:
+            self._pools[key] = ProcessGroupPool(world_size, device)
+        return self._pools[key]
 
     def close(self):
         for pool in self._pools.values():

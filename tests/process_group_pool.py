@@ -1,4 +1,4 @@
-"""A persistent pool of real ``torch.distributed`` (gloo) processes for tests.
+"""A persistent pool of real ``torch.distributed`` processes for tests.
 
 Starting a process that imports torch costs seconds, so each world size gets one pool of worker
 processes for the whole session, joined in a real gloo process group through a FileStore. A test
@@ -28,14 +28,21 @@ class RemoteError(AssertionError):
     """A job raised on one or more ranks; the message holds each failing rank's traceback."""
 
 
-def _worker(rank: int, world_size: int, store_path: str, jobs, results) -> None:
+def _worker(rank: int, world_size: int, device: str, store_path: str, jobs, results) -> None:
     import torch
     import torch.distributed as dist
 
+    from ringattn.launch import cuda_backend
+
     torch.set_num_threads(1)
+    backend = "gloo"
+    if device == "cuda":
+        gpus = torch.cuda.device_count()
+        backend = cuda_backend(world_size, gpus)
+        torch.cuda.set_device(rank % gpus)
     store = dist.FileStore(store_path, world_size)
     dist.init_process_group(
-        "gloo",
+        backend,
         store=store,
         rank=rank,
         world_size=world_size,
@@ -54,8 +61,12 @@ def _worker(rank: int, world_size: int, store_path: str, jobs, results) -> None:
 
 
 class ProcessGroupPool:
-    def __init__(self, world_size: int):
+    """``world_size`` worker processes in one group: gloo on CPU; with ``device="cuda"``, NCCL
+    when there is a GPU per rank, else gloo with the ranks sharing the GPUs."""
+
+    def __init__(self, world_size: int, device: str = "cpu"):
         self.world_size = world_size
+        self.device = device
         self._procs: list = []
 
     def _start(self) -> None:
@@ -68,7 +79,14 @@ class ProcessGroupPool:
         self._procs = [
             ctx.Process(
                 target=_worker,
-                args=(rank, self.world_size, store_path, self._jobs[rank], self._results),
+                args=(
+                    rank,
+                    self.world_size,
+                    self.device,
+                    store_path,
+                    self._jobs[rank],
+                    self._results,
+                ),
                 daemon=True,
             )
             for rank in range(self.world_size)

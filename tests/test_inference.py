@@ -16,17 +16,17 @@ def _rand(gen, *shape):
     return torch.randn(*shape, generator=gen, dtype=torch.float64)
 
 
-def _decode_job(rank, world, layout, steps, chunk):
+def _decode_job(rank, world, layout, steps, chunk, device="cpu"):
     batch, heads_q, heads_kv, dim = 2, 4, 2, 16
     prompt_len = 10 * world  # padded prompt, divisible by every layout
     lengths = torch.tensor([prompt_len, prompt_len - 7])  # uneven sequences
     gen = torch.Generator().manual_seed(0)
     q, k, v = (_rand(gen, batch, prompt_len, h, dim) for h in (heads_q, heads_kv, heads_kv))
-    cache = KVCache(2, batch, heads_kv, dim, capacity=4)  # tiny: must grow
+    cache = KVCache(2, batch, heads_kv, dim, capacity=4, device=device)  # tiny: must grow
     layer = 1
     out = cache.prefill(
         layer,
-        *(ringattn.shard(t.float(), layout) for t in (q, k, v)),
+        *(ringattn.shard(t.float(), layout).to(device) for t in (q, k, v)),
         lengths=lengths,
         layout=layout,
     )
@@ -36,14 +36,14 @@ def _decode_job(rank, world, layout, steps, chunk):
     allowed = (pos[None, :] <= pos[:, None])[None, None] & valid[:, None, :, None]
     allowed &= valid[:, None, None, :]
     ref, _ = masked_reference(q, k, v, allowed)
-    assert_close("prefill", out, ringattn.shard(ref, layout).float(), TOL)
+    assert_close("prefill", out.cpu(), ringattn.shard(ref, layout).float(), TOL)
     keys = [[k[b, : lengths[b]]] for b in range(batch)]
     values = [[v[b, : lengths[b]]] for b in range(batch)]
     for step in range(steps):
         new_q, new_k, new_v = (
             _rand(gen, batch, chunk, h, dim) for h in (heads_q, heads_kv, heads_kv)
         )
-        got = cache.extend(layer, new_q.float(), new_k.float(), new_v.float())
+        got = cache.extend(layer, *(t.float().to(device) for t in (new_q, new_k, new_v))).cpu()
         for b in range(batch):
             keys[b].append(new_k[b])
             values[b].append(new_v[b])

@@ -85,19 +85,22 @@ CASES = (
 )
 
 
-def _check_case(name, layout, seq_len, tile_size, seed):
+def _check_case(name, layout, seq_len, tile_size, seed, device="cpu"):
     kwargs, allowed, score_mod, to_shard = _case(name, seq_len)
     q, k, v, dout = random_qkv(BATCH, seq_len, HEADS_Q, HEADS_KV, DIM, seed)
     full = [t.clone().requires_grad_() for t in (q, k, v)]
     ref_out, ref_lse = masked_reference(*full, allowed, score_mod)
     ref_grads = torch.autograd.grad(ref_out, full, dout)
-    local = [ringattn.shard(t, layout).float().requires_grad_() for t in (q, k, v)]
+    local = [
+        ringattn.shard(t, layout).to(device, torch.float32).requires_grad_() for t in (q, k, v)
+    ]
     for key, (tensor, dim) in to_shard.items():
-        kwargs[key] = ringattn.shard(tensor, layout, dim=dim)
+        kwargs[key] = ringattn.shard(tensor, layout, dim=dim).to(device)
     out, lse = ringattn.ring_attention(
         *local, layout=layout, seq_len=seq_len, tile_size=tile_size, return_lse=True, **kwargs
     )
-    grads = torch.autograd.grad(out, local, ringattn.shard(dout, layout).float())
+    grads = torch.autograd.grad(out, local, ringattn.shard(dout, layout).to(device, torch.float32))
+    out, lse, grads = out.cpu(), lse.cpu(), [g.cpu() for g in grads]
     label = f"{name} n={seq_len} tile={tile_size}"
     assert_close(f"{label} out", out, ringattn.shard(ref_out, layout), FP32_TOL)
     for got, ref, g in zip(grads, ref_grads, "qkv", strict=True):
@@ -110,15 +113,15 @@ def _check_case(name, layout, seq_len, tile_size, seed):
     empty = torch.isinf(ref_lse_local)
     assert torch.equal(torch.isinf(lse), empty), f"{label} lse -inf rows differ"
     assert_close(f"{label} lse", lse[~empty], ref_lse_local[~empty], FP32_TOL)
-    full_out = ringattn.unshard(out.detach(), layout, seq_len=seq_len)
+    full_out = ringattn.unshard(out.detach().to(device), layout, seq_len=seq_len).cpu()
     assert_close(f"{label} unshard", full_out, ref_out, FP32_TOL)
 
 
-def _masks_job(rank, world, layout, seq_lens):
+def _masks_job(rank, world, layout, seq_lens, device="cpu"):
     for seed, name in enumerate(CASES):
         for seq_len in seq_lens:
             for tile_size in (4, 512):
-                _check_case(name, layout, seq_len, tile_size, seed)
+                _check_case(name, layout, seq_len, tile_size, seed, device)
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])

@@ -25,17 +25,19 @@ def _local_lengths(layout: str) -> tuple[int, ...]:
 
 
 def _ring_vs_reference(
-    layout, causal, dtype, batch, heads_q, heads_kv, dim, seq_local, world, seed
+    layout, causal, dtype, batch, heads_q, heads_kv, dim, seq_local, world, seed, device="cpu"
 ):
-    """Ring result and the fp64 reference for one config, both as this rank's shard."""
+    """Ring result (computed on ``device``, returned on the CPU) and the fp64 reference for one
+    config, both as this rank's shard."""
     q, k, v, dout = random_qkv(batch, seq_local * world, heads_q, heads_kv, dim, seed)
     full = [t.clone().requires_grad_() for t in (q, k, v)]
     ref_out, ref_lse = reference_attention(*full, causal)
     ref_grads = torch.autograd.grad(ref_out, full, dout)
-    local = [ringattn.shard(t, layout).to(dtype).requires_grad_() for t in (q, k, v)]
+    local = [ringattn.shard(t, layout).to(device, dtype).requires_grad_() for t in (q, k, v)]
     out, lse = ringattn.ring_attention(*local, causal=causal, layout=layout, return_lse=True)
-    grads = torch.autograd.grad(out, local, ringattn.shard(dout, layout).to(dtype))
+    grads = torch.autograd.grad(out, local, ringattn.shard(dout, layout).to(device, dtype))
     got = {"out": out, "lse": lse, "dq": grads[0], "dk": grads[1], "dv": grads[2]}
+    got = {name: t.cpu() for name, t in got.items()}
     ref = {
         "out": ringattn.shard(ref_out, layout),
         "lse": ringattn.shard(ref_lse, layout, dim=2),
@@ -46,12 +48,22 @@ def _ring_vs_reference(
     return got, ref
 
 
-def _fp32_job(rank, world, layout, causal):
+def _fp32_job(rank, world, layout, causal, device="cpu"):
     worst = 0.0
     cases = itertools.product((1, 2), HEADS, (64, 24), _local_lengths(layout))
     for i, (batch, (heads_q, heads_kv), dim, seq_local) in enumerate(cases):
         got, ref = _ring_vs_reference(
-            layout, causal, torch.float32, batch, heads_q, heads_kv, dim, seq_local, world, i
+            layout,
+            causal,
+            torch.float32,
+            batch,
+            heads_q,
+            heads_kv,
+            dim,
+            seq_local,
+            world,
+            i,
+            device,
         )
         label = f"b={batch} h={heads_q}/{heads_kv} d={dim} n_local={seq_local}"
         assert got["out"].dtype == torch.float32 and got["lse"].dtype == torch.float32
@@ -70,24 +82,24 @@ def test_fp32_matches_fp64_reference(pools, world, layout, causal):
     assert max(worst) <= FP32_TOL
 
 
-def _single_device_low_precision(q, k, v, dout, causal, dtype):
+def _single_device_low_precision(q, k, v, dout, causal, dtype, device="cpu"):
     """The error a single device makes in ``dtype``: fused SDPA over the whole sequence."""
-    inputs = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    inputs = [t.to(device, dtype).requires_grad_() for t in (q, k, v)]
     out = F.scaled_dot_product_attention(
         *(t.transpose(1, 2) for t in inputs), is_causal=causal, enable_gqa=True
     ).transpose(1, 2)
-    grads = torch.autograd.grad(out, inputs, dout.to(dtype))
-    return {"out": out, "dq": grads[0], "dk": grads[1], "dv": grads[2]}
+    grads = torch.autograd.grad(out, inputs, dout.to(device, dtype))
+    return {"out": out.cpu(), "dq": grads[0].cpu(), "dk": grads[1].cpu(), "dv": grads[2].cpu()}
 
 
-def _low_precision_job(rank, world, layout, causal, dtype_name):
+def _low_precision_job(rank, world, layout, causal, dtype_name, device="cpu"):
     dtype = getattr(torch, dtype_name)
     batch, heads_q, heads_kv, dim, seq_local, seed = 2, 8, 2, 64, 48, 7
     got, ref = _ring_vs_reference(
-        layout, causal, dtype, batch, heads_q, heads_kv, dim, seq_local, world, seed
+        layout, causal, dtype, batch, heads_q, heads_kv, dim, seq_local, world, seed, device
     )
     q, k, v, dout = random_qkv(batch, seq_local * world, heads_q, heads_kv, dim, seed)
-    single = _single_device_low_precision(q, k, v, dout, causal, dtype)
+    single = _single_device_low_precision(q, k, v, dout, causal, dtype, device)
     report = {}
     for name in ("out", "dq", "dk", "dv"):
         assert got[name].dtype == dtype, f"{name} dtype {got[name].dtype} != {dtype}"

@@ -33,7 +33,7 @@ def _allowed(seq_q, seq_kv, causal, window=None):
     return allowed[None, None]
 
 
-def _rotation_job(rank, world, layout, rotation):
+def _rotation_job(rank, world, layout, rotation, device="cpu"):
     configs = [
         # (seq_q_local, seq_kv_local, heads_q, heads_kv, causal, window)
         (6, 6, 4, 4, False, None),
@@ -49,7 +49,9 @@ def _rotation_job(rank, world, layout, rotation):
             *full, _allowed(nq * world, nkv * world, causal, window)
         )
         ref_grads = torch.autograd.grad(ref_out, full, dout)
-        local = [ringattn.shard(t, layout).float().requires_grad_() for t in (q, k, v)]
+        local = [
+            ringattn.shard(t, layout).to(device, torch.float32).requires_grad_() for t in (q, k, v)
+        ]
         out, lse = ringattn.ring_attention(
             *local,
             causal=causal,
@@ -59,7 +61,8 @@ def _rotation_job(rank, world, layout, rotation):
             return_lse=True,
             tile_size=4,
         )
-        grads = torch.autograd.grad(out, local, ringattn.shard(dout, layout).float())
+        grads = torch.autograd.grad(out, local, ringattn.shard(dout, layout).to(device).float())
+        out, lse, grads = out.cpu(), lse.cpu(), [g.cpu() for g in grads]
         label = f"{rotation} nq={nq} nkv={nkv} h={hq}/{hkv} causal={causal} window={window}"
         assert_close(f"{label} out", out, ringattn.shard(ref_out, layout), FP32_TOL)
         assert_close(f"{label} lse", lse, ringattn.shard(ref_lse, layout, dim=2), FP32_TOL)

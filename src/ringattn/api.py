@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from .checks import MaskArgs, check_inputs
-from .comm import GroupLike, RingComm, group_rank_and_size, resolve_group
+from .comm import GroupLike, RingComm, group_rank_and_size, resolve_group, transfer_device
 from .engine import RingAttentionFunction, RingPlan
 from .kernels import AttentionKernel, masked_kernel_for, select_kernel
 from .layout import Layout, LayoutName, get_layout, global_order
@@ -81,8 +81,8 @@ def ring_attention(
         score_mod: FlexAttention's ``score_mod(score, b, h, q_idx, kv_idx) -> score``, e.g.
             :func:`ringattn.softcap` or :func:`ringattn.alibi`. Gradients flow through it to
             q and k (not to tensors it captures).
-        kernel: "auto", "cpu_flash", "cuda_flash", "cuda_efficient", "reference", or an
-            :class:`~ringattn.kernels.AttentionKernel`.
+        kernel: "auto", "cpu_flash", "cuda_flash", "cuda_efficient", "cuda_cudnn", "reference",
+            or an :class:`~ringattn.kernels.AttentionKernel`.
         tile_size: tokens per tile side when masks other than causal are classified; partial
             tiles cost ``O(batch * heads * tile_size**2)`` memory for their dense mask.
         check_across_ranks: compare shapes/dtypes/flags across ranks with one small all-gather
@@ -258,9 +258,10 @@ def gather_sequence(
     """All ranks' shards of ``local`` along ``dim``, put back in global order (no autograd)."""
     if world_size == 1:
         return local
-    parts = [torch.empty_like(local) for _ in range(world_size)]
-    dist.all_gather(parts, local.contiguous(), group=group)
-    stacked = torch.cat(parts, dim)
+    sent = local.to(transfer_device(group, local.device)).contiguous()
+    parts = [torch.empty_like(sent) for _ in range(world_size)]
+    dist.all_gather(parts, sent, group=group)
+    stacked = torch.cat(parts, dim).to(local.device)
     order = global_order(layout.name, world_size, stacked.shape[dim]).to(local.device)
     return torch.empty_like(stacked).index_copy_(dim, order, stacked)
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .comm import backend_for
 from .layout import LAYOUTS, Layout, get_layout
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -185,11 +186,12 @@ def local_problem(
             )
     if world_size > 1 and backend is not None:
         device_type = q.device.type
-        if device_type == "cpu" and "gloo" not in backend and "mpi" not in backend:
+        if device_type == "cpu" and backend not in ("gloo", "mpi"):
             return f"CPU tensors need a gloo process group, but the group's backend is {backend!r}"
-        if device_type == "cuda" and "nccl" not in backend and "xccl" not in backend:
+        if device_type == "cuda" and backend not in ("nccl", "gloo"):
             return (
-                f"CUDA tensors need an NCCL process group, but the group's backend is {backend!r}"
+                f"CUDA tensors need an NCCL (or gloo) process group, but the group's backend "
+                f"for CUDA is {backend!r}"
             )
     return None
 
@@ -214,8 +216,7 @@ def _signature(q, k, causal, layout, scale, masks: MaskArgs, tile_size, rotation
 
 
 def _collective_device(group: dist.ProcessGroup) -> torch.device:
-    backend = str(dist.get_backend(group))
-    if "gloo" in backend or "mpi" in backend or not torch.cuda.is_available():
+    if backend_for(group, "cuda") not in ("nccl", "xccl"):
         return torch.device("cpu")
     return torch.device("cuda", torch.cuda.current_device())
 
@@ -238,7 +239,8 @@ def check_inputs(
     """Raise :class:`RingInputError` on every rank if any rank's inputs cannot work together;
     return the resolved layout."""
     masks = masks or MaskArgs()
-    backend = str(dist.get_backend(group)) if group is not None else None
+    device_type = q.device.type if isinstance(q, torch.Tensor) else "cpu"
+    backend = backend_for(group, device_type) if group is not None else None
     try:
         layout = get_layout(layout)
     except ValueError as exc:

@@ -56,6 +56,25 @@ def resolve_group(group: GroupLike) -> dist.ProcessGroup | None:
     )
 
 
+def backend_for(group: dist.ProcessGroup, device_type: str) -> str | None:
+    """The backend that carries ``device_type`` tensors in ``group`` ("gloo", "nccl", ...), or
+    ``None`` when the group has none for that device (e.g. "cpu:gloo,cuda:nccl" maps both)."""
+    backend = str(dist.get_backend(group))
+    if ":" not in backend:
+        return backend
+    mapping = dict(part.split(":", 1) for part in backend.split(","))
+    return mapping.get(device_type)
+
+
+def transfer_device(group: dist.ProcessGroup | None, device: torch.device) -> torch.device:
+    """Where tensors on ``device`` must be for ``group``'s point-to-point and gather calls:
+    ``device`` itself, or the CPU when a CUDA tensor meets gloo, which moves host memory only
+    (several ranks sharing one GPU, or a platform without NCCL)."""
+    if device.type == "cpu" or group is None or backend_for(group, device.type) != "gloo":
+        return device
+    return torch.device("cpu")
+
+
 def group_rank_and_size(group: dist.ProcessGroup | None) -> tuple[int, int]:
     if group is None:
         return 0, 1
@@ -69,6 +88,7 @@ class PendingExchange:
     works: list
     received: list[torch.Tensor]
     timeout: timedelta | None
+    device: torch.device
 
     def wait(self) -> list[torch.Tensor]:
         message = (
@@ -87,7 +107,7 @@ class PendingExchange:
                 raise
             if completed is False:
                 raise TimeoutError(message)
-        return self.received
+        return [t.to(self.device) for t in self.received]
 
 
 class RingComm:
@@ -104,7 +124,9 @@ class RingComm:
     def exchange(self, tensors: Sequence[torch.Tensor], tag: int = 0) -> PendingExchange:
         """Post sends of ``tensors`` to the next rank and receives of same-shaped tensors from the
         previous rank. Sent tensors must stay unmodified until :meth:`PendingExchange.wait`."""
-        tensors = [t.contiguous() for t in tensors]
+        device = tensors[0].device
+        staging = transfer_device(self.group, device)
+        tensors = [t.to(staging).contiguous() for t in tensors]
         received = [torch.empty_like(t) for t in tensors]
         ops = []
         for i, (send, recv) in enumerate(zip(tensors, received, strict=True)):
@@ -114,6 +136,7 @@ class RingComm:
         trace = current_trace()
         if trace is not None:
             trace.bytes_sent += sum(t.numel() * t.element_size() for t in tensors)
-        on_cpu = tensors[0].device.type == "cpu"
+        # NCCL enforces the process group's own timeout (its watchdog aborts the communicator).
+        on_cpu = staging.type == "cpu"
         timeout = timedelta(seconds=self.timeout_s) if on_cpu else None
-        return PendingExchange(works, received, timeout)
+        return PendingExchange(works, received, timeout, device)

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
+from .comm import transfer_device
 from .launch import cpu_threads_per_rank, init_worker
 from .layout import get_layout
 from .workload import OUTPUT_NAMES, Workload, time_ring, time_single_process
@@ -80,6 +81,7 @@ def _scatter_reference(results, cfg: DemoConfig, rank: int, world: int, mine: di
     layout = get_layout(cfg.layout)
     seq_local = cfg.seq_len // world
     names = OUTPUT_NAMES
+    group, device = dist.group.WORLD, mine["out"].device
     if rank == 0:
         slices = {}
         for r in range(world):
@@ -92,13 +94,13 @@ def _scatter_reference(results, cfg: DemoConfig, rank: int, world: int, mine: di
                 slices = part
             else:
                 for name in names:
-                    dist.send(part[name], dst=r)
+                    dist.send(part[name].to(transfer_device(group, device)), dst=r)
         return slices
     received = {}
     for name in names:
-        buffer = torch.empty_like(mine[name].contiguous())
+        buffer = torch.empty_like(mine[name], device=transfer_device(group, device))
         dist.recv(buffer, src=0)
-        received[name] = buffer
+        received[name] = buffer.to(device)
     return received
 
 

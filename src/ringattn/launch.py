@@ -37,14 +37,31 @@ def run_on_ranks(fn: Callable[..., Any], args: tuple, nproc: int) -> dict[int, A
     return elastic_launch(config, fn)(*args)
 
 
+def cuda_backend(local_world_size: int, gpus: int) -> str:
+    """NCCL when every local rank has a GPU of its own; otherwise gloo, which NCCL's one-rank-
+    per-GPU rule leaves as the only way for several ranks to share a GPU (the ring then moves
+    blocks through host memory: correct, for testing, not fast)."""
+    return "nccl" if gpus >= local_world_size else "gloo"
+
+
 def init_worker(device: str, timeout_s: float = 600.0) -> torch.device:
     """Join the process group set up by the launcher; returns this rank's device."""
+    timeout = timedelta(seconds=timeout_s)
     if device == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl", timeout=timedelta(seconds=timeout_s))
-        return torch.device("cuda", local_rank)
-    dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        gpus = torch.cuda.device_count()
+        backend = cuda_backend(local_world, gpus)
+        if backend == "gloo" and local_rank == 0:
+            print(
+                f"[ringattn] {local_world} ranks share {gpus} GPU(s); NCCL needs one GPU per "
+                "rank, so the ring runs over gloo through host memory (correct, not fast)",
+                flush=True,
+            )
+        torch.cuda.set_device(local_rank % gpus)
+        dist.init_process_group(backend, timeout=timeout)
+        return torch.device("cuda", local_rank % gpus)
+    dist.init_process_group("gloo", timeout=timeout)
     return torch.device("cpu")
 
 

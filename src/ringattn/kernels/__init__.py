@@ -6,12 +6,18 @@ import torch
 
 from .base import AttentionKernel
 from .cpu_flash import CpuFlashKernel
-from .cuda import CudaEfficientKernel, CudaFlashKernel
+from .cuda import CudaCudnnKernel, CudaEfficientKernel, CudaFlashKernel
 from .reference import ReferenceKernel
 
 KERNELS: dict[str, AttentionKernel] = {
     kernel.name: kernel
-    for kernel in (CpuFlashKernel(), CudaFlashKernel(), CudaEfficientKernel(), ReferenceKernel())
+    for kernel in (
+        CpuFlashKernel(),
+        CudaFlashKernel(),
+        CudaEfficientKernel(),
+        CudaCudnnKernel(),
+        ReferenceKernel(),
+    )
 }
 _PREFERENCE = ("cuda_flash", "cuda_efficient", "cpu_flash", "reference")
 
@@ -20,7 +26,7 @@ def select_kernel(kernel: str | AttentionKernel, q: torch.Tensor) -> AttentionKe
     """Resolve ``kernel`` ("auto", a name in :data:`KERNELS`, or an instance) for input ``q``.
 
     "auto" takes the first of cuda_flash, cuda_efficient, cpu_flash, reference that supports
-    ``q``'s device, dtype and head_dim.
+    ``q``'s device, dtype and head_dim (``cuda_cudnn`` is only used when named).
     """
     if isinstance(kernel, AttentionKernel):
         return kernel

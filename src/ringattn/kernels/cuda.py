@@ -1,9 +1,15 @@
-"""CUDA kernels: PyTorch's fused flash and memory-efficient attention ops.
+"""CUDA kernels: PyTorch's fused flash, memory-efficient and cuDNN attention ops.
 
-Both are called per square or full tile only (see :mod:`ringattn.masks`), so the kernels'
+All three are called per square or full tile only (see :mod:`ringattn.masks`), so the kernels'
 different conventions for causal masks on non-square blocks never matter. Tiles that need a dense
-mask or a ``score_mod`` go to the reference kernel. Grouped KV heads are
-repeated for the call and their gradients summed back; only ``heads_kv`` heads ever travel.
+mask or a ``score_mod`` go to the reference kernel. Where an op does not group query heads itself,
+KV heads are repeated for the call and their gradients summed back; only ``heads_kv`` heads ever
+travel between ranks.
+
+The aten ops take ``(batch, heads, seq, head_dim)``; the engine's ``(batch, seq, heads, head_dim)``
+tensors are passed as transposed views (the ops only need the last dimension contiguous). The
+backward ops also take the forward's random-number state, which is unused with dropout 0: each
+kernel keeps the placeholders of its last forward call.
 """
 
 from __future__ import annotations
@@ -15,72 +21,89 @@ from .base import AttentionKernel
 from .reference import _expand_heads, _fold_heads
 
 _LSE_ALIGN = 32  # the memory-efficient kernel pads log-sum-exp rows to a multiple of this
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _bhsd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, native_gqa: bool = False):
+    """``(b, s, h, d)`` views as the ops' ``(b, h, s, d)``; KV heads repeated to ``heads_q``
+    unless the op groups query heads itself (``native_gqa``)."""
+    heads = k.shape[2] if native_gqa else q.shape[2]
+    return (
+        q.transpose(1, 2),
+        _expand_heads(k, heads).transpose(1, 2),
+        _expand_heads(v, heads).transpose(1, 2),
+    )
+
+
+def _bshd_grads(dq, dk, dv, heads_kv: int):
+    """Op gradients ``(b, h, s, d)`` back to ``(b, s, h, d)``, repeated KV heads summed."""
+    return (
+        dq.transpose(1, 2),
+        _fold_heads(dk.transpose(1, 2), heads_kv),
+        _fold_heads(dv.transpose(1, 2), heads_kv),
+    )
 
 
 class _CudaKernel(AttentionKernel):
-    """Shared checks; subclasses keep the auxiliary tensors their backward op expects
-    (random-state placeholders, unused with dropout 0) from the last forward call."""
+    """Device, dtype, head_dim and architecture checks shared by the CUDA kernels."""
 
     dtypes: tuple[torch.dtype, ...] = ()
+    min_capability: tuple[int, int] = (0, 0)
+    max_head_dim: int | None = None
 
     def __init__(self) -> None:
-        self._aux: tuple | None = None
+        self._rng_state: tuple | None = None
+
+    def head_dim_multiple(self, dtype: torch.dtype) -> int:
+        return 8
 
     def unsupported_reason(self, q: torch.Tensor) -> str | None:
         if q.device.type != "cuda":
             return f"runs on CUDA tensors only, got {q.device}"
         if q.dtype not in self.dtypes:
-            return f"does not support dtype {q.dtype}"
+            return f"does not support dtype {q.dtype} (supported: {self.dtypes})"
+        dim, multiple = q.shape[-1], self.head_dim_multiple(q.dtype)
+        if dim % multiple or (self.max_head_dim is not None and dim > self.max_head_dim):
+            limit = f" and at most {self.max_head_dim}" if self.max_head_dim else ""
+            return f"needs head_dim a multiple of {multiple}{limit}, got {dim}"
+        capability = torch.cuda.get_device_capability(q.device)
+        if capability < self.min_capability:
+            return f"needs compute capability {self.min_capability} or newer, got {capability}"
         return None
 
-    @staticmethod
-    def _bshd_grads(dq, dk, dv, heads_kv):
-        """Kernel gradients ``(b, h, s, d)`` back to ``(b, s, h, d)``, KV heads summed."""
-        return (
-            dq.transpose(1, 2),
-            _fold_heads(dk.transpose(1, 2), heads_kv),
-            _fold_heads(dv.transpose(1, 2), heads_kv),
-        )
-
-    @staticmethod
-    def _bhsd(q, k, v):
-        heads = q.shape[2]
-        return (
-            q.transpose(1, 2),
-            _expand_heads(k, heads).transpose(1, 2),
-            _expand_heads(v, heads).transpose(1, 2),
-        )
+    def _ensure_rng_state(self, q, k, v, scale: float) -> tuple:
+        """The random-state placeholders of a forward call (one is made on a 1-token slice when
+        this kernel never ran forward, e.g. after a checkpoint reload)."""
+        if self._rng_state is None:
+            self.forward(q[:, :1], k[:, :1], v[:, :1], causal=False, scale=scale)
+        assert self._rng_state is not None
+        return self._rng_state
 
 
 class CudaFlashKernel(_CudaKernel):
-    name = "cuda_flash"
-    dtypes = (torch.float16, torch.bfloat16)
+    """``aten._scaled_dot_product_flash_attention`` (FlashAttention-2), fp16/bf16, sm80+. It maps
+    query head ``h`` to KV head ``h // (heads_q // heads_kv)`` itself, so KV heads are not
+    repeated."""
 
-    def unsupported_reason(self, q):
-        reason = super().unsupported_reason(q)
-        if reason is None and (q.shape[-1] > 256 or q.shape[-1] % 8):
-            reason = f"needs head_dim <= 256 and a multiple of 8, got {q.shape[-1]}"
-        return reason
+    name = "cuda_flash"
+    dtypes = _HALF
+    min_capability = (8, 0)
+    max_head_dim = 256
 
     def forward(self, q, k, v, *, causal, scale, mask=None, score_fn=None):
-        out, lse, cum_q, cum_k, _, _, seed, offset, _ = (
+        out, lse, cum_q, cum_k, _, _, rng_state, unused, _ = (
             torch.ops.aten._scaled_dot_product_flash_attention(
-                *self._bhsd(q, k, v), 0.0, causal, False, scale=scale
+                *_bhsd(q, k, v, native_gqa=True), 0.0, causal, False, scale=scale
             )
         )
-        self._aux = (cum_q, cum_k, seed, offset)
+        self._rng_state = (cum_q, cum_k, rng_state, unused)
         return out.transpose(1, 2), lse
 
     def backward(self, dout, q, k, v, out, lse, *, causal, scale, mask=None, score_fn=None):
-        if self._aux is None:
-            self.forward(q[:, :1], k[:, :1], v[:, :1], causal=False, scale=scale)
-        cum_q, cum_k, seed, offset = self._aux
-        qt, kt, vt = self._bhsd(q, k, v)
+        cum_q, cum_k, rng_state, unused = self._ensure_rng_state(q, k, v, scale)
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
             dout.transpose(1, 2),
-            qt,
-            kt,
-            vt,
+            *_bhsd(q, k, v, native_gqa=True),
             out.transpose(1, 2),
             lse.contiguous(),
             cum_q,
@@ -89,36 +112,36 @@ class CudaFlashKernel(_CudaKernel):
             k.shape[1],
             0.0,
             causal,
-            seed,
-            offset,
+            rng_state,
+            unused,
             scale=scale,
         )
-        return self._bshd_grads(dq, dk, dv, k.shape[2])
+        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
 
 class CudaEfficientKernel(_CudaKernel):
+    """``aten._scaled_dot_product_efficient_attention`` (memory-efficient, xFormers-style):
+    fp32/fp16/bf16, any head_dim that meets the GEMM alignment."""
+
     name = "cuda_efficient"
-    dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    dtypes = (torch.float32, *_HALF)
+
+    def head_dim_multiple(self, dtype):
+        return 4 if dtype == torch.float32 else 8
 
     def forward(self, q, k, v, *, causal, scale, mask=None, score_fn=None):
         out, lse, seed, offset = torch.ops.aten._scaled_dot_product_efficient_attention(
-            *self._bhsd(q, k, v), None, True, 0.0, causal, scale=scale
+            *_bhsd(q, k, v), None, True, 0.0, causal, scale=scale
         )
-        self._aux = (seed, offset)
+        self._rng_state = (seed, offset)
         return out.transpose(1, 2), lse[:, :, : q.shape[1]]
 
     def backward(self, dout, q, k, v, out, lse, *, causal, scale, mask=None, score_fn=None):
-        if self._aux is None:
-            self.forward(q[:, :1], k[:, :1], v[:, :1], causal=False, scale=scale)
-        seed, offset = self._aux
-        pad = -lse.shape[-1] % _LSE_ALIGN
-        lse_padded = F.pad(lse, (0, pad)).contiguous()
-        qt, kt, vt = self._bhsd(q, k, v)
+        seed, offset = self._ensure_rng_state(q, k, v, scale)
+        lse_padded = F.pad(lse, (0, -lse.shape[-1] % _LSE_ALIGN)).contiguous()
         dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
             dout.transpose(1, 2),
-            qt,
-            kt,
-            vt,
+            *_bhsd(q, k, v),
             None,
             out.transpose(1, 2),
             lse_padded,
@@ -129,4 +152,50 @@ class CudaEfficientKernel(_CudaKernel):
             causal,
             scale=scale,
         )
-        return self._bshd_grads(dq, dk, dv, k.shape[2])
+        return _bshd_grads(dq, dk, dv, k.shape[2])
+
+
+class CudaCudnnKernel(_CudaKernel):
+    """``aten._scaled_dot_product_cudnn_attention`` (cuDNN 9 fused attention), fp16/bf16, sm80+.
+
+    Not chosen by ``kernel="auto"``: pass ``kernel="cuda_cudnn"`` to use it.
+    """
+
+    name = "cuda_cudnn"
+    dtypes = _HALF
+    min_capability = (8, 0)
+    max_head_dim = 128
+
+    def unsupported_reason(self, q):
+        if q.device.type == "cuda" and not torch.backends.cudnn.is_available():
+            return "needs cuDNN, which this torch build does not have"
+        return super().unsupported_reason(q)
+
+    def forward(self, q, k, v, *, causal, scale, mask=None, score_fn=None):
+        out, lse, cum_q, cum_k, _, _, seed, offset, _ = (
+            torch.ops.aten._scaled_dot_product_cudnn_attention(
+                *_bhsd(q, k, v), None, True, 0.0, causal, False, scale=scale
+            )
+        )
+        self._rng_state = (cum_q, cum_k, seed, offset)
+        return out.transpose(1, 2), lse.reshape(lse.shape[:3])
+
+    def backward(self, dout, q, k, v, out, lse, *, causal, scale, mask=None, score_fn=None):
+        cum_q, cum_k, seed, offset = self._ensure_rng_state(q, k, v, scale)
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            dout.transpose(1, 2),
+            *_bhsd(q, k, v),
+            out.transpose(1, 2),
+            lse.unsqueeze(-1).contiguous(),
+            seed,
+            offset,
+            None,  # no attention bias
+            cum_q,
+            cum_k,
+            q.shape[1],
+            k.shape[1],
+            0.0,
+            causal,
+            scale=scale,
+        )
+        return _bshd_grads(dq, dk, dv, k.shape[2])

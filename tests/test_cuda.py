@@ -1,0 +1,185 @@
+"""The CUDA path.
+
+Everywhere (CI included): each CUDA kernel runs its aten ops on the ``meta`` device, which checks
+argument order, the ``(batch, seq, heads, dim)`` <-> ``(batch, heads, seq, dim)`` plumbing, GQA
+folding and log-sum-exp shapes without a GPU; and the backend routing that lets ranks share a GPU
+over gloo is checked on real gloo groups.
+
+With a GPU (marker ``cuda``; ``make test-cuda`` or ``scripts/device-check.sh``): every CUDA kernel
+against an fp64 reference, then the same exactness jobs the CPU suite runs (all layouts, masks,
+both rotations, the KV cache) on CUDA tensors, over NCCL when there is a GPU per rank and over
+gloo through host memory when the ranks share one GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import test_inference
+import test_masks
+import test_ring_exact
+import test_rotation
+import torch
+import torch.distributed as dist
+from helpers import assert_close
+
+import ringattn
+from ringattn.comm import backend_for, transfer_device
+from ringattn.kernels import KERNELS, select_kernel
+from ringattn.launch import cuda_backend
+
+CUDA_KERNELS = ("cuda_flash", "cuda_efficient", "cuda_cudnn")
+LAYOUTS = ("contiguous", "zigzag", "striped")
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _fresh(name: str):
+    """A new instance, so no random-state placeholders are left from an earlier call."""
+    return type(KERNELS[name])()
+
+
+@pytest.mark.parametrize("name", CUDA_KERNELS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_kernel_contract_on_meta(name, causal):
+    batch, heads_q, heads_kv, dim = 2, 8, 2, 64
+    seq_q, seq_k = (40, 40) if causal else (40, 24)
+    dtype, scale = torch.bfloat16, 0.125
+
+    def strided(seq, heads):  # a slice along the sequence, as the engine passes tiles
+        return torch.empty(batch, seq + 5, heads, dim, device="meta", dtype=dtype)[:, 3 : 3 + seq]
+
+    q, dout = strided(seq_q, heads_q), strided(seq_q, heads_q)
+    k, v = strided(seq_k, heads_kv), strided(seq_k, heads_kv)
+    kernel = _fresh(name)
+    out, lse = kernel.forward(q, k, v, causal=causal, scale=scale)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert lse.shape == (batch, heads_q, seq_q) and lse.dtype == torch.float32
+    for backward_first in (False, True):  # a backward before any forward makes its own state
+        kernel = _fresh(name) if backward_first else kernel
+        dq, dk, dv = kernel.backward(dout, q, k, v, out, lse, causal=causal, scale=scale)
+        assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+
+
+@pytest.mark.parametrize("name", CUDA_KERNELS)
+def test_cuda_kernels_refuse_cpu_tensors(name):
+    q = torch.zeros(1, 8, 2, 64)
+    assert "CUDA tensors only" in KERNELS[name].unsupported_reason(q)
+    with pytest.raises(ValueError, match="runs on CUDA tensors only"):
+        select_kernel(name, q)
+    assert select_kernel("auto", q).name == "cpu_flash"
+
+
+def test_ranks_share_a_gpu_over_gloo():
+    assert cuda_backend(local_world_size=2, gpus=2) == "nccl"
+    assert cuda_backend(local_world_size=8, gpus=4) == "gloo"
+    assert cuda_backend(local_world_size=4, gpus=1) == "gloo"
+    assert transfer_device(None, torch.device("cuda", 0)) == torch.device("cuda", 0)
+
+
+def _routing_job(rank, world):
+    group = dist.group.WORLD
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    return (
+        backend_for(group, "cuda"),
+        transfer_device(group, cuda) == cpu,
+        transfer_device(group, cpu) == cpu,
+    )
+
+
+def test_gloo_groups_move_cuda_tensors_through_host_memory(pools):
+    for backend, cuda_staged, cpu_direct in pools(2).run(_routing_job):
+        assert backend == "gloo" and cuda_staged and cpu_direct
+
+
+def test_backend_of_a_mixed_group(monkeypatch):
+    monkeypatch.setattr(dist, "get_backend", lambda group: "cpu:gloo,cuda:nccl")
+    group = object()
+    assert backend_for(group, "cuda") == "nccl" and backend_for(group, "cpu") == "gloo"
+    assert transfer_device(group, torch.device("cuda", 0)) == torch.device("cuda", 0)
+    assert backend_for(group, "xpu") is None
+
+
+# Per-dtype tolerances of one fused kernel call against fp64 (relative to max |reference|).
+KERNEL_TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("name", CUDA_KERNELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2)], ids=["mha", "gqa"])
+def test_cuda_kernel_matches_fp64_reference(name, dtype, causal, heads):
+    heads_q, heads_kv = heads
+    seq_q, seq_k, dim, device = 200, (200 if causal else 136), 64, torch.device("cuda")
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def rand(seq, h):
+        return torch.randn(2, seq, h, dim, generator=gen, device=device, dtype=torch.float64)
+
+    q64, k64, v64, dout64 = (
+        rand(seq_q, heads_q),
+        rand(seq_k, heads_kv),
+        rand(seq_k, heads_kv),
+        rand(seq_q, heads_q),
+    )
+    kernel = _fresh(name)
+    reason = kernel.unsupported_reason(q64.to(dtype))
+    if reason:
+        pytest.skip(f"{name} {reason}")
+    scale = dim**-0.5
+    reference = KERNELS["reference"]
+    ref_out, ref_lse = reference.forward(q64, k64, v64, causal=causal, scale=scale)
+    ref_grads = reference.backward(
+        dout64, q64, k64, v64, ref_out, ref_lse, causal=causal, scale=scale
+    )
+    q, k, v, dout = (t.to(dtype) for t in (q64, k64, v64, dout64))
+    out, lse = kernel.forward(q, k, v, causal=causal, scale=scale)
+    grads = kernel.backward(dout, q, k, v, out, lse, causal=causal, scale=scale)
+    tol = KERNEL_TOL[dtype]
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert_close("out", out, ref_out, tol)
+    assert_close("lse", lse, ref_lse, tol)
+    for label, got, ref in zip(("dq", "dk", "dv"), grads, ref_grads, strict=True):
+        assert_close(label, got, ref, tol * 2)
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_ring_fp32_on_cuda(pools, world, layout, causal):
+    pools(world, "cuda").run(test_ring_exact._fp32_job, layout, causal, "cuda")
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+def test_ring_low_precision_on_cuda(pools, world, causal, dtype_name):
+    for layout in LAYOUTS:
+        pools(world, "cuda").run(
+            test_ring_exact._low_precision_job, layout, causal, dtype_name, "cuda"
+        )
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_masks_rotations_and_decoding_on_cuda(pools, world):
+    pool = pools(world, "cuda")
+    for layout in LAYOUTS:
+        pool.run(test_masks._masks_job, layout, (37, 48), "cuda")
+        for rotation in ("q", "kv"):
+            pool.run(test_rotation._rotation_job, layout, rotation, "cuda")
+    pool.run(test_inference._decode_job, "zigzag", 10, 1, "cuda")
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_cuda_output_keeps_input_dtype_and_device():
+    q = torch.randn(1, 64, 4, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    out = ringattn.ring_attention(q, q, q, causal=True)
+    out.sum().backward()
+    assert out.dtype == q.grad.dtype == torch.bfloat16 and out.device == q.device
