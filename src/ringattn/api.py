@@ -16,6 +16,7 @@ from .masks import MaskMod, MaskSpec, ScoreMod
 from .rotation import choose_rotation
 
 
+@torch.compiler.disable
 def ring_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -43,7 +44,8 @@ def ring_attention(
     Every rank passes its own shard of the sequence, in ``layout`` order (see :func:`shard`).
     Keys/values travel around the ring (pass-KV) while each rank keeps its queries; results are
     merged with an fp32 online softmax, so the output equals single-device attention over the
-    whole sequence. All masks use *global* token positions.
+    whole sequence. All masks use *global* token positions. Inside ``torch.compile`` the call is a
+    graph break: it runs eagerly (its communication cannot be traced) and the rest compiles.
 
     Args:
         q: ``(batch, seq_q_local, heads_q, head_dim)``.
@@ -226,6 +228,7 @@ def shard(
     return x.index_select(dim, index)
 
 
+@torch.compiler.disable
 def unshard(
     local: torch.Tensor,
     layout: LayoutName | Layout = "zigzag",
