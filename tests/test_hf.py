@@ -201,3 +201,74 @@ def _generate_job(rank, world_size, layout):
 def test_greedy_generation_matches_single_process(pools, world_size, layout):
     for ring_tokens, reference in pools(world_size).run(_generate_job, layout):
         assert ring_tokens == reference
+
+
+DOC_LENGTHS = (9, 20, 1, 31)  # 61 tokens: no layout divides it, so shard_batch pads
+
+
+def _packed_matches_separate_documents(rank, world_size, kind, layout):
+    """Packed documents (batch 1, position_ids restarting per document) under context
+    parallelism equal running each document through the model on its own."""
+    torch.manual_seed(0)
+    name = hf.register(f"ring_{layout}", layout=layout)
+    model = _model(kind)
+    gen = torch.Generator().manual_seed(7)
+    docs = [torch.randint(0, VOCAB, (1, n), generator=gen) for n in DOC_LENGTHS]
+
+    _set_attention(model, "eager")
+    model.zero_grad()
+    ref_logits, ref_sum, count = [], 0.0, 0
+    for doc in docs:
+        logits = model(input_ids=doc, use_cache=False).logits
+        ref_sum = ref_sum + torch.nn.functional.cross_entropy(
+            logits[0, :-1], doc[0, 1:], reduction="sum"
+        )
+        count += doc.shape[1] - 1
+        ref_logits.append(logits.detach())
+    (ref_sum / count).backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    ref_logits = torch.cat(ref_logits, dim=1)
+
+    _set_attention(model, name)
+    model.zero_grad()
+    packed = {
+        "input_ids": torch.cat(docs, dim=1),
+        "position_ids": torch.cat([torch.arange(n) for n in DOC_LENGTHS])[None],
+    }
+    local = hf.shard_batch(packed, layout=layout, shift_labels=True)
+    assert local["cu_seq_lens_q"].tolist() == [0, 9, 29, 30, 61]
+    labels = local.pop("labels")
+    logits = model(**local, use_cache=False).logits
+    loss = hf.cp_loss(logits, labels)
+    loss.backward()
+
+    full = ringattn.unshard(logits.detach(), layout=layout, seq_len=sum(DOC_LENGTHS))
+    logit_err = ((full - ref_logits).abs().max() / ref_logits.abs().max()).item()
+    assert logit_err < TOL, f"rank {rank}: logits differ by {logit_err:.2e} (relative)"
+    assert abs(loss.item() - ref_sum.item() / count) < TOL * abs(loss.item())
+    for n, p in model.named_parameters():
+        grad = p.grad.clone()
+        dist.all_reduce(grad)
+        err = ((grad - ref_grads[n]).abs().max() / ref_grads[n].abs().max()).item()
+        assert err < TOL, f"rank {rank}: gradient of {n} differs by {err:.2e} (relative)"
+
+
+@pytest.mark.parametrize(
+    ("world_size", "kind", "layout"),
+    [(2, "llama", "zigzag"), (3, "mistral_window", "striped"), (4, "llama", "contiguous")],
+)
+def test_packed_documents_match_separate_documents(pools, world_size, kind, layout):
+    pools(world_size).run(_packed_matches_separate_documents, kind, layout)
+
+
+def test_packed_boundaries_from_position_ids():
+    position_ids = torch.tensor([[0, 1, 2, 0, 0, 1, 5, 6]])
+    assert hf.packed_cu_seqlens(position_ids).tolist() == [0, 3, 4, 6, 8]
+    assert hf.packed_cu_seqlens(torch.arange(8)[None]) is None
+    assert hf.packed_cu_seqlens(torch.arange(3, 11)[None]) is None  # an offset, not a restart
+    with pytest.raises(ValueError, match="batch size 1"):
+        hf.packed_cu_seqlens(position_ids.expand(2, -1))
+    out = hf.shard_batch(
+        {"input_ids": torch.arange(8)[None] + 1, "position_ids": position_ids}, shift_labels=True
+    )
+    assert out["labels"].tolist() == [[2, 3, -100, -100, 6, -100, 8, -100]]

@@ -26,6 +26,10 @@ the single-process model, and the summed parameter gradients equal the single-pr
     # each rank holds a partial sum of every parameter gradient: all-reduce with SUM over the
     # context-parallel group (not an average) before the optimizer step.
 
+Packed documents: :func:`shard_batch` derives HF's ``cu_seq_lens_q/k`` from restarting
+``position_ids``; passed to the model they reach the attention function, which masks across
+documents (``ring_attention(cu_seqlens=...)``).
+
 Contract (checked against transformers 5.x): the attention function gets
 ``(module, query, key, value, attention_mask, scaling=, dropout=, **kwargs)`` with ``query``
 ``(batch, heads, seq_local, head_dim)`` and un-repeated ``key``/``value``
@@ -52,6 +56,7 @@ __all__ = [
     "generate_greedy",
     "make_attention_function",
     "make_mask_function",
+    "packed_cu_seqlens",
     "register",
     "shard_batch",
 ]
@@ -116,6 +121,38 @@ def _window(module: torch.nn.Module, kwargs: Mapping[str, Any], causal: bool):
     return (sliding_window - 1, 0) if causal else (sliding_window, sliding_window)
 
 
+def _packed_cu_seqlens(kwargs: Mapping[str, Any]) -> torch.Tensor | None:
+    """The global document boundaries of a packed batch from HF's ``cu_seq_lens_q/k``."""
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is None or cu_k is None:
+        return cu_q if cu_k is None else cu_k
+    if cu_q.shape != cu_k.shape or not torch.equal(cu_q, cu_k.to(cu_q.device)):
+        raise ValueError(
+            "ring attention needs the same packed documents for queries and keys, got "
+            f"cu_seq_lens_q={cu_q.tolist()} and cu_seq_lens_k={cu_k.tolist()}"
+        )
+    return cu_q
+
+
+def packed_cu_seqlens(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """Cumulative document lengths ``[0, l1, l1 + l2, ..., seq]`` (int32) of a packed sequence,
+    read from its ``position_ids`` ``(1, seq)`` as HF does: a document starts wherever a position
+    is not its predecessor + 1. ``None`` when nothing restarts (a single document)."""
+    flat = position_ids.reshape(position_ids.shape[0], -1)
+    restarts = flat[:, 1:] != flat[:, :-1] + 1
+    if not restarts.any():
+        return None
+    if flat.shape[0] != 1:
+        raise ValueError(
+            "packed sequences (position_ids that restart) need batch size 1, as HF's "
+            f"DataCollatorWithFlattening makes them; got position_ids of shape "
+            f"{tuple(position_ids.shape)}"
+        )
+    starts = restarts[0].nonzero().flatten() + 1
+    ends = torch.tensor([0, flat.shape[1]], device=flat.device)
+    return torch.cat([ends[:1], starts, ends[1:]]).to(torch.int32)
+
+
 def make_attention_function(
     layout: LayoutName | Layout = "zigzag", group: GroupLike = None
 ) -> Callable[..., tuple[torch.Tensor, None]]:
@@ -128,8 +165,11 @@ def make_attention_function(
     ``attention_mask`` must be ``None`` or this rank's 2-D padding mask ``(batch, seq_local)``
     (1/True = real token). Causality comes from ``kwargs["is_causal"]`` or ``module.is_causal``,
     the sliding window from ``kwargs["sliding_window"]`` or ``module.sliding_window``, and
-    ``kwargs["softcap"]`` becomes :func:`ringattn.softcap`. Dropout, attention sinks, returned
-    attention weights and KV caches with past tokens are not supported and raise.
+    ``kwargs["softcap"]`` becomes :func:`ringattn.softcap`. Packed sequences come as HF's
+    ``cu_seq_lens_q`` / ``cu_seq_lens_k`` keyword arguments (the *global* cumulative document
+    lengths, as :func:`shard_batch` returns them) and keep attention inside each document. Dropout,
+    attention sinks, returned attention weights and KV caches with past tokens are not supported
+    and raise.
     """
 
     def ring_attention_forward(
@@ -163,6 +203,7 @@ def make_attention_function(
                 f"shard, got a {attention_mask.dim()}-D mask of shape "
                 f"{tuple(attention_mask.shape)}; pass a 2-D attention_mask to the model"
             )
+        cu_seqlens = _packed_cu_seqlens(kwargs)
         is_causal = kwargs.get("is_causal")
         if is_causal is None:
             is_causal = getattr(module, "is_causal", True)
@@ -178,6 +219,7 @@ def make_attention_function(
             scale=scaling,
             window=_window(module, kwargs, is_causal),
             attention_mask=None if attention_mask is None else attention_mask.bool(),
+            cu_seqlens=cu_seqlens,
             score_mod=None if softcap is None else ringattn.softcap(float(softcap)),
         )
         return out, None
@@ -227,6 +269,14 @@ def shard_batch(
     (``input_ids`` with ``pad_token_id``, ``attention_mask`` with 0 — created if absent —,
     ``labels`` with ``ignore_index``), and the padding mask hides it.
 
+    Packed sequences (several documents in one row, batch size 1, as HF's
+    ``DataCollatorWithFlattening`` makes them): pass ``position_ids`` that restart at every
+    document, and ``cu_seq_lens_q`` / ``cu_seq_lens_k`` if you have them. They stay global
+    (unsharded); when absent they are derived from ``position_ids`` (:func:`packed_cu_seqlens`).
+    Pass them to the model with the other entries (``model(**local)`` minus ``labels``): the ring
+    then keeps attention inside each document, and ``shift_labels`` ignores each document's last
+    token (its successor belongs to the next document).
+
     ``shift_labels=True`` is what causal-LM training under context parallelism needs: the
     next-token shift must happen on the *global* sequence, before sharding (a token's successor
     usually lives on another rank). It sets ``labels[:, t] = source[:, t + 1]`` and
@@ -252,6 +302,9 @@ def shard_batch(
         attention_mask = torch.ones_like(input_ids)
     if attention_mask is not None:
         tensors["attention_mask"] = (attention_mask, 0)
+    cu_seqlens = _packed_cu_seqlens(batch)
+    if cu_seqlens is None and batch.get("position_ids") is not None:
+        cu_seqlens = packed_cu_seqlens(batch["position_ids"])
     labels = batch.get("labels")
     if shift_labels:
         source = labels
@@ -260,6 +313,8 @@ def shard_batch(
             if attention_mask is not None:
                 source = source.masked_fill(attention_mask == 0, ignore_index)
         labels = torch.cat([source[:, 1:], source.new_full((bsz, 1), ignore_index)], dim=1)
+        if cu_seqlens is not None:  # a document's last token has no successor in the document
+            labels[:, cu_seqlens[1:].long() - 1] = ignore_index
     if labels is not None:
         tensors["labels"] = (labels, ignore_index)
     if batch.get("position_ids") is not None:
@@ -282,6 +337,8 @@ def shard_batch(
     if "position_ids" not in tensors:
         pos = ringattn.positions(seq_len, layout=layout, group=process_group)
         out["position_ids"] = pos.to(input_ids.device).unsqueeze(0).expand(bsz, -1)
+    if cu_seqlens is not None:
+        out["cu_seq_lens_q"] = out["cu_seq_lens_k"] = cu_seqlens
     return out
 
 
