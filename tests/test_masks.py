@@ -130,6 +130,22 @@ def test_masks_match_dense_reference(pools, world, layout):
     pools(world).run(_masks_job, layout, (37, 48))
 
 
+def _mixed_document_id_shapes_job(rank, world):
+    """One rank passes document_ids as (seq_local,), another as (batch, seq_local)."""
+    seq_len, docs = 24, torch.tensor([[0] * 7 + [1] * 11 + [2] * 6])
+    q, k, v, _ = random_qkv(1, seq_len, 2, 1, 8, 3)
+    local_docs = ringattn.shard(docs, "zigzag", dim=1)
+    ids = local_docs[0] if rank % 2 else local_docs
+    local = [ringattn.shard(t, "zigzag").float() for t in (q, k, v)]
+    out = ringattn.ring_attention(*local, causal=True, document_ids=ids)
+    same = ringattn.ring_attention(*local, causal=True, document_ids=local_docs)
+    return torch.equal(out, same)
+
+
+def test_document_id_shapes_may_differ_between_ranks(pools):
+    assert all(pools(2).run(_mixed_document_id_shapes_job))
+
+
 def test_fully_masked_rows_are_zero_in_low_precision():
     """A window that reaches nothing (and padding) gives 0 output, -inf lse, 0 grads: no NaN."""
     for dtype in (torch.bfloat16, torch.float16, torch.float32):

@@ -154,7 +154,8 @@ def _mask_spec(q, k, causal, masks: MaskArgs, layout, group, world_size, tile_si
         real_len = end if real_len is None else min(real_len, end)
     if masks.document_ids is not None:
         local_ids = masks.document_ids.to(device=device, dtype=torch.long)
-        local_ids = local_ids.reshape(-1, seq_local)
+        # (seq,) and (batch, seq) may differ between ranks: gather the same (batch, seq) shape
+        local_ids = local_ids.reshape(-1, seq_local).expand(batch, -1)
         doc_ids = gather_sequence(local_ids, layout, 1, group, world_size)
     if masks.attention_mask is not None:
         local_valid = masks.attention_mask.to(device=device).bool().to(torch.uint8)

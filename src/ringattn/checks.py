@@ -144,9 +144,16 @@ class RingInputError(ValueError):
 
 
 def local_problem(
-    q: object, k: object, v: object, layout: Layout, world_size: int, backend: str | None
+    q: object,
+    k: object,
+    v: object,
+    layout: Layout,
+    world_size: int,
+    backend: str | None,
+    group_given: bool = True,
 ) -> str | None:
-    """What is wrong with this rank's inputs, or ``None``."""
+    """What is wrong with this rank's inputs, or ``None``. ``backend`` is the group's backend for
+    the inputs' device (``None`` if it has none); ``group_given`` is False without a group."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             return f"{name} must be a torch.Tensor, got {type(t).__name__}"
@@ -184,8 +191,10 @@ def local_problem(
                 f"the {layout.name!r} layout needs an even number of local tokens per rank, "
                 f"got {length} for {name}; shard with ringattn.shard, which pads as needed"
             )
-    if world_size > 1 and backend is not None:
+    if world_size > 1 and group_given:
         device_type = q.device.type
+        if backend is None:
+            return f"the process group has no backend for {device_type} tensors"
         if device_type == "cpu" and backend not in ("gloo", "mpi"):
             return f"CPU tensors need a gloo process group, but the group's backend is {backend!r}"
         if device_type == "cuda" and backend not in ("nccl", "gloo"):
@@ -216,7 +225,10 @@ def _signature(q, k, causal, layout, scale, masks: MaskArgs, tile_size, rotation
 
 
 def _collective_device(group: dist.ProcessGroup) -> torch.device:
-    if backend_for(group, "cuda") not in ("nccl", "xccl"):
+    """Where the check's all-gather runs, the same on every rank whatever its inputs: the CPU
+    when the group has a host backend for it (gloo, also in a "cpu:gloo,cuda:nccl" group),
+    else this rank's GPU."""
+    if backend_for(group, "cpu") in ("gloo", "mpi"):
         return torch.device("cpu")
     return torch.device("cuda", torch.cuda.current_device())
 
@@ -247,7 +259,7 @@ def check_inputs(
         problem = str(exc)
         layout = LAYOUTS["contiguous"]
     else:
-        problem = local_problem(q, k, v, layout, world_size, backend)
+        problem = local_problem(q, k, v, layout, world_size, backend, group is not None)
     if problem is None and scale is None:
         scale = q.shape[-1] ** -0.5
     if problem is None and (not isinstance(scale, int | float) or scale != scale):

@@ -51,6 +51,8 @@ def init_worker(device: str, timeout_s: float = 600.0) -> torch.device:
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         gpus = torch.cuda.device_count()
+        if gpus == 0:
+            raise RuntimeError("device 'cuda' asked for, but torch sees no CUDA device")
         backend = cuda_backend(local_world, gpus)
         if backend == "gloo" and local_rank == 0:
             print(

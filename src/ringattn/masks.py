@@ -231,6 +231,11 @@ class MaskSpec:
         out = torch.as_tensor(self.mask_mod(b, h, q, k), dtype=torch.bool, device=q_pos.device)
         return out.expand(-1 if out.shape[0] > 1 else 1, -1, len(q_pos), len(k_pos))
 
+    @functools.cached_property
+    def _host_per_token(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``doc_ids`` and ``valid`` on the CPU, copied once per call (tile planning runs there)."""
+        return tuple(None if t is None else t.cpu() for t in (self.doc_ids, self.valid))
+
     def _block_states(self, q_blocks: list[Segment], k_blocks: list[Segment]) -> torch.Tensor:
         """``(len(q_blocks), len(k_blocks))`` states of every mask but causality."""
         state = torch.full((len(q_blocks), len(k_blocks)), _FULL, dtype=torch.int8)
@@ -248,7 +253,7 @@ class MaskSpec:
                 empty |= k_lo > q_hi + right
                 full &= k_hi <= q_lo + right
             _combine(state, empty, full)
-        for per_token, is_docs in ((self.doc_ids, True), (self.valid, False)):
+        for per_token, is_docs in zip(self._host_per_token, (True, False), strict=True):
             if per_token is None:
                 continue
             q_stats = _block_stats(per_token, q_blocks)
@@ -326,10 +331,11 @@ def _bounds(blocks: list[Segment]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _block_stats(per_token: torch.Tensor, blocks: list[Segment]):
-    """Per batch row and block: (min, max) of int ids, or (any, all) of bool validity."""
+    """Per batch row and block of the CPU tensor ``per_token``: (min, max) of int ids, or
+    (any, all) of bool validity."""
     firsts, seconds = [], []
     for block in blocks:
-        values = per_token[:, _arange(block).to(per_token.device)].cpu()
+        values = per_token[:, _arange(block)]
         if values.dtype == torch.bool:
             firsts.append(values.any(1))
             seconds.append(values.all(1))

@@ -20,19 +20,33 @@ import torch.nn.functional as F
 from .base import AttentionKernel
 from .reference import _expand_heads, _fold_heads
 
-_LSE_ALIGN = 32  # the memory-efficient kernel pads log-sum-exp rows to a multiple of this
+# The memory-efficient kernel pads log-sum-exp rows to a multiple of 32 on CUDA; ROCm's returns
+# them unpadded and its backward expects the same.
+_LSE_ALIGN = 1 if torch.version.hip else 32
 _HALF = (torch.float16, torch.bfloat16)
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _bhsd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, native_gqa: bool = False):
     """``(b, s, h, d)`` views as the ops' ``(b, h, s, d)``; KV heads repeated to ``heads_q``
     unless the op groups query heads itself (``native_gqa``)."""
     heads = k.shape[2] if native_gqa else q.shape[2]
-    return (
-        q.transpose(1, 2),
-        _expand_heads(k, heads).transpose(1, 2),
-        _expand_heads(v, heads).transpose(1, 2),
+    return tuple(
+        _last_dim_contiguous(t).transpose(1, 2)
+        for t in (q, _expand_heads(k, heads), _expand_heads(v, heads))
     )
+
+
+def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """``t`` ``(b, s, h, d)`` with rows laid out as in a contiguous tensor (row stride ``h * d``,
+    head stride ``d``), which the fused backward ops assume of ``out`` and ``dout``."""
+    _, _, heads, dim = t.shape
+    if t.stride(3) == 1 and t.stride(2) == dim and t.stride(1) == heads * dim:
+        return t
+    return t.contiguous()
 
 
 def _bshd_grads(dq, dk, dv, heads_kv: int):
@@ -67,15 +81,20 @@ class _CudaKernel(AttentionKernel):
             limit = f" and at most {self.max_head_dim}" if self.max_head_dim else ""
             return f"needs head_dim a multiple of {multiple}{limit}, got {dim}"
         capability = torch.cuda.get_device_capability(q.device)
-        if capability < self.min_capability:
-            return f"needs compute capability {self.min_capability} or newer, got {capability}"
+        needed = (8, 0) if q.dtype == torch.bfloat16 else self.min_capability
+        if capability < needed:
+            return f"needs compute capability {needed} or newer for {q.dtype}, got {capability}"
+        return self.arch_reason(dim, capability)
+
+    def arch_reason(self, head_dim: int, capability: tuple[int, int]) -> str | None:
+        """A limit of this op on this architecture, or ``None``."""
         return None
 
     def _ensure_rng_state(self, q, k, v, scale: float) -> tuple:
-        """The random-state placeholders of a forward call (one is made on a 1-token slice when
+        """The random-state placeholders of a forward call (one is made on a 2-token slice when
         this kernel never ran forward, e.g. after a checkpoint reload)."""
         if self._rng_state is None:
-            self.forward(q[:, :1], k[:, :1], v[:, :1], causal=False, scale=scale)
+            self.forward(q[:, :2], k[:, :2], v[:, :2], causal=False, scale=scale)
         assert self._rng_state is not None
         return self._rng_state
 
@@ -90,6 +109,12 @@ class CudaFlashKernel(_CudaKernel):
     min_capability = (8, 0)
     max_head_dim = 256
 
+    def arch_reason(self, head_dim, capability):
+        # PyTorch refuses the flash backward for head_dim > 192 on these consumer architectures.
+        if head_dim > 192 and capability in ((8, 6), (8, 9), (12, 0), (12, 1)):
+            return f"has no backward for head_dim > 192 on compute capability {capability}"
+        return None
+
     def forward(self, q, k, v, *, causal, scale, mask=None, score_fn=None):
         out, lse, cum_q, cum_k, _, _, rng_state, unused, _ = (
             torch.ops.aten._scaled_dot_product_flash_attention(
@@ -102,9 +127,9 @@ class CudaFlashKernel(_CudaKernel):
     def backward(self, dout, q, k, v, out, lse, *, causal, scale, mask=None, score_fn=None):
         cum_q, cum_k, rng_state, unused = self._ensure_rng_state(q, k, v, scale)
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            dout.transpose(1, 2),
+            _rows_contiguous(dout).transpose(1, 2),
             *_bhsd(q, k, v, native_gqa=True),
-            out.transpose(1, 2),
+            _rows_contiguous(out).transpose(1, 2),
             lse.contiguous(),
             cum_q,
             cum_k,
@@ -140,10 +165,10 @@ class CudaEfficientKernel(_CudaKernel):
         seed, offset = self._ensure_rng_state(q, k, v, scale)
         lse_padded = F.pad(lse, (0, -lse.shape[-1] % _LSE_ALIGN)).contiguous()
         dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
-            dout.transpose(1, 2),
+            _rows_contiguous(dout).transpose(1, 2),
             *_bhsd(q, k, v),
             None,
-            out.transpose(1, 2),
+            _rows_contiguous(out).transpose(1, 2),
             lse_padded,
             seed,
             offset,
@@ -166,12 +191,18 @@ class CudaCudnnKernel(_CudaKernel):
     min_capability = (8, 0)
     max_head_dim = 128
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._short_keys = CudaFlashKernel()  # cuDNN refuses a single key
+
     def unsupported_reason(self, q):
         if q.device.type == "cuda" and not torch.backends.cudnn.is_available():
             return "needs cuDNN, which this torch build does not have"
         return super().unsupported_reason(q)
 
     def forward(self, q, k, v, *, causal, scale, mask=None, score_fn=None):
+        if k.shape[1] < 2:
+            return self._short_keys.forward(q, k, v, causal=causal, scale=scale)
         out, lse, cum_q, cum_k, _, _, seed, offset, _ = (
             torch.ops.aten._scaled_dot_product_cudnn_attention(
                 *_bhsd(q, k, v), None, True, 0.0, causal, False, scale=scale
@@ -181,11 +212,13 @@ class CudaCudnnKernel(_CudaKernel):
         return out.transpose(1, 2), lse.reshape(lse.shape[:3])
 
     def backward(self, dout, q, k, v, out, lse, *, causal, scale, mask=None, score_fn=None):
+        if k.shape[1] < 2:
+            return self._short_keys.backward(dout, q, k, v, out, lse, causal=causal, scale=scale)
         cum_q, cum_k, seed, offset = self._ensure_rng_state(q, k, v, scale)
         dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-            dout.transpose(1, 2),
+            _rows_contiguous(dout).transpose(1, 2),
             *_bhsd(q, k, v),
-            out.transpose(1, 2),
+            _rows_contiguous(out).transpose(1, 2),
             lse.unsqueeze(-1).contiguous(),
             seed,
             offset,

@@ -13,12 +13,14 @@ from .base import AttentionKernel
 
 
 def _expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    return x.repeat_interleave(heads // x.shape[2], dim=2)
+    """``(b, s, heads_kv, d)`` -> ``(b, s, heads, d)``, each KV head repeated for its group."""
+    return x if x.shape[2] == heads else x.repeat_interleave(heads // x.shape[2], dim=2)
 
 
 def _fold_heads(grad: torch.Tensor, heads_kv: int) -> torch.Tensor:
+    """Gradients of repeated KV heads ``(b, s, heads, d)`` summed back to ``heads_kv``."""
     b, s, h, d = grad.shape
-    return grad.reshape(b, s, heads_kv, h // heads_kv, d).sum(3)
+    return grad if h == heads_kv else grad.reshape(b, s, heads_kv, h // heads_kv, d).sum(3)
 
 
 def _visible(q, k, causal, mask):
