@@ -13,7 +13,7 @@ import torch
 
 import ringattn
 from ringattn.layout import LAYOUTS
-from ringattn.masks import plan_tiles, ring_tiles, split_shifted_causal
+from ringattn.masks import Tile, plan_tiles, ring_tiles, split_shifted_causal
 
 LAYOUT_NAMES = ("contiguous", "zigzag", "striped")
 
@@ -218,6 +218,11 @@ def test_split_shifted_causal_small_exhaustive():
     for len_q, len_k in itertools.product(range(7), range(7)):
         for shift in range(-8, 9):
             _check_shifted_causal(len_q, len_k, shift)
+
+
+def test_square_causal_block_is_one_tile():
+    """A diagonal block is one causal kernel call (e.g. a whole world of one)."""
+    assert split_shifted_causal(64, 64, 0) == [Tile(0, 64, 0, 64, causal=True)]
 
 
 def test_split_shifted_causal_random():

@@ -98,7 +98,8 @@ def _scatter_reference(results, cfg: DemoConfig, rank: int, world: int, mine: di
         return slices
     received = {}
     for name in names:
-        buffer = torch.empty_like(mine[name], device=transfer_device(group, device))
+        like = mine[name]
+        buffer = torch.empty(like.shape, dtype=like.dtype, device=transfer_device(group, device))
         dist.recv(buffer, src=0)
         received[name] = buffer.to(device)
     return received

@@ -156,6 +156,7 @@ def _ring_loop(
                 contribution = combine(arrived, contribution)
             if world > 1:
                 in_flight = plan.comm.exchange(contribution, _RETURN_TAG)
+                contribution = None  # only the (contiguous) copy in flight stays alive
             else:
                 result = contribution
         if pending is not None:
@@ -169,7 +170,11 @@ def _ring_loop(
     return result
 
 
-def _new_output(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+Output = tuple[torch.Tensor, torch.Tensor]
+"""Running ``(out (b, s, h, d), lse (b, h, s))`` of a block of query rows, accumulator dtype."""
+
+
+def _new_output(q: torch.Tensor) -> Output:
     """Empty accumulators: out 0 ``(b, s, h, d)`` and lse ``-inf`` ``(b, h, s)``."""
     dtype = accumulator_dtype(q.dtype)
     batch, seq, heads, _ = q.shape
@@ -178,15 +183,43 @@ def _new_output(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return out, lse
 
 
-def _attend(plan, q_rank, k_rank, q, k, v, out_acc, lse_acc) -> None:
-    """Merge the attention of ``q`` (``q_rank``'s block) over ``k``/``v`` into the accumulators."""
+def _covers(index: slice, like: torch.Tensor) -> bool:
+    return index.start == 0 and index.stop == like.shape[1]
+
+
+def _attend(plan, q_rank, k_rank, q, k, v, acc: Output | None) -> Output | None:
+    """Merge the attention of ``q`` (``q_rank``'s block) over ``k``/``v`` into ``acc``.
+
+    ``acc`` is ``None`` until something is merged: an unmasked tile over all rows then becomes
+    the accumulator itself instead of being merged into zeros (one block of memory less, e.g.
+    a whole world of one). Returns the accumulator, still ``None`` if every tile was hidden.
+    """
     for t in plan.tiles(q_rank, k_rank):
         rows, cols = slice(t.q_start, t.q_end), slice(t.k_start, t.k_end)
         args = plan.tile_args(t, q_rank, k_rank, q.device)
         out_t, lse_t = plan.kernel_for(t).forward(q[:, rows], k[:, cols], v[:, cols], **args)
         if "mask" in args:  # rows the tile hides entirely carry no probability mass
             lse_t = lse_t.masked_fill(~args["mask"].any(-1), float("-inf"))
-        merge_partial(out_acc[:, rows], lse_acc[:, :, rows], out_t, lse_t)
+        elif acc is None and _covers(rows, q):
+            dtype = accumulator_dtype(q.dtype)
+            acc = out_t.to(dtype), lse_t.to(dtype).contiguous()
+            continue
+        if acc is None:
+            acc = _new_output(q)
+        merge_partial(acc[0][:, rows], acc[1][:, :, rows], out_t, lse_t)
+    return acc
+
+
+def _add(acc: torch.Tensor | None, part: torch.Tensor, index: slice, like: torch.Tensor):
+    """``acc[:, index] += part`` for a gradient accumulator shaped like ``like`` in the
+    accumulator dtype; a ``None`` accumulator adopts a ``part`` that covers it, else starts at 0."""
+    dtype = accumulator_dtype(like.dtype)
+    if acc is None:
+        if _covers(index, like) and part.dtype == dtype:
+            return part
+        acc = torch.zeros(like.shape, dtype=dtype, device=like.device)
+    acc[:, index] += part
+    return acc
 
 
 def _merge_returned(arrived, mine):
@@ -208,26 +241,31 @@ def ring_forward(
     seq_q) in the accumulator dtype, for this rank's queries against every rank's keys."""
     rank = plan.comm.rank
     if plan.rotation == "kv":
-        out, lse = _new_output(q)
-        _ring_loop(
-            plan,
-            "forward",
-            (k, v),
-            lambda step, kv: _attend(plan, rank, plan.source(step), q, *kv, out, lse),
-        )
+        acc: Output | None = None
+
+        def attend_block(step, kv):
+            nonlocal acc
+            acc = _attend(plan, rank, plan.source(step), q, *kv, acc)
+
+        _ring_loop(plan, "forward", (k, v), attend_block)
+        out, lse = acc if acc is not None else _new_output(q)
     else:
 
         def visit(step, block):
-            out_block, lse_block = _new_output(block[0])
-            _attend(plan, plan.source(step), rank, block[0], k, v, out_block, lse_block)
-            return out_block, lse_block
+            return _attend(plan, plan.source(step), rank, block[0], k, v, None) or _new_output(
+                block[0]
+            )
 
         out, lse = _ring_loop(plan, "forward", (q,), visit, _merge_returned)
-    return out.to(q.dtype), lse
+    return out.to(q.dtype).contiguous(), lse
 
 
-def _tile_grads(plan, q_rank, k_rank, dout, q, k, v, out, lse, dq_acc, dk_acc, dv_acc) -> None:
-    """Add the gradients of ``q_rank``'s queries against ``k_rank``'s keys to the accumulators."""
+Grads = list[torch.Tensor | None]
+"""``[dq, dk, dv]`` accumulators (``None`` until something is added, see :func:`_add`)."""
+
+
+def _tile_grads(plan, q_rank, k_rank, dout, q, k, v, out, lse, acc: Grads) -> None:
+    """Add the gradients of ``q_rank``'s queries against ``k_rank``'s keys to ``acc``."""
     for t in plan.tiles(q_rank, k_rank):
         rows, cols = slice(t.q_start, t.q_end), slice(t.k_start, t.k_end)
         dq_t, dk_t, dv_t = plan.kernel_for(t).backward(
@@ -239,9 +277,9 @@ def _tile_grads(plan, q_rank, k_rank, dout, q, k, v, out, lse, dq_acc, dk_acc, d
             lse[:, :, rows],
             **plan.tile_args(t, q_rank, k_rank, q.device),
         )
-        dq_acc[:, rows] += dq_t
-        dk_acc[:, cols] += dk_t
-        dv_acc[:, cols] += dv_t
+        acc[0] = _add(acc[0], dq_t, rows, q)
+        acc[1] = _add(acc[1], dk_t, cols, k)
+        acc[2] = _add(acc[2], dv_t, cols, v)
 
 
 def ring_backward(
@@ -262,28 +300,32 @@ def ring_backward(
     def zeros(like: torch.Tensor) -> torch.Tensor:
         return torch.zeros(like.shape, dtype=acc_dtype, device=like.device)
 
+    acc: Grads = [None, None, None]  # dq, dk, dv of the tensors that stay on this rank
     if plan.rotation == "kv":
-        dq = zeros(q)
 
         def visit(step, block):
-            dk_block, dv_block = zeros(k), zeros(v)
             k_b, v_b = block
-            source = plan.source(step)
-            _tile_grads(plan, rank, source, dout, q, k_b, v_b, out, lse, dq, dk_block, dv_block)
-            return dk_block, dv_block
+            acc[1:] = None, None  # this block's dk, dv
+            _tile_grads(plan, rank, plan.source(step), dout, q, k_b, v_b, out, lse, acc)
+            return acc[1] if acc[1] is not None else zeros(k_b), (
+                acc[2] if acc[2] is not None else zeros(v_b)
+            )
 
         dk, dv = _ring_loop(plan, "backward", (k, v), visit, _sum_returned)
+        dq = acc[0]
     else:
-        dk, dv = zeros(k), zeros(v)
 
         def visit(step, block):
-            (dq_block,) = block_grads = (zeros(block[0]),)
             q_b, dout_b, out_b, lse_b = block
-            source = plan.source(step)
-            _tile_grads(plan, source, rank, dout_b, q_b, k, v, out_b, lse_b, dq_block, dk, dv)
-            return block_grads
+            acc[0] = None  # this block's dq
+            _tile_grads(plan, plan.source(step), rank, dout_b, q_b, k, v, out_b, lse_b, acc)
+            return (acc[0] if acc[0] is not None else zeros(q_b),)
 
         (dq,) = _ring_loop(plan, "backward", (q, dout, out, lse), visit, _sum_returned)
+        dk, dv = acc[1], acc[2]
+    dq, dk, dv = (
+        g if g is not None else zeros(t) for g, t in zip((dq, dk, dv), (q, k, v), strict=True)
+    )
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 

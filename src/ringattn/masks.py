@@ -61,7 +61,9 @@ def causal_shift(q_seg: Segment, k_seg: Segment) -> int:
 def split_shifted_causal(len_q: int, len_k: int, shift: int) -> list[Tile]:
     """Tiles covering the mask ``j <= i + shift`` on a ``len_q x len_k`` block."""
     first_row = min(len_q, max(0, -shift))  # rows before it see no key
-    full_from = max(first_row, min(len_q, len_k - shift - 1))  # rows from here see every key
+    # Rows from len_k - shift - 1 on see every key; the first of them still ends the causal
+    # square (its diagonal is the last key), so full tiles start one row later.
+    full_from = max(first_row, min(len_q, len_k - shift))
     tiles = []
     if full_from > first_row:
         diag_col = first_row + shift
