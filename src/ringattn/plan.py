@@ -208,16 +208,21 @@ def _element_size(dtype: str) -> int:
 
 
 def memory_per_token(config: Config) -> float:
-    """Bytes per token per device: q, k, v, out (+ dout, dq, dk, dv for training) in the input
-    dtype, fp32 accumulators, and the ring's receive buffers for one travelling block."""
+    """Peak bytes per token per device of a pass-KV ring (the breakdown measured by
+    ``benchmarks/memory_breakdown.py``): q, k, v, out in the input dtype and the fp32 output
+    accumulator; the K/V block computed on and the one arriving; for training also dout and the
+    fp32 dq accumulator, three fp32 dK/dV blocks (sent, arriving, being filled) and the kernel's
+    tile gradients (about 1.5 fp32 query rows)."""
     e = _element_size(config.dtype)
     q_row = config.heads * config.head_dim
     kv_row = config.kv_heads * config.head_dim
-    tokens = q_row * e * 2 + kv_row * e * 2 + q_row * 4  # q, out, k, v, fp32 out accumulator
-    tokens += kv_row * e * 2  # received K/V block
+    acc = 0 if e == 4 else 4  # fp32 inputs accumulate in place
+    tokens = q_row * (2 * e + acc) + kv_row * e * 2  # q, out (+ accumulator), k, v
+    tokens += 2 * kv_row * e * 2  # K/V being computed on and arriving
     if config.backward:
-        tokens += q_row * e * 2 + kv_row * e * 2  # dout, dq, dk, dv
-        tokens += q_row * 4 + kv_row * 4 * 4  # fp32 dq; fp32 dk/dv in flight (send + receive)
+        tokens += q_row * (e + acc)  # dout, fp32 dq
+        tokens += 3 * kv_row * 4 * 2  # fp32 dK/dV: sent, arriving, being filled
+        tokens += 1.5 * q_row * 4  # tile gradients
     return config.batch * tokens
 
 
