@@ -10,10 +10,13 @@ The task: a sequence of random filler tokens holds (key, value) pairs near its s
 token repeats one key, and the model must predict its value — 10K+ tokens back, so only attention
 across the whole sequence can solve it. Only the answer position is trained.
 
-Data parallelism uses DDP over the mesh's "dp" dimension (FSDP2's fully_shard would shard the
-weights too, but this model is tiny and DDP's averaging is what the exactness test checks);
-context parallelism shards every sequence over "cp" in the zigzag layout, and each rank's
-gradients are summed over "cp" (``cp_loss`` gives each rank its share of the global mean).
+The model is wrapped with FSDP2 (``fully_shard``) on the whole 2-D mesh, i.e. hybrid sharding:
+parameters, gradients and optimizer state are sharded over "cp" (whose ranks need the same
+weights anyway) and replicated over "dp". Context parallelism shards every sequence over "cp" in
+the zigzag layout; ``cp_loss`` gives each rank its share of the global mean loss, so gradients
+must be *summed* over "cp" and averaged over "dp": FSDP's gradient divide factor is set to dp
+instead of its default dp x cp. Checkpoints hold the full (unsharded) model and optimizer state,
+written by rank 0 and loaded through ``torch.distributed.checkpoint.state_dict``.
 """
 
 from __future__ import annotations
@@ -27,8 +30,16 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from generate_long_context import TinyDecoder
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.device_mesh import init_device_mesh
-from torch.nn.parallel import DistributedDataParallel
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 
 import ringattn
 from ringattn.cli import parse_tokens
@@ -74,6 +85,12 @@ def dense_attention(layer, q, k, v):
     ).transpose(1, 2)
 
 
+def _clip(model: torch.nn.Module, max_norm: float) -> float:
+    """Clip the global gradient norm to ``max_norm`` (over all shards); returns the norm."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+
+
 def train(
     dp: int,
     cp: int,
@@ -81,6 +98,7 @@ def train(
     seq_len: int,
     batch: int,
     lr: float,
+    clip: float,
     checkpoint: str | None,
     resume: bool,
     layout: str = "zigzag",
@@ -93,14 +111,19 @@ def train(
     dp_group, cp_group = mesh["dp"].get_group(), mesh["cp"].get_group()
     dp_rank, rank = mesh["dp"].get_local_rank(), dist.get_rank()
     model = TinyDecoder(vocab=VOCAB, dim=64, layers=2, heads=4, kv_heads=2, seed=0)
-    model = DistributedDataParallel(model, process_group=dp_group)
+    fully_shard(model, mesh=mesh)  # 2-D mesh: replicate over dp, shard over cp
+    model.set_gradient_divide_factor(dp)  # sum the cp shares, average the dp replicas
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    start_step, losses = 0, []
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    start_step, losses, grad_norms = 0, [], []
     if resume and checkpoint and Path(checkpoint).exists():
-        state = torch.load(checkpoint, weights_only=False)
-        model.module.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_step, losses = state["step"], state["losses"]
+        state = torch.load(checkpoint, weights_only=False) if rank == 0 else {}
+        loading = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(model, state.get("model", {}), options=loading)
+        set_optimizer_state_dict(model, optimizer, state.get("optimizer", {}), options=loading)
+        progress = [state.get("step"), state.get("losses"), state.get("grad_norms")]
+        dist.broadcast_object_list(progress, src=0)
+        start_step, losses, grad_norms = progress
     attend = ring_attention_fn(cp_group, layout)
     started = time.perf_counter()
     for step in range(start_step, steps):
@@ -112,9 +135,8 @@ def train(
         logits = model(local, positions, attend)
         loss = cp_loss(logits, labels, group=cp_group)
         optimizer.zero_grad()
-        loss.backward()  # DDP averages over dp; then sum the cp shares
-        for param in model.parameters():
-            dist.all_reduce(param.grad, group=cp_group)
+        loss.backward()  # FSDP reduces: sum over cp, mean over dp
+        grad_norms.append(_clip(model, clip))
         optimizer.step()
         global_loss = loss.detach().clone()
         dist.all_reduce(global_loss, group=dp_group)
@@ -122,46 +144,42 @@ def train(
         if rank == 0 and (step % log_every == 0 or step == steps - 1):
             rate = (step + 1 - start_step) * batch * dp * seq_len / (time.perf_counter() - started)
             print(
-                f"step {step + 1}/{steps}  loss {losses[-1]:.4f}  "
+                f"step {step + 1}/{steps}  loss {losses[-1]:.4f}  grad norm {grad_norms[-1]:.4f}  "
                 f"{rate / (dp * cp):,.0f} tokens/s per rank",
                 flush=True,
             )
-        if checkpoint and rank == 0:
-            torch.save(
-                {
-                    "model": model.module.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "step": step + 1,
-                    "losses": losses,
-                },
-                checkpoint,
-            )
-        if checkpoint:
+        if checkpoint:  # every rank takes part in gathering the full state
+            state = {
+                "model": get_model_state_dict(model, options=full),
+                "optimizer": get_optimizer_state_dict(model, optimizer, options=full),
+                "step": step + 1,
+                "losses": losses,
+                "grad_norms": grad_norms,
+            }
+            if rank == 0:
+                torch.save(state, checkpoint)
             dist.barrier()
-    result = None
-    if rank == 0:
-        result = {
-            "losses": losses,
-            "params": {k: v.clone() for k, v in model.module.state_dict().items()},
-        }
+    params = get_model_state_dict(model, options=full)
     dist.destroy_process_group()
-    return result
+    result = {"losses": losses, "grad_norms": grad_norms, "params": params}
+    return result if rank == 0 else None
 
 
-def train_single_process(steps: int, seq_len: int, batch: int, lr: float) -> dict:
+def train_single_process(steps: int, seq_len: int, batch: int, lr: float, clip: float) -> dict:
     """The same training on one process: the whole global batch, dense attention."""
     model = TinyDecoder(vocab=VOCAB, dim=64, layers=2, heads=4, kv_heads=2, seed=0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    losses = []
+    losses, grad_norms = [], []
     for step in range(steps):
         tokens, answers = make_batch(batch, seq_len, step)
         logits = model(tokens, torch.arange(seq_len), dense_attention)
         loss = F.cross_entropy(logits[:, -1].float(), answers)
         optimizer.zero_grad()
         loss.backward()
+        grad_norms.append(_clip(model, clip))
         optimizer.step()
         losses.append(float(loss.detach()))
-    return {"losses": losses, "params": model.state_dict()}
+    return {"losses": losses, "grad_norms": grad_norms, "params": model.state_dict()}
 
 
 def main() -> None:
@@ -172,6 +190,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=parse_tokens, default=12 * 1024)
     parser.add_argument("--batch", type=int, default=1, help="sequences per data-parallel replica")
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--clip", type=float, default=1.0, help="max global gradient norm")
     parser.add_argument("--checkpoint", default="train-checkpoint.pt")
     parser.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     parser.add_argument("--plot", default=None, help="write the loss curve to this PNG")
@@ -183,6 +202,7 @@ def main() -> None:
         args.seq_len,
         args.batch,
         args.lr,
+        args.clip,
         args.checkpoint,
         args.resume,
     )
