@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from ringattn.cli import build_parser, parse_tokens
 
@@ -96,6 +97,28 @@ def test_bench_runs_a_tiny_grid_and_writes_reports(tmp_path):
             assert row["step_bytes_max"] == row["step_bytes_min"] == row["step_bytes_minimum"]
     assert (tmp_path / "bench.md").read_text().startswith("Machine:")
     assert (tmp_path / "efficiency.png").exists() and (tmp_path / "memory.png").exists()
+
+
+def test_bench_efficiency_counts_gpus_but_not_shared_cores():
+    """On CPU the ranks share the single process's cores; on CUDA each rank adds a GPU."""
+    from ringattn.bench import _row
+    from ringattn.workload import Workload
+
+    ranks = [
+        {"forward_s": 1.0, "backward_s": 2.0, "compute_s": 3.0, "wait_s": 0.0, "peak_bytes": 1}
+        | {"forward_step_bytes": [8]}
+    ] * 4
+    single = {"forward_s": 4.0, "total_s": 12.0, "peak_bytes": 1}
+    workload = Workload(seq_len=64, heads=2, kv_heads=1)
+    assert _row(workload, 4, ranks, single, "cpu")["efficiency_total"] == 4.0
+    assert _row(workload, 4, ranks, single, "cuda")["efficiency_total"] == 1.0
+
+
+def test_bench_on_cuda_without_a_gpu_says_so():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = _ringattn("bench", "--device", "cuda", "--quick")
+    assert result.returncode == 2 and "no CUDA device" in result.stderr
 
 
 def test_plan_prints_prediction_and_best_configuration(capsys):

@@ -6,6 +6,11 @@ the same for one process running the same kernel over the whole sequence with al
 ranks share, per-rank compute and wait time inside the ring, per-rank peak memory, and the bytes
 each rank sent per ring step next to the minimum (one K/V block of KV heads). Results go to a
 JSON file, a markdown table and PNG plots.
+
+On CPU the single process gets all the threads the ranks share, so "efficiency" is single-process
+time / ring time on the same cores. With ``device="cuda"`` every rank has a GPU of its own and the
+single process one GPU, so efficiency is single-GPU time / (p x ring time): 1.0 is perfect scaling.
+World sizes above the number of GPUs are skipped (ranks sharing a GPU measure nothing useful).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ class BenchGrid:
     head_dim: int = 64
     repeats: int = 3
     threads: int = 0  # total CPU threads; 0 = every core this process may use
+    device: str = "cpu"  # or "cuda": one GPU per rank
 
     @classmethod
     def quick(cls) -> BenchGrid:
@@ -70,11 +76,11 @@ class BenchGrid:
         ]
 
 
-def _rank_stats(workload: Workload, repeats: int) -> dict:
+def _rank_stats(workload: Workload, repeats: int, device: torch.device) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     layout = get_layout(workload.layout)
     seq_local = workload.seq_len // world
-    inputs = workload.inputs(layout.positions(rank, world, seq_local), torch.device("cpu"))
+    inputs = workload.inputs(layout.positions(rank, world, seq_local), device)
     time_ring(workload, {n: t[:, : min(256, seq_local)] for n, t in inputs.items()}, 1)
     timing = time_ring(workload, inputs, repeats, before_each=lambda i: dist.barrier())
     steps = timing.trace.steps
@@ -89,10 +95,13 @@ def _rank_stats(workload: Workload, repeats: int) -> dict:
     }
 
 
-def bench_worker(workloads: list[Workload], repeats: int, threads: int) -> list | None:
+def bench_worker(
+    workloads: list[Workload], repeats: int, threads: int, device: str = "cpu"
+) -> list | None:
     """Every rank: all grid points of one world size. Rank 0 returns the per-rank stats."""
-    init_worker("cpu")
-    torch.set_num_threads(threads)
+    rank_device = init_worker(device)
+    if rank_device.type == "cpu":
+        torch.set_num_threads(threads)
     rank, world = dist.get_rank(), dist.get_world_size()
     collected = []
     for i, workload in enumerate(workloads):
@@ -104,15 +113,18 @@ def bench_worker(workloads: list[Workload], repeats: int, threads: int) -> list 
                 flush=True,
             )
         stats = [None] * world
-        dist.all_gather_object(stats, _rank_stats(workload, repeats))
+        dist.all_gather_object(stats, _rank_stats(workload, repeats, rank_device))
         collected.append(stats)
     dist.destroy_process_group()
     return collected if rank == 0 else None
 
 
-def _row(workload: Workload, world: int, ranks: list[dict], single: dict) -> dict:
+def _row(
+    workload: Workload, world: int, ranks: list[dict], single: dict, device: str = "cpu"
+) -> dict:
     ring_fwd = max(r["forward_s"] for r in ranks)
     ring_total = max(r["forward_s"] + r["backward_s"] for r in ranks)
+    devices = world if device == "cuda" else 1  # GPUs the ring uses for the single one's 1
     compute = [r["compute_s"] for r in ranks]
     wait = [r["wait_s"] for r in ranks]
     element = torch.empty((), dtype=workload.torch_dtype).element_size()
@@ -128,8 +140,8 @@ def _row(workload: Workload, world: int, ranks: list[dict], single: dict) -> dic
         "single_forward_s": single["forward_s"],
         "single_total_s": single["total_s"],
         "single_peak_bytes": single["peak_bytes"],
-        "efficiency_forward": single["forward_s"] / ring_fwd,
-        "efficiency_total": single["total_s"] / ring_total,
+        "efficiency_forward": single["forward_s"] / (devices * ring_fwd),
+        "efficiency_total": single["total_s"] / (devices * ring_total),
         "compute_s": compute,
         "wait_s": wait,
         "balance": max(compute) / max(min(compute), 1e-12),
@@ -146,24 +158,33 @@ def run_bench(grid: BenchGrid, out_dir: Path) -> list[dict]:
     out_dir.mkdir(parents=True, exist_ok=True)
     threads = grid.total_threads()
     workloads = grid.workloads()
+    device = torch.device(grid.device)
+    world_sizes = grid.world_sizes
+    if device.type == "cuda":
+        gpus = torch.cuda.device_count()
+        world_sizes = [p for p in grid.world_sizes if p <= gpus]
+        skipped = sorted(set(grid.world_sizes) - set(world_sizes))
+        if skipped:
+            print(f"[bench] skipping world sizes {skipped}: only {gpus} GPU(s)", flush=True)
     singles: dict[tuple, dict] = {}
     for workload in workloads:
         key = (workload.seq_len, workload.causal, workload.heads, workload.kv_heads, workload.dtype)
         if key in singles:
             continue
         print(f"[bench single process] {key}", flush=True)
-        time_single_process(workload, torch.device("cpu"), threads)  # warm-up
-        timing = time_single_process(workload, torch.device("cpu"), threads, grid.repeats)
+        time_single_process(workload, device, threads)  # warm-up
+        timing = time_single_process(workload, device, threads, grid.repeats)
         singles[key] = {
             "forward_s": timing.forward_s,
             "total_s": timing.forward_s + timing.backward_s,
             "peak_bytes": timing.peak_bytes,
         }
     rows = []
-    for world in grid.world_sizes:
+    for world in world_sizes:
         fits = [w for w in workloads if w.seq_len % get_layout(w.layout).seq_multiple(world) == 0]
         per_rank_threads = max(1, threads // world)
-        results = run_on_ranks(bench_worker, (fits, grid.repeats, per_rank_threads), world)
+        worker_args = (fits, grid.repeats, per_rank_threads, grid.device)
+        results = run_on_ranks(bench_worker, worker_args, world)
         stats = next(r for r in results.values() if r is not None)
         for workload, ranks in zip(fits, stats, strict=True):
             key = (
@@ -173,10 +194,10 @@ def run_bench(grid: BenchGrid, out_dir: Path) -> list[dict]:
                 workload.kv_heads,
                 workload.dtype,
             )
-            rows.append(_row(workload, world, ranks, singles[key]))
+            rows.append(_row(workload, world, ranks, singles[key], grid.device))
     report = {
         "grid": asdict(grid),
-        "machine": machine_description(),
+        "machine": machine_description(device),
         "threads_total": threads,
         "rows": rows,
         "memory_slopes": memory_slopes(rows),
@@ -188,7 +209,9 @@ def run_bench(grid: BenchGrid, out_dir: Path) -> list[dict]:
     return rows
 
 
-def machine_description() -> str:
+def machine_description(device: torch.device | None = None) -> str:
+    if device is not None and device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
     model = "unknown CPU"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -230,8 +253,14 @@ def memory_slopes(rows: list[dict]) -> dict[str, float]:
 
 
 def markdown_report(report: dict) -> str:
+    on_gpus = report["grid"].get("device") == "cuda"
+    resources = (
+        "one GPU per rank; efficiency = single-GPU time / (p x ring time)"
+        if on_gpus
+        else f"{report['threads_total']} threads shared by the ranks"
+    )
     lines = [
-        f"Machine: {report['machine']}; {report['threads_total']} threads shared by the ranks.",
+        f"Machine: {report['machine']}; {resources}.",
         "",
         "| tokens | p | layout | mask | heads | dtype | ring fwd s | ring fwd+bwd s "
         "| single fwd+bwd s | eff. fwd | eff. fwd+bwd | compute max/min | wait % "

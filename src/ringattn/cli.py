@@ -158,6 +158,12 @@ def _bench_parser(sub) -> None:
         default=0,
         help="CPU threads shared by the ranks (default: all cores)",
     )
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="cuda: one GPU per rank, efficiency = single-GPU time / (p x ring time)",
+    )
     p.add_argument("--out", default="bench-results", help="output folder")
     p.set_defaults(run=_run_bench)
 
@@ -177,7 +183,12 @@ def _run_bench(args: argparse.Namespace) -> int:
         grid.causal = [args.mask == "causal"]
     elif not args.quick:
         grid.causal = [True, False]
-    grid.head_dim, grid.threads = args.head_dim, args.threads
+    grid.head_dim, grid.threads, grid.device = args.head_dim, args.threads, args.device
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("ringattn bench: error: torch sees no CUDA device", file=sys.stderr)
+        return 2
     unknown = sorted(set(grid.layouts) - set(LAYOUTS))
     if unknown:
         print(f"ringattn bench: error: unknown layouts {unknown}", file=sys.stderr)
