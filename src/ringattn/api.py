@@ -173,6 +173,7 @@ def _mask_spec(q, k, causal, masks: MaskArgs, layout, group, world_size, tile_si
         batch=batch,
         heads=heads,
         tile_size=tile_size,
+        device=device,
     )
 
 

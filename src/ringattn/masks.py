@@ -172,6 +172,8 @@ class MaskSpec:
         score_mod: FlexAttention-style ``score_mod(score, b, h, q_idx, kv_idx) -> score``.
         batch, heads: sizes for the ``b`` and ``h`` indices given to ``mask_mod``/``score_mod``.
         tile_size: tokens per tile side when tiles are classified.
+        device: where ``mask_mod`` is evaluated while tiles are classified (the inputs' device,
+            so a ``mask_mod`` may index tensors that live there).
     """
 
     causal: bool = False
@@ -183,6 +185,7 @@ class MaskSpec:
     batch: int = 1
     heads: int = 1
     tile_size: int = 512
+    device: torch.device | str = "cpu"
 
     @property
     def only_causal(self) -> bool:
@@ -274,11 +277,11 @@ class MaskSpec:
             _combine(state, empty_rows.all(0), full_rows.all(0))
         if self.mask_mod is not None:
             for i, qb in enumerate(q_blocks):
-                q_pos = _arange(qb)
+                q_pos = _arange(qb).to(self.device)
                 for j, kb in enumerate(k_blocks):
                     if state[i, j] == _EMPTY:
                         continue
-                    dense = self._mask_mod_dense(q_pos, _arange(kb))
+                    dense = self._mask_mod_dense(q_pos, _arange(kb).to(self.device))
                     if not dense.any():
                         state[i, j] = _EMPTY
                     elif not dense.all():
