@@ -38,7 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
 import ringattn
@@ -116,7 +116,9 @@ def train(
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     start_step, losses, grad_norms = 0, [], []
-    if resume and checkpoint and Path(checkpoint).exists():
+    found = [bool(resume and checkpoint and rank == 0 and Path(checkpoint).exists())]
+    dist.broadcast_object_list(found, src=0)  # only rank 0 needs to see the file
+    if found[0]:
         state = torch.load(checkpoint, weights_only=False) if rank == 0 else {}
         loading = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         set_model_state_dict(model, state.get("model", {}), options=loading)
@@ -183,6 +185,8 @@ def train_single_process(steps: int, seq_len: int, batch: int, lr: float, clip: 
 
 
 def main() -> None:
+    if not hasattr(FSDPModule, "set_gradient_divide_factor"):
+        raise SystemExit(f"this recipe needs torch >= 2.8 (FSDP2), got {torch.__version__}")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dp", type=int, default=2)
     parser.add_argument("--cp", type=int, default=2)

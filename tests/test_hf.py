@@ -266,8 +266,17 @@ def test_packed_boundaries_from_position_ids():
     assert hf.packed_cu_seqlens(position_ids).tolist() == [0, 3, 4, 6, 8]
     assert hf.packed_cu_seqlens(torch.arange(8)[None]) is None
     assert hf.packed_cu_seqlens(torch.arange(3, 11)[None]) is None  # an offset, not a restart
-    with pytest.raises(ValueError, match="batch size 1"):
-        hf.packed_cu_seqlens(position_ids.expand(2, -1))
+    assert hf.packed_cu_seqlens(position_ids[0]).tolist() == [0, 3, 4, 6, 8]  # 1-D
+    assert hf.packed_cu_seqlens(position_ids.expand(2, -1)) is None  # HF packs batch 1 only
+    # HF-style padded position_ids (pads hold 1) are not documents
+    padded = torch.tensor([[0, 1, 2, 3, 1, 1]])
+    assert hf.packed_cu_seqlens(padded, torch.tensor([[1, 1, 1, 1, 0, 0]])) is None
+    batch = {
+        "input_ids": torch.ones(2, 6, dtype=torch.long),
+        "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]]),
+        "position_ids": torch.tensor([[0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 1, 1]]),
+    }
+    assert "cu_seq_lens_q" not in hf.shard_batch(batch, shift_labels=True)
     out = hf.shard_batch(
         {"input_ids": torch.arange(8)[None] + 1, "position_ids": position_ids}, shift_labels=True
     )

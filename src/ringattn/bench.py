@@ -179,6 +179,9 @@ def run_bench(grid: BenchGrid, out_dir: Path) -> list[dict]:
             "total_s": timing.forward_s + timing.backward_s,
             "peak_bytes": timing.peak_bytes,
         }
+        del timing
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the ranks share GPU 0 with this process
     rows = []
     for world in world_sizes:
         fits = [w for w in workloads if w.seq_len % get_layout(w.layout).seq_multiple(world) == 0]

@@ -305,11 +305,12 @@ def ring_backward(
 
         def visit(step, block):
             k_b, v_b = block
-            acc[1:] = None, None  # this block's dk, dv
             _tile_grads(plan, rank, plan.source(step), dout, q, k_b, v_b, out, lse, acc)
-            return acc[1] if acc[1] is not None else zeros(k_b), (
-                acc[2] if acc[2] is not None else zeros(v_b)
+            dk_b, dv_b = (
+                g if g is not None else zeros(t) for g, t in zip(acc[1:], block, strict=True)
             )
+            acc[1:] = None, None  # handed to the ring: the next block starts afresh
+            return dk_b, dv_b
 
         dk, dv = _ring_loop(plan, "backward", (k, v), visit, _sum_returned)
         dq = acc[0]
@@ -317,9 +318,10 @@ def ring_backward(
 
         def visit(step, block):
             q_b, dout_b, out_b, lse_b = block
-            acc[0] = None  # this block's dq
             _tile_grads(plan, plan.source(step), rank, dout_b, q_b, k, v, out_b, lse_b, acc)
-            return (acc[0] if acc[0] is not None else zeros(q_b),)
+            dq_b = acc[0] if acc[0] is not None else zeros(q_b)
+            acc[0] = None  # handed to the ring: the next block starts afresh
+            return (dq_b,)
 
         (dq,) = _ring_loop(plan, "backward", (q, dout, out, lse), visit, _sum_returned)
         dk, dv = acc[1], acc[2]

@@ -134,21 +134,23 @@ def _packed_cu_seqlens(kwargs: Mapping[str, Any]) -> torch.Tensor | None:
     return cu_q
 
 
-def packed_cu_seqlens(position_ids: torch.Tensor) -> torch.Tensor | None:
+def packed_cu_seqlens(
+    position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor | None:
     """Cumulative document lengths ``[0, l1, l1 + l2, ..., seq]`` (int32) of a packed sequence,
-    read from its ``position_ids`` ``(1, seq)`` as HF does: a document starts wherever a position
-    is not its predecessor + 1. ``None`` when nothing restarts (a single document)."""
-    flat = position_ids.reshape(position_ids.shape[0], -1)
-    restarts = flat[:, 1:] != flat[:, :-1] + 1
+    read from its ``position_ids`` ``(seq,)`` or ``(1, seq)`` as HF does: a document starts at
+    every real token (``attention_mask`` 1, if given) whose position is not its predecessor + 1.
+    ``None`` when nothing restarts, and for batches of several rows, which HF does not treat as
+    packed either (pass ``cu_seq_lens_q/k`` yourself to pack those)."""
+    flat = position_ids.reshape(1, -1) if position_ids.dim() == 1 else position_ids
+    if flat.shape[0] != 1:
+        return None
+    restarts = flat[0, 1:] != flat[0, :-1] + 1
+    if attention_mask is not None:
+        restarts &= attention_mask.reshape(-1)[1:].bool()
     if not restarts.any():
         return None
-    if flat.shape[0] != 1:
-        raise ValueError(
-            "packed sequences (position_ids that restart) need batch size 1, as HF's "
-            f"DataCollatorWithFlattening makes them; got position_ids of shape "
-            f"{tuple(position_ids.shape)}"
-        )
-    starts = restarts[0].nonzero().flatten() + 1
+    starts = restarts.nonzero().flatten() + 1
     ends = torch.tensor([0, flat.shape[1]], device=flat.device)
     return torch.cat([ends[:1], starts, ends[1:]]).to(torch.int32)
 
@@ -304,7 +306,7 @@ def shard_batch(
         tensors["attention_mask"] = (attention_mask, 0)
     cu_seqlens = _packed_cu_seqlens(batch)
     if cu_seqlens is None and batch.get("position_ids") is not None:
-        cu_seqlens = packed_cu_seqlens(batch["position_ids"])
+        cu_seqlens = packed_cu_seqlens(batch["position_ids"], batch.get("attention_mask"))
     labels = batch.get("labels")
     if shift_labels:
         source = labels

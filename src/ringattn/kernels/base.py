@@ -17,6 +17,8 @@ class AttentionKernel(ABC):
     ``(batch, seq_k, heads_kv, head_dim)`` with ``heads_q % heads_kv == 0`` (query head ``h`` uses
     key/value head ``h // (heads_q // heads_kv)``). Inputs may be strided views. ``causal`` is only
     ever asked of square blocks and means the top-left mask (row ``i`` sees keys ``j <= i``).
+    Outputs must be freshly allocated and not overlap each other or the inputs: the engine
+    accumulates into them in place.
     """
 
     name: str = "abstract"
