@@ -73,6 +73,20 @@ def test_small_demo_passes_and_reports(tmp_path, layout):
     assert len(report["ranks"]) == 3 and all(r["peak_bytes"] > 0 for r in report["ranks"])
 
 
+def test_bf16_demo_is_judged_against_float32(tmp_path):
+    report_path = tmp_path / "report.json"
+    result = _ringattn(
+        "demo", "--seq-len", "512", "--world-size", "2", "--dtype", "bfloat16",
+        "--json", str(report_path),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "float32 single process" in result.stdout and "PASS" in result.stdout
+    report = json.loads(report_path.read_text())
+    single = report["single_process"]["errors"]
+    for name, error in report["max_relative_error"].items():
+        assert error <= max(2 * single[name], 1e-3) == report["tolerance"][name]
+
+
 def test_bench_runs_a_tiny_grid_and_writes_reports(tmp_path):
     result = _ringattn(
         "bench",
