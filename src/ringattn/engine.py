@@ -297,8 +297,9 @@ def ring_backward(
     # A row that saw no key (lse = -inf) must get P = exp(S - lse) = 0 in every tile: use +inf.
     lse = lse.masked_fill(lse == float("-inf"), float("inf"))
 
-    def zeros(like: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(like.shape, dtype=acc_dtype, device=like.device)
+    def or_zeros(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+        """``grad``, or zeros shaped like ``like`` where nothing was added (all keys hidden)."""
+        return grad if grad is not None else like.new_zeros(like.shape, dtype=acc_dtype)
 
     acc: Grads = [None, None, None]  # dq, dk, dv of the tensors that stay on this rank
     if plan.rotation == "kv":
@@ -306,9 +307,7 @@ def ring_backward(
         def visit(step, block):
             k_b, v_b = block
             _tile_grads(plan, rank, plan.source(step), dout, q, k_b, v_b, out, lse, acc)
-            dk_b, dv_b = (
-                g if g is not None else zeros(t) for g, t in zip(acc[1:], block, strict=True)
-            )
+            dk_b, dv_b = or_zeros(acc[1], k_b), or_zeros(acc[2], v_b)
             acc[1:] = None, None  # handed to the ring: the next block starts afresh
             return dk_b, dv_b
 
@@ -319,15 +318,13 @@ def ring_backward(
         def visit(step, block):
             q_b, dout_b, out_b, lse_b = block
             _tile_grads(plan, plan.source(step), rank, dout_b, q_b, k, v, out_b, lse_b, acc)
-            dq_b = acc[0] if acc[0] is not None else zeros(q_b)
+            dq_b = or_zeros(acc[0], q_b)
             acc[0] = None  # handed to the ring: the next block starts afresh
             return (dq_b,)
 
         (dq,) = _ring_loop(plan, "backward", (q, dout, out, lse), visit, _sum_returned)
         dk, dv = acc[1], acc[2]
-    dq, dk, dv = (
-        g if g is not None else zeros(t) for g, t in zip((dq, dk, dv), (q, k, v), strict=True)
-    )
+    dq, dk, dv = or_zeros(dq, q), or_zeros(dk, k), or_zeros(dv, v)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
