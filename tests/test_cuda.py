@@ -68,6 +68,14 @@ def test_cuda_kernels_refuse_cpu_tensors(name):
     assert select_kernel("auto", q).name == "cpu_flash"
 
 
+def test_backend_override_for_nodes_that_differ(monkeypatch):
+    monkeypatch.setenv("RINGATTN_CUDA_BACKEND", "gloo")
+    assert cuda_backend(local_world_size=2, gpus=8) == "gloo"
+    monkeypatch.setenv("RINGATTN_CUDA_BACKEND", "mpi")
+    with pytest.raises(ValueError, match="'nccl' or 'gloo'"):
+        cuda_backend(local_world_size=2, gpus=8)
+
+
 def test_ranks_share_a_gpu_over_gloo():
     assert cuda_backend(local_world_size=2, gpus=2) == "nccl"
     assert cuda_backend(local_world_size=8, gpus=4) == "gloo"

@@ -40,7 +40,13 @@ def run_on_ranks(fn: Callable[..., Any], args: tuple, nproc: int) -> dict[int, A
 def cuda_backend(local_world_size: int, gpus: int) -> str:
     """NCCL when every local rank has a GPU of its own; otherwise gloo, which NCCL's one-rank-
     per-GPU rule leaves as the only way for several ranks to share a GPU (the ring then moves
-    blocks through host memory: correct, for testing, not fast)."""
+    blocks through host memory: correct, for testing, not fast). Each node decides for itself;
+    set ``RINGATTN_CUDA_BACKEND`` (``nccl`` or ``gloo``) where nodes differ in GPU count."""
+    chosen = os.environ.get("RINGATTN_CUDA_BACKEND")
+    if chosen:
+        if chosen not in ("nccl", "gloo"):
+            raise ValueError(f"RINGATTN_CUDA_BACKEND must be 'nccl' or 'gloo', got {chosen!r}")
+        return chosen
     return "nccl" if gpus >= local_world_size else "gloo"
 
 
