@@ -4,8 +4,9 @@ Each world size runs ring attention forward + backward (after a short warm-up, s
 library pages do not count) and reports, per rank, the peak resident memory of the forward pass
 and of the backward pass above what existed when each began, in MiB and in units of the rank's
 query shard (``seq_local x heads x head_dim x 4`` bytes). One process then runs the same kernel
-over the whole sequence for comparison. Workers start with ``MALLOC_MMAP_THRESHOLD_=65536`` so
-glibc returns freed buffers at once and the resident set tracks live tensors.
+over the whole sequence for comparison (forward and backward in one measurement). Workers start
+with ``MALLOC_MMAP_THRESHOLD_=65536`` so glibc returns freed buffers at once and the resident set
+tracks live tensors.
 
     python benchmarks/memory_breakdown.py --seq-len 32K --world-sizes 1,2,4
 """
@@ -23,7 +24,7 @@ from ringattn.cli import parse_tokens
 from ringattn.launch import init_worker, run_on_ranks
 from ringattn.layout import get_layout
 from ringattn.memory import PeakMemory
-from ringattn.workload import Workload
+from ringattn.workload import Workload, time_single_process
 
 _MIB = 2**20
 
@@ -54,21 +55,6 @@ def _worker(workload: Workload) -> dict:
     return {"world": world, "peaks": gathered}
 
 
-def _single_process(workload: Workload) -> tuple[int, int]:
-    """Peaks of one process running the local kernel over the whole sequence."""
-    from ringattn.kernels import select_kernel
-
-    inputs = workload.inputs(torch.arange(workload.seq_len), torch.device("cpu"))
-    q, k, v, dout = (inputs[name] for name in ("q", "k", "v", "dout"))
-    kernel, scale = select_kernel("auto", q), workload.head_dim**-0.5
-    kernel.forward(q[:, :256], k[:, :256], v[:, :256], causal=workload.causal, scale=scale)
-    with PeakMemory() as forward:
-        out, lse = kernel.forward(q, k, v, causal=workload.causal, scale=scale)
-    with PeakMemory() as backward:
-        kernel.backward(dout, q, k, v, out, lse, causal=workload.causal, scale=scale)
-    return forward.bytes, backward.bytes
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seq-len", type=parse_tokens, default=32768)
@@ -95,9 +81,8 @@ def main() -> None:
         f"{'p':>3} {'tokens/rank':>12} {'q-shard MiB':>12} {'fwd peak':>9} {'bwd peak':>9} "
         f"{'peak':>8} {'in q-shards':>12} {'vs one process':>15}"
     )
-    single_forward, single_backward = _single_process(workload)
-    single_out = args.seq_len * args.heads * args.head_dim * 4
-    single_total = max(single_forward, single_backward + single_out)
+    time_single_process(workload, torch.device("cpu"), threads=1)  # warm-up
+    single_total = time_single_process(workload, torch.device("cpu"), threads=1).peak_bytes
     for world in (int(x) for x in args.world_sizes.split(",")):
         result = run_on_ranks(_worker, (workload,), world)[0]
         local = args.seq_len // world
@@ -110,10 +95,7 @@ def main() -> None:
             f"{backward / _MIB:>9.1f} {total / _MIB:>8.1f} {total / unit:>12.1f} "
             f"{total / single_total:>15.2f}"
         )
-    print(
-        f"one process over all {args.seq_len:,} tokens: forward {single_forward / _MIB:.1f} MiB, "
-        f"backward {single_backward / _MIB:.1f} MiB"
-    )
+    print(f"one process over all {args.seq_len:,} tokens: peak {single_total / _MIB:.1f} MiB")
 
 
 if __name__ == "__main__":
