@@ -117,6 +117,7 @@ class RingComm:
         self.group = group
         self.rank, self.world_size = group_rank_and_size(group)
         self.timeout_s = default_timeout_s() if timeout_s is None else timeout_s
+        self._staging: dict[torch.device, torch.device] = {}  # transfer_device, per device
         if self.world_size > 1:
             self.next_peer = dist.get_global_rank(group, (self.rank + 1) % self.world_size)
             self.prev_peer = dist.get_global_rank(group, (self.rank - 1) % self.world_size)
@@ -125,7 +126,9 @@ class RingComm:
         """Post sends of ``tensors`` to the next rank and receives of same-shaped tensors from the
         previous rank. Sent tensors must stay unmodified until :meth:`PendingExchange.wait`."""
         device = tensors[0].device
-        staging = transfer_device(self.group, device)
+        if device not in self._staging:
+            self._staging[device] = transfer_device(self.group, device)
+        staging = self._staging[device]
         tensors = [t.to(staging).contiguous() for t in tensors]
         received = [torch.empty_like(t) for t in tensors]
         ops = []
