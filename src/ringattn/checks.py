@@ -150,10 +150,9 @@ def local_problem(
     layout: Layout,
     world_size: int,
     backend: str | None,
-    group_given: bool = True,
 ) -> str | None:
     """What is wrong with this rank's inputs, or ``None``. ``backend`` is the group's backend for
-    the inputs' device (``None`` if it has none); ``group_given`` is False without a group."""
+    the inputs' device (``None`` if it has none or there is no group, a world of one)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             return f"{name} must be a torch.Tensor, got {type(t).__name__}"
@@ -191,7 +190,7 @@ def local_problem(
                 f"the {layout.name!r} layout needs an even number of local tokens per rank, "
                 f"got {length} for {name}; shard with ringattn.shard, which pads as needed"
             )
-    if world_size > 1 and group_given:
+    if world_size > 1:
         device_type = q.device.type
         if backend is None:
             return f"the process group has no backend for {device_type} tensors"
@@ -259,7 +258,7 @@ def check_inputs(
         problem = str(exc)
         layout = LAYOUTS["contiguous"]
     else:
-        problem = local_problem(q, k, v, layout, world_size, backend, group is not None)
+        problem = local_problem(q, k, v, layout, world_size, backend)
     if problem is None and scale is None:
         scale = q.shape[-1] ** -0.5
     if problem is None and (not isinstance(scale, int | float) or scale != scale):
