@@ -1,7 +1,8 @@
 """Every mask in ring mode against a dense fp64 reference, forward and all gradients.
 
 World sizes 1-4, every layout, tiles both smaller and larger than the shards, total lengths that
-no layout divides (primes), so the padding that ``shard`` adds is masked internally.
+no layout divides (primes), so the padding that ``shard`` adds is masked internally; travelling
+blocks cut into 2 or 3 sub-blocks.
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ CASES = (
 
 
 def _check_case(name, layout, seq_len, tile_size, seed, device="cpu"):
+    granularity = ringattn.Granularity(sub_blocks=3 if tile_size < 8 else 2, min_tokens=1)
     kwargs, allowed, score_mod, to_shard = _case(name, seq_len)
     q, k, v, dout = random_qkv(BATCH, seq_len, HEADS_Q, HEADS_KV, DIM, seed)
     full = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -97,7 +99,13 @@ def _check_case(name, layout, seq_len, tile_size, seed, device="cpu"):
     for key, (tensor, dim) in to_shard.items():
         kwargs[key] = ringattn.shard(tensor, layout, dim=dim).to(device)
     out, lse = ringattn.ring_attention(
-        *local, layout=layout, seq_len=seq_len, tile_size=tile_size, return_lse=True, **kwargs
+        *local,
+        layout=layout,
+        seq_len=seq_len,
+        tile_size=tile_size,
+        granularity=granularity,
+        return_lse=True,
+        **kwargs,
     )
     grads = torch.autograd.grad(out, local, ringattn.shard(dout, layout).to(device, torch.float32))
     out, lse, grads = out.cpu(), lse.cpu(), [g.cpu() for g in grads]

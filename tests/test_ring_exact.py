@@ -2,6 +2,8 @@
 
 Every world size 1-4, every layout, causal and not, MHA/GQA/MQA, batch 1 and 2, two head dims,
 tiny and odd local lengths: output, log-sum-exp and all three gradients, with asserted tolerances.
+Every other case cuts the travelling blocks into 3 sub-blocks (lengths that 3 does not divide,
+and 1-token shards, included); the others run whole blocks, as the default does at these sizes.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import ringattn
 LAYOUTS = ("contiguous", "zigzag", "striped")
 HEADS = ((4, 4), (8, 2), (4, 1))  # MHA, GQA 4:1, MQA
 FP32_TOL = 1e-5
+FINE = ringattn.Granularity(sub_blocks=3, min_tokens=1)
 
 
 def _local_lengths(layout: str) -> tuple[int, ...]:
@@ -25,7 +28,18 @@ def _local_lengths(layout: str) -> tuple[int, ...]:
 
 
 def _ring_vs_reference(
-    layout, causal, dtype, batch, heads_q, heads_kv, dim, seq_local, world, seed, device="cpu"
+    layout,
+    causal,
+    dtype,
+    batch,
+    heads_q,
+    heads_kv,
+    dim,
+    seq_local,
+    world,
+    seed,
+    device="cpu",
+    granularity=None,
 ):
     """Ring result (computed on ``device``, returned on the CPU) and the fp64 reference for one
     config, both as this rank's shard."""
@@ -34,7 +48,9 @@ def _ring_vs_reference(
     ref_out, ref_lse = reference_attention(*full, causal)
     ref_grads = torch.autograd.grad(ref_out, full, dout)
     local = [ringattn.shard(t, layout).to(device, dtype).requires_grad_() for t in (q, k, v)]
-    out, lse = ringattn.ring_attention(*local, causal=causal, layout=layout, return_lse=True)
+    out, lse = ringattn.ring_attention(
+        *local, causal=causal, layout=layout, return_lse=True, granularity=granularity
+    )
     grads = torch.autograd.grad(out, local, ringattn.shard(dout, layout).to(device, dtype))
     got = {"out": out, "lse": lse, "dq": grads[0], "dk": grads[1], "dv": grads[2]}
     got = {name: t.cpu() for name, t in got.items()}
@@ -64,8 +80,9 @@ def _fp32_job(rank, world, layout, causal, device="cpu"):
             world,
             i,
             device,
+            FINE if i % 2 else None,
         )
-        label = f"b={batch} h={heads_q}/{heads_kv} d={dim} n_local={seq_local}"
+        label = f"b={batch} h={heads_q}/{heads_kv} d={dim} n_local={seq_local} case {i}"
         assert got["out"].dtype == torch.float32 and got["lse"].dtype == torch.float32
         for name in ("dq", "dk", "dv"):
             assert got[name].dtype == torch.float32, f"{name} dtype {got[name].dtype}"
@@ -96,7 +113,7 @@ def _low_precision_job(rank, world, layout, causal, dtype_name, device="cpu"):
     dtype = getattr(torch, dtype_name)
     batch, heads_q, heads_kv, dim, seq_local, seed = 2, 8, 2, 64, 48, 7
     got, ref = _ring_vs_reference(
-        layout, causal, dtype, batch, heads_q, heads_kv, dim, seq_local, world, seed, device
+        layout, causal, dtype, batch, heads_q, heads_kv, dim, seq_local, world, seed, device, FINE
     )
     q, k, v, dout = random_qkv(batch, seq_local * world, heads_q, heads_kv, dim, seed)
     single = _single_device_low_precision(q, k, v, dout, causal, dtype, device)

@@ -9,13 +9,14 @@ pos = ringattn.positions(seq_len, layout="zigzag")            # global positions
 
 from .api import padded_length, positions, ring_attention, shard, unshard
 from .checks import RingInputError
+from .engine import Granularity
 from .inference import KVCache, merge_across_ranks
 from .kernels import KERNELS, AttentionKernel
 from .layout import LAYOUTS, Layout
 from .masks import MaskSpec, rank_work
 from .mods import alibi, alibi_slopes, prefix_lm, softcap
 from .rotation import choose_rotation
-from .trace import RingTrace, record_ring
+from .trace import RingProgress, RingTrace, record_ring, report_progress
 
 __version__ = "0.1.0"
 
@@ -23,10 +24,12 @@ __all__ = [
     "KERNELS",
     "LAYOUTS",
     "AttentionKernel",
+    "Granularity",
     "KVCache",
     "Layout",
     "MaskSpec",
     "RingInputError",
+    "RingProgress",
     "RingTrace",
     "alibi",
     "alibi_slopes",
@@ -37,6 +40,7 @@ __all__ = [
     "prefix_lm",
     "rank_work",
     "record_ring",
+    "report_progress",
     "ring_attention",
     "shard",
     "softcap",

@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from .checks import MaskArgs, check_inputs
 from .comm import GroupLike, RingComm, group_rank_and_size, resolve_group, transfer_device
-from .engine import RingAttentionFunction, RingPlan
+from .engine import Granularity, RingAttentionFunction, RingPlan
 from .kernels import AttentionKernel, masked_kernel_for, select_kernel
 from .layout import Layout, LayoutName, get_layout, global_order
 from .masks import MaskMod, MaskSpec, ScoreMod
@@ -37,6 +37,7 @@ def ring_attention(
     score_mod: ScoreMod | None = None,
     kernel: str | AttentionKernel = "auto",
     tile_size: int = 512,
+    granularity: Granularity | None = None,
     check_across_ranks: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact attention of this rank's queries against the keys/values of every rank in ``group``.
@@ -87,6 +88,9 @@ def ring_attention(
             or an :class:`~ringattn.kernels.AttentionKernel`.
         tile_size: tokens per tile side when masks other than causal are classified; partial
             tiles cost ``O(batch * heads * tile_size**2)`` memory for their dense mask.
+        granularity: how finely blocks are pipelined through the ring (memory against kernel-call
+            size); the default :class:`ringattn.Granularity` cuts each block into up to 8
+            sub-blocks of at least 512 tokens.
         check_across_ranks: compare shapes/dtypes/flags across ranks with one small all-gather
             before the ring starts, so mismatches raise everywhere instead of hanging. Turn it off
             only once your shapes are known to agree (it costs one collective per call).
@@ -111,6 +115,7 @@ def ring_attention(
         world_size=world_size,
         masks=masks,
         tile_size=tile_size,
+        granularity=granularity,
         rotation=rotation,
         across_ranks=check_across_ranks,
     )
@@ -131,6 +136,7 @@ def ring_attention(
         rotation=rotation,
         seq_q_local=q.shape[1],
         seq_kv_local=k.shape[1],
+        granularity=Granularity() if granularity is None else granularity,
     )
     out, lse = RingAttentionFunction.apply(q, k, v, plan)
     return (out, lse) if return_lse else out

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from .comm import backend_for
+from .engine import Granularity
 from .layout import LAYOUTS, Layout, get_layout
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -39,6 +40,8 @@ _FIELDS = (
     ("mask_mod", "every rank must pass a mask_mod, or none"),
     ("score_mod", "every rank must pass a score_mod, or none"),
     ("tile_size", "every rank must pass the same tile_size"),
+    ("sub_blocks", "every rank must pass the same granularity"),
+    ("min_tokens", "every rank must pass the same granularity"),
     ("rotation", "every rank must pass the same rotation"),
 )
 _ROTATIONS = ("kv", "q", "auto")
@@ -204,7 +207,9 @@ def local_problem(
     return None
 
 
-def _signature(q, k, causal, layout, scale, masks: MaskArgs, tile_size, rotation) -> list[float]:
+def _signature(
+    q, k, causal, layout, scale, masks: MaskArgs, tile_size, granularity, rotation
+) -> list[float]:
     return [
         q.shape[0],
         q.shape[1],
@@ -219,6 +224,8 @@ def _signature(q, k, causal, layout, scale, masks: MaskArgs, tile_size, rotation
         scale,
         *masks.signature(),
         tile_size,
+        granularity.sub_blocks,
+        granularity.min_tokens,
         rotation,
     ]
 
@@ -244,6 +251,7 @@ def check_inputs(
     world_size: int,
     masks: MaskArgs | None = None,
     tile_size: int = 512,
+    granularity: Granularity | None = None,
     rotation: str = "auto",
     across_ranks: bool = True,
 ) -> Layout:
@@ -269,6 +277,9 @@ def check_inputs(
         problem = f"rotation must be one of {_ROTATIONS}, got {rotation!r}"
     if problem is None and (not isinstance(tile_size, int) or tile_size < 1):
         problem = f"tile_size must be a positive int, got {tile_size!r}"
+    granularity = Granularity() if granularity is None else granularity
+    if problem is None and not isinstance(granularity, Granularity):
+        problem = f"granularity must be a ringattn.Granularity, got {granularity!r}"
     if world_size == 1 or not across_ranks:
         if problem:
             raise RingInputError(f"ring_attention: {problem}")
@@ -277,7 +288,15 @@ def check_inputs(
         [0.0] * len(_FIELDS)
         if problem
         else _signature(
-            q, k, causal, layout, scale or 0.0, masks, tile_size, _ROTATIONS.index(rotation)
+            q,
+            k,
+            causal,
+            layout,
+            scale or 0.0,
+            masks,
+            tile_size,
+            granularity,
+            _ROTATIONS.index(rotation),
         )
     )
     local = torch.tensor([float(problem is not None), *signature], dtype=torch.float64)

@@ -89,6 +89,7 @@ class PendingExchange:
     received: list[torch.Tensor]
     timeout: timedelta | None
     device: torch.device
+    bytes_sent: int
 
     def wait(self) -> list[torch.Tensor]:
         message = (
@@ -136,10 +137,11 @@ class RingComm:
             ops.append(dist.P2POp(dist.isend, send, self.next_peer, self.group, tag + i))
             ops.append(dist.P2POp(dist.irecv, recv, self.prev_peer, self.group, tag + i))
         works = dist.batch_isend_irecv(ops)
+        sent = sum(t.numel() * t.element_size() for t in tensors)
         trace = current_trace()
         if trace is not None:
-            trace.bytes_sent += sum(t.numel() * t.element_size() for t in tensors)
+            trace.bytes_sent += sent
         # NCCL enforces the process group's own timeout (its watchdog aborts the communicator).
         on_cpu = staging.type == "cpu"
         timeout = timedelta(seconds=self.timeout_s) if on_cpu else None
-        return PendingExchange(works, received, timeout, device)
+        return PendingExchange(works, received, timeout, device, sent)

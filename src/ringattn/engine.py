@@ -13,10 +13,17 @@ Q forward     q                          k, v                out, lse (merged, o
 Q backward    q, dout, out, lse          k, v, dk/dv acc.    dq (fp32, one step behind)
 ============  =========================  ==================  ===============================
 
-A returning accumulator starts at the block's owner, is updated by every rank it visits, and
-arrives back after ``p`` steps. Each step computes the tiles (:mod:`ringattn.masks`) of the
-(queries x keys) block through the local kernel and merges ``(out, lse)`` with the fp32 online
-softmax (:mod:`ringattn.merge`). Gradients of a tile use the final ``out`` and ``lse`` of its rows.
+Blocks travel as sub-blocks (:class:`Granularity`): sub-block ``j`` of every rank's block goes
+once around the ring, then sub-block ``j + 1``. A rank so holds two travelling *sub-blocks* (the
+one it computes on and the one arriving) and three returning ones (the one it fills, the one it
+sent, the one arriving) instead of whole blocks, and the stationary side is handed to the kernel
+in bands of the same size, so kernel outputs are sub-block-sized too.
+
+A returning accumulator starts at the block's owner, is updated by every rank it visits — in the
+buffer it arrived in — and arrives back after ``p`` steps. Each step computes the tiles
+(:mod:`ringattn.masks`) of the (queries x keys) block through the local kernel and merges
+``(out, lse)`` with the fp32 online softmax (:mod:`ringattn.merge`). Gradients of a tile use the
+final ``out`` and ``lse`` of its rows.
 """
 
 from __future__ import annotations
@@ -30,13 +37,16 @@ import torch
 
 from .comm import RingComm
 from .kernels import AttentionKernel
-from .layout import Layout, Segment
-from .masks import MaskSpec, Tile, plan_tiles
+from .layout import Layout, Segment, SubBlock, sub_blocks
+from .masks import MaskSpec, Tile, bound_tiles, plan_tiles
 from .merge import merge_partial
 from .trace import StepTimer
 
 Rotation = Literal["kv", "q"]
 _TRAVEL_TAG, _RETURN_TAG = 0, 16
+
+Part = tuple[int, int | None]
+"""``(rank, sub-block index)``: a rank's whole shard (index ``None``) or one of its sub-blocks."""
 
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -44,9 +54,43 @@ def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+@dataclass(frozen=True)
+class Granularity:
+    """How finely the ring pipelines its blocks: memory against kernel-call size.
+
+    The travelling block of every step is cut into ``sub_blocks`` sub-blocks, fewer when a
+    sub-block would hold under ``min_tokens`` tokens, and the stationary side is handed to the
+    kernel in bands of the same size. Extra memory per rank beyond its own tensors is then about
+    ``6 / sub_blocks`` block-sizes in the backward pass (two travelling sub-blocks, three
+    returning fp32 ones, one band of kernel outputs); ``sub_blocks=1`` double-buffers whole
+    blocks. Smaller sub-blocks mean more, smaller kernel calls and messages.
+    """
+
+    sub_blocks: int = 8
+    min_tokens: int = 512
+
+    def __post_init__(self) -> None:
+        if self.sub_blocks < 1 or self.min_tokens < 1:
+            raise ValueError(f"Granularity needs sub_blocks >= 1 and min_tokens >= 1, got {self}")
+
+    def count(self, length: int) -> int:
+        """Sub-blocks for a shard of ``length`` tokens."""
+        return max(1, min(self.sub_blocks, length // self.min_tokens))
+
+    def band(self, length: int) -> int:
+        """Most tokens of a stationary shard of ``length`` tokens in one kernel call."""
+        return max(1, -(-length // self.count(length)))
+
+
 @functools.lru_cache(maxsize=4096)
-def _causal_tiles(q_segments: tuple[Segment, ...], k_segments: tuple[Segment, ...], causal: bool):
-    return plan_tiles(q_segments, k_segments, causal)
+def _causal_tiles(
+    q_segments: tuple[Segment, ...],
+    k_segments: tuple[Segment, ...],
+    causal: bool,
+    max_rows: int,
+    max_cols: int,
+) -> tuple[Tile, ...]:
+    return bound_tiles(plan_tiles(q_segments, k_segments, causal), max_rows, max_cols)
 
 
 @dataclass(frozen=True, eq=False)
@@ -67,6 +111,7 @@ class RingPlan:
     rotation: Rotation
     seq_q_local: int
     seq_kv_local: int
+    granularity: Granularity = Granularity()
     _cache: dict = field(default_factory=dict)
 
     @property
@@ -86,32 +131,64 @@ class RingPlan:
             for s in self.layout.segments(rank, world, self.seq_q_local)
         )
 
-    def _positions(self, rank: int, queries: bool, device: torch.device) -> torch.Tensor:
-        key = ("pos", rank, queries)
+    @property
+    def _pipelined(self) -> bool:
+        """Whether blocks are cut at all: in a world of one nothing travels, so the one block is
+        computed whole, as a single process would."""
+        return self.comm.world_size > 1
+
+    def _sub_blocks(self, rank: int, queries: bool) -> tuple[SubBlock, ...]:
+        length = self.seq_q_local if queries else self.seq_kv_local
+        count = self.granularity.count(length) if self._pipelined else 1
+        return sub_blocks(self._segments(rank, queries), count)
+
+    @property
+    def travel_blocks(self) -> tuple[SubBlock, ...]:
+        """Sub-blocks of this rank's travelling block; every rank cuts at the same indices."""
+        return self._sub_blocks(self.comm.rank, self.rotation == "q")
+
+    def part_segments(self, part: Part, queries: bool) -> tuple[Segment, ...]:
+        rank, sub = part
+        if sub is None:
+            return self._segments(rank, queries)
+        return self._sub_blocks(rank, queries)[sub].segments
+
+    def _positions(self, part: Part, queries: bool, device: torch.device) -> torch.Tensor:
+        key = ("pos", part, queries)
         if key not in self._cache:
-            segments = self._segments(rank, queries)
             self._cache[key] = torch.cat(
-                [torch.arange(s.start, s.start + s.stride * s.length, s.stride) for s in segments]
+                [
+                    torch.arange(s.start, s.start + s.stride * s.length, s.stride)
+                    for s in self.part_segments(part, queries)
+                ]
             ).to(device)
         return self._cache[key]
 
-    def tiles(self, q_rank: int, k_rank: int) -> tuple[Tile, ...]:
-        """Tiles of ``q_rank``'s queries against ``k_rank``'s keys (planned once per call)."""
-        q_segments, k_segments = self._segments(q_rank, True), self._segments(k_rank, False)
+    def tiles(self, q_part: Part, k_part: Part) -> tuple[Tile, ...]:
+        """Tiles of ``q_part``'s queries against ``k_part``'s keys (planned once per call); a
+        whole shard is cut into bands of :meth:`Granularity.band` tokens."""
+        q_segments = self.part_segments(q_part, True)
+        k_segments = self.part_segments(k_part, False)
+        max_rows, max_cols = self.seq_q_local, self.seq_kv_local
+        if self._pipelined and q_part[1] is None:
+            max_rows = self.granularity.band(self.seq_q_local)
+        if self._pipelined and k_part[1] is None:
+            max_cols = self.granularity.band(self.seq_kv_local)
         if self.mask.only_causal:
-            return _causal_tiles(q_segments, k_segments, self.mask.causal)
-        key = ("tiles", q_rank, k_rank)
+            return _causal_tiles(q_segments, k_segments, self.mask.causal, max_rows, max_cols)
+        key = ("tiles", q_part, k_part)
         if key not in self._cache:
-            self._cache[key] = self.mask.plan(q_segments, k_segments)
+            planned = self.mask.plan(q_segments, k_segments)
+            self._cache[key] = bound_tiles(planned, max_rows, max_cols)
         return self._cache[key]
 
-    def tile_args(self, tile: Tile, q_rank: int, k_rank: int, device: torch.device) -> dict:
+    def tile_args(self, tile: Tile, q_part: Part, k_part: Part, device: torch.device) -> dict:
         """Keyword arguments of the kernel call for ``tile`` (mask and score_mod, if any)."""
         args = {"causal": tile.causal, "scale": self.scale}
         if not tile.masked and self.mask.score_mod is None:
             return args
-        q_pos = self._positions(q_rank, True, device)[tile.q_start : tile.q_end]
-        k_pos = self._positions(k_rank, False, device)[tile.k_start : tile.k_end]
+        q_pos = self._positions(q_part, True, device)[tile.q_start : tile.q_end]
+        k_pos = self._positions(k_part, False, device)[tile.k_start : tile.k_end]
         if tile.masked:
             args["mask"] = self.mask.dense(q_pos, k_pos)
         if self.mask.score_mod is not None:
@@ -128,46 +205,79 @@ class RingPlan:
         return self.masked_kernel if tile.masked or self.mask.score_mod is not None else self.kernel
 
 
+def _gather(t: torch.Tensor, block: SubBlock, dim: int) -> torch.Tensor:
+    """Sub-block ``block`` of ``t`` along ``dim``: a view when it is one piece, else a copy."""
+    views = [t.narrow(dim, start, stop - start) for start, stop in block.pieces]
+    return views[0] if len(views) == 1 else torch.cat(views, dim)
+
+
+def _scatter(dest: torch.Tensor, block: SubBlock, dim: int, values: torch.Tensor) -> None:
+    """Write ``values`` (sub-block ``block`` along ``dim``) into ``dest`` in place."""
+    offset = 0
+    for start, stop in block.pieces:
+        dest.narrow(dim, start, stop - start).copy_(values.narrow(dim, offset, stop - start))
+        offset += stop - start
+
+
+Tensors = Sequence[torch.Tensor]
+
+
 def _ring_loop(
     plan: RingPlan,
     phase: str,
-    travelling: Sequence[torch.Tensor],
-    compute: Callable[[int, Sequence[torch.Tensor]], Sequence[torch.Tensor] | None],
-    combine: Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor]], Sequence[torch.Tensor]]
-    | None = None,
-) -> Sequence[torch.Tensor] | None:
-    """Rotate ``travelling`` once around the ring, calling ``compute(step, block)`` each step.
+    travelling: Tensors,
+    dims: Sequence[int],
+    compute: Callable[[int, int, Tensors], Tensors | None],
+    combine: Callable[[Tensors, Tensors], Tensors] | None = None,
+    deliver: Callable[[int, Tensors], None] | None = None,
+) -> None:
+    """Rotate ``travelling`` (cut along ``dims`` into :attr:`RingPlan.travel_blocks`) once
+    around the ring, one sub-block at a time, calling ``compute(step, j, sub_block)``.
 
-    With ``combine``, ``compute`` returns this rank's contribution for the block's owner; the
-    contributions are folded (``combine(arrived, mine)``) into an accumulator that follows the
-    block one step behind and ends at its owner, which gets it as the return value.
+    Sub-block ``j`` makes its whole turn (steps ``0 .. p-1``) before sub-block ``j + 1`` starts,
+    so what a rank receives is needed at its very next call: two travelling sub-blocks are alive.
+    With ``combine``, ``compute`` returns this rank's contribution for the sub-block's owner. The
+    contributions are folded into an accumulator that follows the sub-block one step behind
+    (``combine(arrived, mine)`` folds ``mine`` into the buffer ``arrived`` and returns it) and
+    reaches the owner after ``p`` steps, which gets it as ``deliver(j, accumulator)``.
     """
     world = plan.comm.world_size
-    timer = StepTimer(phase, travelling[0].device)
-    in_flight = result = None
-    for step in range(world):
-        pending = plan.comm.exchange(travelling, _TRAVEL_TAG) if step < world - 1 else None
-        with timer.computing():
-            contribution = compute(step, travelling)
-        if combine is not None:
-            if in_flight is not None:
-                with timer.waiting():
-                    arrived = in_flight.wait()
-                contribution = combine(arrived, contribution)
-            if world > 1:
-                in_flight = plan.comm.exchange(contribution, _RETURN_TAG)
-                contribution = None  # only the (contiguous) copy in flight stays alive
-            else:
-                result = contribution
-        if pending is not None:
-            with timer.waiting():
-                travelling = pending.wait()
-        timer.finish_step(step)
+    blocks = plan.travel_blocks
+    returns_late = combine is not None and world > 1  # the last return is waited for at step p
+    timer = StepTimer(phase, travelling[0].device, world, world + returns_late, world * len(blocks))
+    in_flight = None
+    for j, sub in enumerate(blocks):
+        block = [_gather(t, sub, dim) for t, dim in zip(travelling, dims, strict=True)]
+        for step in range(world):
+            pending = None
+            if step < world - 1:
+                pending = plan.comm.exchange(block, _TRAVEL_TAG)
+                timer.sent(step, pending.bytes_sent)
+            with timer.computing(step):
+                contribution = compute(step, j, block)
+            if combine is not None:
+                if in_flight is not None:
+                    with timer.waiting(step if step else world):
+                        arrived = in_flight.wait()
+                    if step:
+                        contribution = combine(arrived, contribution)
+                    else:  # what arrived is sub-block j - 1, home after its whole turn
+                        deliver(j - 1, arrived)
+                    del arrived
+                if world > 1:
+                    in_flight = plan.comm.exchange(contribution, _RETURN_TAG)
+                    timer.sent(step, in_flight.bytes_sent)
+                else:
+                    deliver(j, contribution)
+                contribution = None  # only the copy in flight stays alive
+            if pending is not None:
+                with timer.waiting(step):
+                    block = pending.wait()
+            timer.unit_done(step)
     if in_flight is not None:
-        with timer.waiting():
-            result = in_flight.wait()
-        timer.finish_step(world)
-    return result
+        with timer.waiting(world):
+            deliver(len(blocks) - 1, in_flight.wait())
+    timer.finish()
 
 
 Output = tuple[torch.Tensor, torch.Tensor]
@@ -187,16 +297,16 @@ def _covers(index: slice, like: torch.Tensor) -> bool:
     return index.start == 0 and index.stop == like.shape[1]
 
 
-def _attend(plan, q_rank, k_rank, q, k, v, acc: Output | None) -> Output | None:
-    """Merge the attention of ``q`` (``q_rank``'s block) over ``k``/``v`` into ``acc``.
+def _attend(plan, q_part: Part, k_part: Part, q, k, v, acc: Output | None) -> Output | None:
+    """Merge the attention of ``q`` (``q_part``'s queries) over ``k``/``v`` into ``acc``.
 
     ``acc`` is ``None`` until something is merged: an unmasked tile over all rows then becomes
     the accumulator itself instead of being merged into zeros (one block of memory less, e.g.
     a whole world of one). Returns the accumulator, still ``None`` if every tile was hidden.
     """
-    for t in plan.tiles(q_rank, k_rank):
+    for t in plan.tiles(q_part, k_part):
         rows, cols = slice(t.q_start, t.q_end), slice(t.k_start, t.k_end)
-        args = plan.tile_args(t, q_rank, k_rank, q.device)
+        args = plan.tile_args(t, q_part, k_part, q.device)
         out_t, lse_t = plan.kernel_for(t).forward(q[:, rows], k[:, cols], v[:, cols], **args)
         if "mask" in args:  # rows the tile hides entirely carry no probability mass
             lse_t = lse_t.masked_fill(~args["mask"].any(-1), float("-inf"))
@@ -207,6 +317,7 @@ def _attend(plan, q_rank, k_rank, q, k, v, acc: Output | None) -> Output | None:
         if acc is None:
             acc = _new_output(q)
         merge_partial(acc[0][:, rows], acc[1][:, :, rows], out_t, lse_t)
+        del out_t, lse_t  # before the next call allocates its own
     return acc
 
 
@@ -222,16 +333,35 @@ def _add(acc: torch.Tensor | None, part: torch.Tensor, index: slice, like: torch
     return acc
 
 
-def _merge_returned(arrived, mine):
-    out, lse = mine
-    merge_partial(out, lse, *arrived)
-    return out, lse
+def _merge_into_arrived(arrived: Tensors, mine: Tensors) -> Tensors:
+    merge_partial(arrived[0], arrived[1], *mine)
+    return arrived
 
 
-def _sum_returned(arrived, mine):
-    for total, part in zip(mine, arrived, strict=True):
+def _sum_into_arrived(arrived: Tensors, mine: Tensors) -> Tensors:
+    for total, part in zip(arrived, mine, strict=True):
         total += part
-    return mine
+    return arrived
+
+
+def _or_zeros(acc: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """``acc``, or zeros shaped like ``like`` in the accumulator dtype where nothing was added
+    (every key hidden)."""
+    if acc is not None:
+        return acc
+    return torch.zeros(like.shape, dtype=accumulator_dtype(like.dtype), device=like.device)
+
+
+def _delivery(plan: RingPlan, destinations: Sequence[tuple[torch.Tensor, int]]):
+    """``deliver`` for :func:`_ring_loop`: write sub-block ``j`` of each returned tensor into
+    its destination (tensor, sequence dim), converting to the destination's dtype."""
+    blocks = plan.travel_blocks
+
+    def deliver(j: int, returned: Tensors) -> None:
+        for (dest, dim), values in zip(destinations, returned, strict=True):
+            _scatter(dest, blocks[j], dim, values)
+
+    return deliver
 
 
 def ring_forward(
@@ -243,30 +373,35 @@ def ring_forward(
     if plan.rotation == "kv":
         acc: Output | None = None
 
-        def attend_block(step, kv):
+        def attend_block(step, j, kv):
             nonlocal acc
-            acc = _attend(plan, rank, plan.source(step), q, *kv, acc)
+            acc = _attend(plan, (rank, None), (plan.source(step), j), q, *kv, acc)
 
-        _ring_loop(plan, "forward", (k, v), attend_block)
+        _ring_loop(plan, "forward", (k, v), (1, 1), attend_block)
         out, lse = acc if acc is not None else _new_output(q)
-    else:
+        return out.to(q.dtype).contiguous(), lse
 
-        def visit(step, block):
-            return _attend(plan, plan.source(step), rank, block[0], k, v, None) or _new_output(
-                block[0]
-            )
+    def visit(step, j, block):
+        (q_b,) = block
+        found = _attend(plan, (plan.source(step), j), (rank, None), q_b, k, v, None)
+        return found or _new_output(q_b)
 
-        out, lse = _ring_loop(plan, "forward", (q,), visit, _merge_returned)
-    return out.to(q.dtype).contiguous(), lse
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(
+        q.shape[0], q.shape[2], q.shape[1], dtype=accumulator_dtype(q.dtype), device=q.device
+    )
+    deliver = _delivery(plan, ((out, 1), (lse, 2)))
+    _ring_loop(plan, "forward", (q,), (1,), visit, _merge_into_arrived, deliver)
+    return out, lse
 
 
 Grads = list[torch.Tensor | None]
 """``[dq, dk, dv]`` accumulators (``None`` until something is added, see :func:`_add`)."""
 
 
-def _tile_grads(plan, q_rank, k_rank, dout, q, k, v, out, lse, acc: Grads) -> None:
-    """Add the gradients of ``q_rank``'s queries against ``k_rank``'s keys to ``acc``."""
-    for t in plan.tiles(q_rank, k_rank):
+def _tile_grads(plan, q_part, k_part, dout, q, k, v, out, lse, acc: Grads) -> None:
+    """Add the gradients of ``q_part``'s queries against ``k_part``'s keys to ``acc``."""
+    for t in plan.tiles(q_part, k_part):
         rows, cols = slice(t.q_start, t.q_end), slice(t.k_start, t.k_end)
         dq_t, dk_t, dv_t = plan.kernel_for(t).backward(
             dout[:, rows],
@@ -275,11 +410,12 @@ def _tile_grads(plan, q_rank, k_rank, dout, q, k, v, out, lse, acc: Grads) -> No
             v[:, cols],
             out[:, rows],
             lse[:, :, rows],
-            **plan.tile_args(t, q_rank, k_rank, q.device),
+            **plan.tile_args(t, q_part, k_part, q.device),
         )
         acc[0] = _add(acc[0], dq_t, rows, q)
         acc[1] = _add(acc[1], dk_t, cols, k)
         acc[2] = _add(acc[2], dv_t, cols, v)
+        del dq_t, dk_t, dv_t  # before the next call allocates its own
 
 
 def ring_backward(
@@ -293,39 +429,40 @@ def ring_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``dq, dk, dv`` (in the inputs' dtypes) of this rank's shard."""
     rank = plan.comm.rank
-    acc_dtype = accumulator_dtype(q.dtype)
     # A row that saw no key (lse = -inf) must get P = exp(S - lse) = 0 in every tile: use +inf.
     lse = lse.masked_fill(lse == float("-inf"), float("inf"))
-
-    def or_zeros(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-        """``grad``, or zeros shaped like ``like`` where nothing was added (all keys hidden)."""
-        return grad if grad is not None else like.new_zeros(like.shape, dtype=acc_dtype)
-
     acc: Grads = [None, None, None]  # dq, dk, dv of the tensors that stay on this rank
     if plan.rotation == "kv":
 
-        def visit(step, block):
+        def visit(step, j, block):
             k_b, v_b = block
-            _tile_grads(plan, rank, plan.source(step), dout, q, k_b, v_b, out, lse, acc)
-            dk_b, dv_b = or_zeros(acc[1], k_b), or_zeros(acc[2], v_b)
-            acc[1:] = None, None  # handed to the ring: the next block starts afresh
+            _tile_grads(
+                plan, (rank, None), (plan.source(step), j), dout, q, k_b, v_b, out, lse, acc
+            )
+            dk_b, dv_b = _or_zeros(acc[1], k_b), _or_zeros(acc[2], v_b)
+            acc[1:] = None, None  # handed to the ring: the next sub-block starts afresh
             return dk_b, dv_b
 
-        dk, dv = _ring_loop(plan, "backward", (k, v), visit, _sum_returned)
-        dq = acc[0]
-    else:
+        dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (k, v))
+        deliver = _delivery(plan, ((dk, 1), (dv, 1)))
+        _ring_loop(plan, "backward", (k, v), (1, 1), visit, _sum_into_arrived, deliver)
+        return _or_zeros(acc[0], q).to(q.dtype), dk, dv
 
-        def visit(step, block):
-            q_b, dout_b, out_b, lse_b = block
-            _tile_grads(plan, plan.source(step), rank, dout_b, q_b, k, v, out_b, lse_b, acc)
-            dq_b = or_zeros(acc[0], q_b)
-            acc[0] = None  # handed to the ring: the next block starts afresh
-            return (dq_b,)
+    def visit(step, j, block):
+        q_b, dout_b, out_b, lse_b = block
+        _tile_grads(
+            plan, (plan.source(step), j), (rank, None), dout_b, q_b, k, v, out_b, lse_b, acc
+        )
+        dq_b = _or_zeros(acc[0], q_b)
+        acc[0] = None  # handed to the ring: the next sub-block starts afresh
+        return (dq_b,)
 
-        (dq,) = _ring_loop(plan, "backward", (q, dout, out, lse), visit, _sum_returned)
-        dk, dv = acc[1], acc[2]
-    dq, dk, dv = or_zeros(dq, q), or_zeros(dk, k), or_zeros(dv, v)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    deliver = _delivery(plan, ((dq, 1),))
+    _ring_loop(
+        plan, "backward", (q, dout, out, lse), (1, 1, 1, 2), visit, _sum_into_arrived, deliver
+    )
+    return dq, _or_zeros(acc[1], k).to(k.dtype), _or_zeros(acc[2], v).to(v.dtype)
 
 
 class RingAttentionFunction(torch.autograd.Function):

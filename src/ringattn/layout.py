@@ -87,6 +87,46 @@ def _segments(name: str, rank: int, world_size: int, seq_local: int) -> tuple[Se
     return (Segment(rank, world_size, seq_local),)
 
 
+@dataclass(frozen=True)
+class SubBlock:
+    """Part ``j`` of ``count`` of a shard: the ``j``-th of ``count`` near-equal pieces of every
+    segment, concatenated in segment order.
+
+    ``pieces`` are ``[start, stop)`` ranges of local indices in the shard; ``segments`` are their
+    global positions. Cutting every segment (rather than the shard as one range) keeps each
+    sub-block a miniature of the shard: under zigzag every sub-block holds early *and* late
+    tokens, so the causal work of a sub-block is the same on every rank, as it is for whole shards.
+    """
+
+    pieces: tuple[tuple[int, int], ...]
+    segments: tuple[Segment, ...]
+
+    @property
+    def length(self) -> int:
+        return sum(stop - start for start, stop in self.pieces)
+
+
+@functools.lru_cache(maxsize=4096)
+def sub_blocks(segments: tuple[Segment, ...], count: int) -> tuple[SubBlock, ...]:
+    """Cut a shard with ``segments`` into at most ``count`` non-empty :class:`SubBlock` s.
+
+    The cut depends only on the segments' lengths, so shards whose segments have equal lengths
+    (every rank of a built-in layout) are cut at the same local indices.
+    """
+    blocks = []
+    for j in range(count):
+        pieces, parts, offset = [], [], 0
+        for seg in segments:
+            first, last = j * seg.length // count, (j + 1) * seg.length // count
+            if last > first:
+                pieces.append((offset + first, offset + last))
+                parts.append(Segment(seg.start + seg.stride * first, seg.stride, last - first))
+            offset += seg.length
+        if pieces:
+            blocks.append(SubBlock(tuple(pieces), tuple(parts)))
+    return tuple(blocks)
+
+
 LAYOUTS: dict[str, Layout] = {name: Layout(name) for name in ("contiguous", "zigzag", "striped")}
 
 

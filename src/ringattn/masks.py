@@ -135,6 +135,50 @@ def plan_tiles(
     return tuple(_coalesce(tiles))
 
 
+def _split_rows(tile: Tile, rows: int) -> list[Tile]:
+    """``tile`` cut into row bands of at most ``rows``. A band ``[a, b)`` of a causal square sees
+    the square's columns before ``a`` in full and is itself a causal square on ``[a, b)``."""
+    out = []
+    for a in range(0, tile.q_end - tile.q_start, rows):
+        b = min(a + rows, tile.q_end - tile.q_start)
+        q0, q1 = tile.q_start + a, tile.q_start + b
+        if not tile.causal:
+            out.append(Tile(q0, q1, tile.k_start, tile.k_end, masked=tile.masked))
+            continue
+        if a:
+            out.append(Tile(q0, q1, tile.k_start, tile.k_start + a))
+        out.append(Tile(q0, q1, tile.k_start + a, tile.k_start + b, causal=True))
+    return out
+
+
+def _split_cols(tile: Tile, cols: int) -> list[Tile]:
+    """``tile`` cut into column bands of at most ``cols``. A band ``[a, b)`` of a causal square is
+    a causal square for the rows ``[a, b)`` and fully visible to the rows after ``b``."""
+    out = []
+    width = tile.k_end - tile.k_start
+    for a in range(0, width, cols):
+        b = min(a + cols, width)
+        k0, k1 = tile.k_start + a, tile.k_start + b
+        if not tile.causal:
+            out.append(Tile(tile.q_start, tile.q_end, k0, k1, masked=tile.masked))
+            continue
+        out.append(Tile(tile.q_start + a, tile.q_start + b, k0, k1, causal=True))
+        if b < width:
+            out.append(Tile(tile.q_start + b, tile.q_end, k0, k1))
+    return out
+
+
+def bound_tiles(tiles: tuple[Tile, ...], max_rows: int, max_cols: int) -> tuple[Tile, ...]:
+    """The same (query, key) pairs as ``tiles``, in tiles of at most ``max_rows x max_cols``, so
+    that a kernel call's outputs and transients stay that small."""
+    return tuple(
+        piece
+        for tile in tiles
+        for band in _split_rows(tile, max_rows)
+        for piece in _split_cols(band, max_cols)
+    )
+
+
 @functools.lru_cache(maxsize=4096)
 def ring_tiles(
     layout_name: str, world_size: int, q_rank: int, k_rank: int, seq_local: int, causal: bool

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -77,15 +77,69 @@ def record_ring() -> Iterator[RingTrace]:
         _ACTIVE.reset(token)
 
 
-class StepTimer:
-    """Times the compute and the waits of one ring step when a trace is active."""
+@dataclass(frozen=True)
+class RingProgress:
+    """How far one ring pass of this rank has got (see :func:`report_progress`)."""
 
-    def __init__(self, phase: str, device: torch.device):
+    phase: str
+    """"forward" or "backward"."""
+    done: int
+    """Sub-block steps finished (a ring step of ``p`` is ``sub_blocks`` of them)."""
+    total: int
+    step: int
+    """Ring step (0-based, of ``world_size``) of the sub-block step just finished."""
+    world_size: int
+    elapsed_s: float
+
+    @property
+    def remaining_s(self) -> float:
+        """Linear estimate of the seconds left in this pass."""
+        return self.elapsed_s * (self.total - self.done) / max(self.done, 1)
+
+    def __str__(self) -> str:
+        return (
+            f"{self.phase}: ring step {self.step + 1}/{self.world_size} "
+            f"({100 * self.done / self.total:.0f}%), {self.elapsed_s:.0f} s elapsed, "
+            f"~{self.remaining_s:.0f} s left"
+        )
+
+
+_PROGRESS: contextvars.ContextVar[tuple[Callable[[RingProgress], None], float] | None] = (
+    contextvars.ContextVar("ringattn_progress", default=None)
+)
+
+
+@contextlib.contextmanager
+def report_progress(
+    callback: Callable[[RingProgress], None] = print, every_s: float = 10.0
+) -> Iterator[None]:
+    """Call ``callback(RingProgress)`` from inside every ring pass in the block, at most once every
+    ``every_s`` seconds and once at the end of each pass — for runs that take minutes.
+
+        with ringattn.report_progress(every_s=30):   # prints "forward: ring step 2/4 (38%) ..."
+            out = ringattn.ring_attention(q, k, v, causal=True)
+    """
+    token = _PROGRESS.set((callback, every_s))
+    try:
+        yield
+    finally:
+        _PROGRESS.reset(token)
+
+
+class StepTimer:
+    """Per-step compute time, waiting time and bytes of one ring pass, when a trace is active,
+    and progress reports, when asked for. A ring step is made of several sub-block steps,
+    possibly interleaved with other steps' sub-blocks: every measurement names its step."""
+
+    def __init__(self, phase: str, device: torch.device, world_size: int, steps: int, units: int):
         self.trace = current_trace()
+        self.world_size = world_size
         self.phase = phase
         self.sync = device.type == "cuda"
-        self.compute_s = self.wait_s = 0.0
-        self._bytes_mark = self.trace.bytes_sent if self.trace else 0
+        self.records = [StepRecord(phase, s, 0.0, 0.0, 0) for s in range(steps)]
+        self.units, self.done = units, 0
+        self.progress = _PROGRESS.get()
+        self.start = self.last_report = time.perf_counter()
 
     def _now(self) -> float:
         if self.sync:
@@ -93,26 +147,41 @@ class StepTimer:
         return time.perf_counter()
 
     @contextlib.contextmanager
-    def _timed(self, field: str) -> Iterator[None]:
+    def _timed(self, step: int, field: str) -> Iterator[None]:
         if self.trace is None:
             yield
             return
         start = self._now()
         yield
-        setattr(self, field, getattr(self, field) + self._now() - start)
+        record = self.records[step]
+        setattr(record, field, getattr(record, field) + self._now() - start)
 
-    def computing(self) -> contextlib.AbstractContextManager[None]:
-        """Time the block as compute of the current step."""
-        return self._timed("compute_s")
+    def computing(self, step: int) -> contextlib.AbstractContextManager[None]:
+        """Time the block as compute of ring step ``step``."""
+        return self._timed(step, "compute_s")
 
-    def waiting(self) -> contextlib.AbstractContextManager[None]:
-        """Time the block as waiting on communication in the current step."""
-        return self._timed("wait_s")
+    def waiting(self, step: int) -> contextlib.AbstractContextManager[None]:
+        """Time the block as waiting on communication in ring step ``step``."""
+        return self._timed(step, "wait_s")
 
-    def finish_step(self, step: int) -> None:
-        if self.trace is None:
+    def sent(self, step: int, nbytes: int) -> None:
+        self.records[step].bytes_sent += nbytes
+
+    def unit_done(self, step: int) -> None:
+        """A sub-block step of ring step ``step`` finished: report progress if it is time."""
+        self.done += 1
+        if self.progress is None:
             return
-        sent = self.trace.bytes_sent - self._bytes_mark
-        self.trace.steps.append(StepRecord(self.phase, step, self.compute_s, self.wait_s, sent))
-        self.compute_s = self.wait_s = 0.0
-        self._bytes_mark = self.trace.bytes_sent
+        callback, every_s = self.progress
+        now = time.perf_counter()
+        if now - self.last_report >= every_s or self.done == self.units:
+            self.last_report = now
+            callback(
+                RingProgress(
+                    self.phase, self.done, self.units, step, self.world_size, now - self.start
+                )
+            )
+
+    def finish(self) -> None:
+        if self.trace is not None:
+            self.trace.steps.extend(self.records)
