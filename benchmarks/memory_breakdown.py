@@ -14,7 +14,6 @@ tracks live tensors.
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 import torch.distributed as dist
@@ -23,7 +22,7 @@ import ringattn
 from ringattn.cli import parse_tokens
 from ringattn.launch import init_worker, run_on_ranks
 from ringattn.layout import get_layout
-from ringattn.memory import PeakMemory
+from ringattn.memory import PeakMemory, steady_rss_for_children
 from ringattn.workload import Workload, time_single_process
 
 _MIB = 2**20
@@ -64,7 +63,7 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--no-causal", dest="causal", action="store_false")
     args = parser.parse_args()
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # inherited by the workers
+    steady_rss_for_children()
     workload = Workload(
         seq_len=args.seq_len,
         heads=args.heads,

@@ -9,11 +9,17 @@ over-estimate.
 
 from __future__ import annotations
 
+import os
 import re
 import resource
 from pathlib import Path
 
 import torch
+
+MMAP_THRESHOLD = "65536"
+"""``MALLOC_MMAP_THRESHOLD_`` for measured processes: glibc then maps every buffer above 64 KiB
+on its own and unmaps it when freed, so the resident set tracks live tensors instead of what
+the allocator keeps for reuse (first touches cost a little time: page faults)."""
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -63,3 +69,10 @@ class PeakMemory:
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             )
         self.bytes = max(0, peak - self._base)
+
+
+def steady_rss_for_children() -> None:
+    """Make processes started from now on return freed buffers at once (see
+    :data:`MMAP_THRESHOLD`), unless the user set ``MALLOC_MMAP_THRESHOLD_`` already. glibc reads
+    it at start-up, so it affects child processes (the ranks), not this one."""
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", MMAP_THRESHOLD)

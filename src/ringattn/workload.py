@@ -81,16 +81,37 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def tensor_bytes(tensors) -> int:
+    """Bytes held by ``tensors`` (an iterable of tensors)."""
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 @dataclass
 class Timing:
-    """Median seconds over the timed repeats, peak memory above entry, and the last outputs."""
+    """Median seconds over the timed repeats, peak memory above entry, and the last outputs.
+
+    ``input_bytes`` counts ``q, k, v, dout``, which exist before the measurement starts:
+    ``peak_bytes + input_bytes`` is what the run costs a user (:attr:`total_peak_bytes`).
+    """
 
     forward_s: float
     backward_s: float
     peak_bytes: int
     memory_method: str
     outputs: dict[str, torch.Tensor]
+    input_bytes: int = 0
     trace: RingTrace | None = None
+
+    @property
+    def total_peak_bytes(self) -> int:
+        """Peak memory including the inputs."""
+        return self.peak_bytes + self.input_bytes
+
+
+def context_scaling(single_total_bytes: float, ring_total_bytes: float, world_size: int) -> float:
+    """How much of the ideal ``p``-fold context the ring delivers for a fixed memory budget:
+    ``mem(1) / (p * mem(p))``, both peaks including the inputs (1.0 = proportional)."""
+    return single_total_bytes / (world_size * ring_total_bytes)
 
 
 def time_ring(
@@ -139,6 +160,7 @@ def time_ring(
         peak.bytes,
         peak.method,
         outputs,
+        tensor_bytes(inputs[n] for n in ("q", "k", "v", "dout")),
         trace,
     )
 
@@ -176,5 +198,10 @@ def time_single_process(
     finally:
         torch.set_num_threads(previous_threads)
     return Timing(
-        statistics.median(forward), statistics.median(backward), peak.bytes, peak.method, outputs
+        statistics.median(forward),
+        statistics.median(backward),
+        peak.bytes,
+        peak.method,
+        outputs,
+        tensor_bytes((q, k, v, dout)),
     )
