@@ -18,28 +18,19 @@ import argparse
 import torch
 import torch.distributed as dist
 
-import ringattn
 from ringattn.cli import parse_tokens
 from ringattn.launch import init_worker, run_on_ranks
 from ringattn.layout import get_layout
-from ringattn.memory import PeakMemory, steady_rss_for_children
-from ringattn.workload import Workload, time_single_process
+from ringattn.memory import steady_rss_for_children
+from ringattn.workload import (
+    Workload,
+    context_scaling,
+    measure_ring_memory,
+    tensor_bytes,
+    time_single_process,
+)
 
 _MIB = 2**20
-
-
-def _peaks(workload: Workload, inputs: dict) -> tuple[int, int]:
-    """(forward peak, backward peak) bytes of one ring forward + backward on ``inputs``."""
-    q, k, v = (inputs[name].detach().requires_grad_() for name in "qkv")
-    warm = [t[:, :256].detach().requires_grad_() for t in (q, k, v)]
-    warm_out = ringattn.ring_attention(*warm, causal=workload.causal, layout=workload.layout)
-    torch.autograd.grad(warm_out, warm, torch.ones_like(warm_out))
-    del warm, warm_out
-    with PeakMemory() as forward:
-        out = ringattn.ring_attention(q, k, v, causal=workload.causal, layout=workload.layout)
-    with PeakMemory() as backward:
-        torch.autograd.grad(out, (q, k, v), inputs["dout"])
-    return forward.bytes, backward.bytes
 
 
 def _worker(workload: Workload) -> dict:
@@ -47,11 +38,18 @@ def _worker(workload: Workload) -> dict:
     torch.set_num_threads(1)
     rank, world = dist.get_rank(), dist.get_world_size()
     positions = get_layout(workload.layout).positions(rank, world, workload.seq_len // world)
-    forward, backward = _peaks(workload, workload.inputs(positions, torch.device("cpu")))
+    inputs = workload.inputs(positions, torch.device("cpu"))
+    memory = measure_ring_memory(workload, inputs)
     gathered: list = [None] * world
-    dist.all_gather_object(gathered, (forward, backward))
+    dist.all_gather_object(gathered, (memory, tensor_bytes(inputs.values())))
     dist.destroy_process_group()
-    return {"world": world, "peaks": gathered}
+    return gathered
+
+
+def _single_worker(workload: Workload) -> int:
+    """Peak including the inputs of one process running the kernel over the whole sequence."""
+    time_single_process(workload, torch.device("cpu"), threads=1)  # warm-up
+    return time_single_process(workload, torch.device("cpu"), threads=1).total_peak_bytes
 
 
 def main() -> None:
@@ -61,6 +59,7 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--no-causal", dest="causal", action="store_false")
     args = parser.parse_args()
     steady_rss_for_children()
@@ -69,32 +68,34 @@ def main() -> None:
         heads=args.heads,
         kv_heads=args.kv_heads,
         head_dim=args.head_dim,
+        dtype=args.dtype,
         causal=args.causal,
     )
     print(
         f"{args.seq_len:,} tokens, heads {args.heads} (kv {args.kv_heads}), d={args.head_dim}, "
-        f"fp32, {'causal' if args.causal else 'full'}, zigzag; MiB above the inputs "
-        "(backward: above the end of the forward pass, which holds the output)"
+        f"{args.dtype}, {'causal' if args.causal else 'full'}, zigzag. MiB; fwd/bwd: peak above "
+        "the pass's start; peak: above the inputs; added: beyond out, lse, dq, dk, dv, in "
+        "q-shards (this rank's q in bytes); the most loaded rank"
     )
+    single = run_on_ranks(_single_worker, (workload,), 1)[0]
+    print(f"one process over all {args.seq_len:,} tokens: {single / _MIB:.1f} MiB with its inputs")
     print(
-        f"{'p':>3} {'tokens/rank':>12} {'q-shard MiB':>12} {'fwd peak':>9} {'bwd peak':>9} "
-        f"{'peak':>8} {'in q-shards':>12} {'vs one process':>15}"
+        f"{'p':>3} {'tokens/rank':>12} {'q-shard':>8} {'fwd':>7} {'bwd':>7} {'peak':>7} "
+        f"{'added':>6} {'inputs':>7} {'with inputs':>12} {'context scaling':>16}"
     )
-    time_single_process(workload, torch.device("cpu"), threads=1)  # warm-up
-    single_total = time_single_process(workload, torch.device("cpu"), threads=1).peak_bytes
+    element = torch.empty((), dtype=workload.torch_dtype).element_size()
     for world in (int(x) for x in args.world_sizes.split(",")):
-        result = run_on_ranks(_worker, (workload,), world)[0]
+        ranks = run_on_ranks(_worker, (workload,), world)[0]
+        memory, inputs = max(ranks, key=lambda r: r[0].peak + r[1])
         local = args.seq_len // world
-        unit = local * args.heads * args.head_dim * 4
-        forward = max(f for f, _ in result["peaks"])  # the most loaded rank
-        backward = max(b for _, b in result["peaks"])
-        total = max(forward, backward + unit)  # the output (one q-shard) lives on in backward
+        unit = local * args.heads * args.head_dim * element
+        total = memory.peak + inputs
         print(
-            f"{world:>3} {local:>12,} {unit / _MIB:>12.1f} {forward / _MIB:>9.1f} "
-            f"{backward / _MIB:>9.1f} {total / _MIB:>8.1f} {total / unit:>12.1f} "
-            f"{total / single_total:>15.2f}"
+            f"{world:>3} {local:>12,} {unit / _MIB:>8.1f} {memory.forward / _MIB:>7.1f} "
+            f"{memory.backward / _MIB:>7.1f} {memory.peak / _MIB:>7.1f} "
+            f"{memory.added / unit:>6.2f} {inputs / _MIB:>7.1f} {total / _MIB:>12.1f} "
+            f"{context_scaling(single, total, world):>16.2f}"
         )
-    print(f"one process over all {args.seq_len:,} tokens: peak {single_total / _MIB:.1f} MiB")
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import ringattn
-from ringattn.layout import LAYOUTS
-from ringattn.masks import Tile, plan_tiles, ring_tiles, split_shifted_causal
+from ringattn.layout import LAYOUTS, sub_blocks
+from ringattn.masks import Tile, bound_tiles, plan_tiles, ring_tiles, split_shifted_causal
 
 LAYOUT_NAMES = ("contiguous", "zigzag", "striped")
 
@@ -251,3 +251,62 @@ def test_ring_tiles_paint_the_global_causal_mask(layout):
                 assert grid == want, (layout, world, seq_local, q_rank, k_rank)
                 full = ring_tiles(layout, world, q_rank, k_rank, seq_local, False)
                 assert _paint(full, seq_local, seq_local) == [[1] * seq_local] * seq_local
+
+
+@pytest.mark.parametrize("layout", LAYOUT_NAMES)
+def test_sub_blocks_partition_every_shard_at_the_same_indices(layout):
+    """Sub-blocks cover each local index once, in order; their segments are the positions at
+    those indices; every rank is cut at the same indices (the receiver knows the shapes)."""
+    chosen = LAYOUTS[layout]
+    for world, seq_local, count in itertools.product(range(1, 6), (1, 2, 6, 7, 34), range(1, 6)):
+        if seq_local % chosen.local_multiple(world):
+            continue
+        cuts = set()
+        for rank in range(world):
+            blocks = sub_blocks(chosen.segments(rank, world, seq_local), count)
+            assert 1 <= len(blocks) <= count and all(b.length > 0 for b in blocks)
+            indices = [i for b in blocks for start, stop in b.pieces for i in range(start, stop)]
+            positions = chosen.positions(rank, world, seq_local).tolist()
+            for b in blocks:
+                local = [i for start, stop in b.pieces for i in range(start, stop)]
+                assert [positions[i] for i in local] == [
+                    pos for seg in b.segments for pos in seg.positions()
+                ]
+            assert sorted(indices) == list(range(seq_local)), (world, seq_local, count, rank)
+            cuts.add(tuple(b.pieces for b in blocks))
+        assert len(cuts) == 1, f"ranks cut differently: {cuts}"
+
+
+@pytest.mark.parametrize("world", range(2, 6))
+def test_zigzag_sub_blocks_carry_equal_causal_work_on_every_rank(world):
+    """At every (step, sub-block) each rank computes the same number of pairs, so cutting
+    blocks keeps zigzag's balance step by step (no rank waits on a busier neighbour)."""
+    zigzag, seq_local, count = LAYOUTS["zigzag"], 48, 4
+    for step in range(world):
+        for j in range(count):
+            work = set()
+            for rank in range(world):
+                source = zigzag.segments((rank - step) % world, world, seq_local)
+                tiles = plan_tiles(
+                    zigzag.segments(rank, world, seq_local),
+                    sub_blocks(source, count)[j].segments,
+                    True,
+                )
+                work.add(sum(t.work for t in tiles))
+            assert len(work) == 1, (step, j, work)
+
+
+def test_bound_tiles_keep_every_pair_in_small_tiles():
+    rng = random.Random(1)
+    for _ in range(300):
+        len_q, len_k = rng.randint(1, 20), rng.randint(1, 20)
+        masked = rng.random() < 0.3
+        tiles = split_shifted_causal(len_q, len_k, rng.randint(-25, 25))
+        if masked:
+            tiles = [Tile(0, len_q, 0, len_k, masked=True)]
+        max_rows, max_cols = rng.randint(1, 8), rng.randint(1, 8)
+        bounded = bound_tiles(tuple(tiles), max_rows, max_cols)
+        assert _paint(bounded, len_q, len_k) == _paint(tiles, len_q, len_k)
+        for t in bounded:
+            assert t.q_end - t.q_start <= max_rows and t.k_end - t.k_start <= max_cols, t
+            assert t.masked == masked, t

@@ -13,9 +13,11 @@ from helpers import random_qkv, reference_attention, relative_error
 import ringattn
 import ringattn.comm
 from ringattn.kernels.cpu_flash import CpuFlashKernel
-from ringattn.masks import ring_tiles
+from ringattn.layout import LAYOUTS, sub_blocks
+from ringattn.masks import bound_tiles, plan_tiles
 
 BATCH, SEQ_LOCAL, HEADS_Q, HEADS_KV, DIM = 1, 4, 8, 2, 16
+FINE = ringattn.Granularity(sub_blocks=3, min_tokens=1)
 
 
 def _run(pools, world, fn, *args):
@@ -25,13 +27,13 @@ def _run(pools, world, fn, *args):
     return pools(world).run(fn, *args)
 
 
-def _traced_job(rank, world, dtype_name):
+def _traced_job(rank, world, dtype_name, granularity):
     """Forward + backward of a GQA ring call under record_ring; returns the step records."""
     dtype = getattr(torch, dtype_name)
     q, k, v, dout = random_qkv(BATCH, SEQ_LOCAL * world, HEADS_Q, HEADS_KV, DIM, seed=3)
     local = [ringattn.shard(t, "zigzag").to(dtype).requires_grad_() for t in (q, k, v)]
     with ringattn.record_ring() as trace:
-        out = ringattn.ring_attention(*local, causal=True, layout="zigzag")
+        out = ringattn.ring_attention(*local, causal=True, layout="zigzag", granularity=granularity)
         out.backward(ringattn.shard(dout, "zigzag").to(dtype))
     assert all(s.compute_s >= 0 and s.wait_s >= 0 for s in trace.steps)
     steps = [(s.phase, s.step, s.bytes_sent) for s in trace.steps]
@@ -40,9 +42,11 @@ def _traced_job(rank, world, dtype_name):
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
-def test_bytes_per_step(pools, world, dtype_name):
+@pytest.mark.parametrize("granularity", [None, FINE], ids=["whole", "sub-blocks"])
+def test_bytes_per_step(pools, world, dtype_name, granularity):
     """Forward steps but the last send one K and one V block of heads_kv heads; backward sends
-    K/V the same way plus the float32 dK/dV accumulators, which finish one step later."""
+    K/V the same way plus the float32 dK/dV accumulators, which finish one step later. Cut into
+    sub-blocks, a step sends the same bytes in pieces."""
     element = torch.empty(0, dtype=getattr(torch, dtype_name)).element_size()
     block = BATCH * SEQ_LOCAL * HEADS_KV * DIM
     kv, grads = 2 * block * element, 2 * block * 4
@@ -53,7 +57,7 @@ def test_bytes_per_step(pools, world, dtype_name):
         backward = [("backward", s, (kv if s < world - 1 else 0) + grads) for s in range(world)]
         backward.append(("backward", world, 0))
     total = sum(b for _, _, b in forward + backward)
-    for steps, sent, summed in _run(pools, world, _traced_job, dtype_name):
+    for steps, sent, summed in _run(pools, world, _traced_job, dtype_name, granularity):
         assert steps == forward + backward
         assert sent == total and summed == total
 
@@ -73,7 +77,7 @@ class LoggingKernel(CpuFlashKernel):
         return super().backward(*args, **kwargs)
 
 
-def _overlap_job(rank, world, layout):
+def _overlap_job(rank, world, layout, seq_local, granularity):
     """Log exchanges, waits and kernel calls of one forward + backward ring call."""
     events = []
     comm_cls, pending_cls = ringattn.comm.RingComm, ringattn.comm.PendingExchange
@@ -89,7 +93,7 @@ def _overlap_job(rank, world, layout):
         events.append(("wait", self.logged_tag))
         return wait(self)
 
-    q, k, v, dout = random_qkv(1, SEQ_LOCAL * world, 4, 2, 8, seed=9)
+    q, k, v, dout = random_qkv(1, seq_local * world, 4, 2, 8, seed=9)
     full = [t.clone().requires_grad_() for t in (q, k, v)]
     ref_out, _ = reference_attention(*full, True)
     ref_grads = torch.autograd.grad(ref_out, full, dout)
@@ -97,7 +101,11 @@ def _overlap_job(rank, world, layout):
     comm_cls.exchange, pending_cls.wait = logged_exchange, logged_wait
     try:
         out = ringattn.ring_attention(
-            *local, causal=True, layout=layout, kernel=LoggingKernel(events)
+            *local,
+            causal=True,
+            layout=layout,
+            kernel=LoggingKernel(events),
+            granularity=granularity,
         )
         events.append(("backward pass",))
         grads = torch.autograd.grad(out, local, ringattn.shard(dout, layout))
@@ -115,47 +123,53 @@ def _overlap_job(rank, world, layout):
     return named, worst
 
 
-def _expected_events(layout, world, rank):
-    """The event order the engine promises: each exchange posted before that step's kernels,
-    waited on after them; backward grads travel one step behind the keys/values."""
-    tiles = [
-        len(ring_tiles(layout, world, rank, (rank - s) % world, SEQ_LOCAL, True))
-        for s in range(world)
-    ]
+def _expected_events(layout, world, rank, seq_local, granularity):
+    """The event order the engine promises: sub-block j of every block makes its whole turn
+    before sub-block j + 1; each step's exchange is posted before its kernels and waited on
+    after them; backward grads travel one step behind the keys/values."""
+    chosen = LAYOUTS[layout]
+    q_segments = chosen.segments(rank, world, seq_local)
+    band = granularity.band(seq_local)
     forward, backward = [], []
-    for s in range(world):
-        last = s == world - 1
-        forward += [] if last else [("exchange", "kv")]
-        forward += [("forward",)] * tiles[s]
-        forward += [] if last else [("wait", "kv")]
-        backward += [] if last else [("exchange", "kv")]
-        backward += [("backward",)] * tiles[s]
-        backward += [("wait", "grads")] if s > 0 else []
-        backward += [("exchange", "grads")]
-        backward += [] if last else [("wait", "kv")]
+    for j in range(len(sub_blocks(q_segments, granularity.count(seq_local)))):
+        for s in range(world):
+            source = chosen.segments((rank - s) % world, world, seq_local)
+            keys = sub_blocks(source, granularity.count(seq_local))[j].segments
+            calls = len(bound_tiles(plan_tiles(q_segments, keys, True), band, seq_local))
+            last = s == world - 1
+            forward += [] if last else [("exchange", "kv")]
+            forward += [("forward",)] * calls
+            forward += [] if last else [("wait", "kv")]
+            backward += [] if last else [("exchange", "kv")]
+            backward += [("backward",)] * calls
+            backward += [("wait", "grads")] if (j, s) != (0, 0) else []
+            backward += [("exchange", "grads")]
+            backward += [] if last else [("wait", "kv")]
     return forward, [*backward, ("wait", "grads")]
 
 
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
-def test_exchange_is_posted_before_the_step_compute(pools, layout):
+@pytest.mark.parametrize(
+    ("seq_local", "granularity"),
+    [(4, ringattn.Granularity()), (12, FINE)],
+    ids=["whole", "sub-blocks"],
+)
+def test_exchange_is_posted_before_the_step_compute(pools, layout, seq_local, granularity):
     world = 3
-    for rank, (events, worst) in enumerate(pools(world).run(_overlap_job, layout)):
+    for rank, (events, worst) in enumerate(
+        pools(world).run(_overlap_job, layout, seq_local, granularity)
+    ):
         assert worst < 1e-10
         split = events.index(("backward pass",))
         forward, backward = events[:split], events[split + 1 :]
-        expected_forward, expected_backward = _expected_events(layout, world, rank)
-        # Spelled out for the forward pass: step s < p-1 posts its exchange before its first
-        # kernel call, and waits only after its last one.
-        steps = [[]]
-        for event in forward:
-            steps[-1].append(event)
-            if event[0] == "wait":
-                steps.append([])
-        assert len(steps) == world
-        for s, step_events in enumerate(steps[:-1]):
-            assert step_events[0] == ("exchange", "kv"), f"rank {rank} step {s}: {step_events}"
-            assert step_events[-1] == ("wait", "kv"), f"rank {rank} step {s}: {step_events}"
-        assert ("exchange", "kv") not in steps[-1]
+        expected_forward, expected_backward = _expected_events(
+            layout, world, rank, seq_local, granularity
+        )
+        # Spelled out: no step waits for its keys/values before it has computed.
+        for events_of_pass, kernel in ((forward, "forward"), (backward, "backward")):
+            for i, event in enumerate(events_of_pass):
+                if event == ("wait", "kv"):
+                    assert events_of_pass[i - 1][0] in (kernel, "exchange"), f"rank {rank}"
         assert forward == expected_forward, f"rank {rank}"
         assert backward == expected_backward, f"rank {rank}"
 

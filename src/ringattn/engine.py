@@ -352,16 +352,33 @@ def _or_zeros(acc: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return torch.zeros(like.shape, dtype=accumulator_dtype(like.dtype), device=like.device)
 
 
-def _delivery(plan: RingPlan, destinations: Sequence[tuple[torch.Tensor, int]]):
-    """``deliver`` for :func:`_ring_loop`: write sub-block ``j`` of each returned tensor into
-    its destination (tensor, sequence dim), converting to the destination's dtype."""
-    blocks = plan.travel_blocks
+class _Assembly:
+    """This rank's returned tensors (``shapes``, sequence along ``dims``, in ``dtypes``),
+    assembled as :func:`_ring_loop` delivers them sub-block by sub-block. A result that arrives
+    as one sub-block is adopted rather than copied (a world of one)."""
 
-    def deliver(j: int, returned: Tensors) -> None:
-        for (dest, dim), values in zip(destinations, returned, strict=True):
-            _scatter(dest, blocks[j], dim, values)
+    def __init__(
+        self,
+        plan: RingPlan,
+        shapes: Sequence[tuple[int, ...]],
+        dims: Sequence[int],
+        dtypes: Sequence[torch.dtype],
+        device: torch.device,
+    ):
+        self.blocks = plan.travel_blocks
+        self.shapes, self.dims, self.dtypes, self.device = shapes, dims, dtypes, device
+        self.tensors: list[torch.Tensor | None] = [None] * len(shapes)
 
-    return deliver
+    def __call__(self, j: int, returned: Tensors) -> None:
+        for i, values in enumerate(returned):
+            if len(self.blocks) == 1:
+                self.tensors[i] = values.to(self.dtypes[i])
+                continue
+            if self.tensors[i] is None:
+                self.tensors[i] = torch.empty(
+                    self.shapes[i], dtype=self.dtypes[i], device=self.device
+                )
+            _scatter(self.tensors[i], self.blocks[j], self.dims[i], values)
 
 
 def ring_forward(
@@ -386,13 +403,17 @@ def ring_forward(
         found = _attend(plan, (plan.source(step), j), (rank, None), q_b, k, v, None)
         return found or _new_output(q_b)
 
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty(
-        q.shape[0], q.shape[2], q.shape[1], dtype=accumulator_dtype(q.dtype), device=q.device
+    batch, seq, heads, _ = q.shape
+    returned = _Assembly(
+        plan,
+        (q.shape, (batch, heads, seq)),
+        (1, 2),
+        (q.dtype, accumulator_dtype(q.dtype)),
+        q.device,
     )
-    deliver = _delivery(plan, ((out, 1), (lse, 2)))
-    _ring_loop(plan, "forward", (q,), (1,), visit, _merge_into_arrived, deliver)
-    return out, lse
+    _ring_loop(plan, "forward", (q,), (1,), visit, _merge_into_arrived, returned)
+    out, lse = returned.tensors
+    return out.contiguous(), lse
 
 
 Grads = list[torch.Tensor | None]
@@ -443,9 +464,9 @@ def ring_backward(
             acc[1:] = None, None  # handed to the ring: the next sub-block starts afresh
             return dk_b, dv_b
 
-        dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (k, v))
-        deliver = _delivery(plan, ((dk, 1), (dv, 1)))
-        _ring_loop(plan, "backward", (k, v), (1, 1), visit, _sum_into_arrived, deliver)
+        returned = _Assembly(plan, (k.shape, v.shape), (1, 1), (k.dtype, v.dtype), k.device)
+        _ring_loop(plan, "backward", (k, v), (1, 1), visit, _sum_into_arrived, returned)
+        dk, dv = returned.tensors
         return _or_zeros(acc[0], q).to(q.dtype), dk, dv
 
     def visit(step, j, block):
@@ -457,11 +478,11 @@ def ring_backward(
         acc[0] = None  # handed to the ring: the next sub-block starts afresh
         return (dq_b,)
 
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    deliver = _delivery(plan, ((dq, 1),))
+    returned = _Assembly(plan, (q.shape,), (1,), (q.dtype,), q.device)
     _ring_loop(
-        plan, "backward", (q, dout, out, lse), (1, 1, 1, 2), visit, _sum_into_arrived, deliver
+        plan, "backward", (q, dout, out, lse), (1, 1, 1, 2), visit, _sum_into_arrived, returned
     )
+    (dq,) = returned.tensors
     return dq, _or_zeros(acc[1], k).to(k.dtype), _or_zeros(acc[2], v).to(v.dtype)
 
 

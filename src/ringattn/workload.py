@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .api import ring_attention
+from .engine import Granularity
 from .kernels import select_kernel
 from .memory import PeakMemory
 from .trace import RingTrace, record_ring
@@ -120,14 +121,17 @@ def time_ring(
     repeats: int,
     group=None,
     before_each=None,
+    with_backward: bool = True,
 ) -> Timing:
     """Ring forward and backward on this rank's shard ``inputs``, ``repeats`` times.
 
     ``before_each(i)`` runs before repeat ``i`` (a barrier, progress output). The trace of the
-    last repeat is kept.
+    last repeat is kept. Without ``with_backward`` only the forward runs, under
+    ``torch.no_grad`` as in inference (``inputs`` need no ``dout``, ``backward_s`` is 0, the
+    outputs are ``out`` and ``lse``).
     """
     device = inputs["q"].device
-    leaves = [inputs[n].detach().requires_grad_(True) for n in ("q", "k", "v")]
+    leaves = [inputs[n].detach().requires_grad_(with_backward) for n in ("q", "k", "v")]
     forward, backward = [], []
     outputs: dict[str, torch.Tensor] = {}
     with PeakMemory(device) as peak:
@@ -135,7 +139,7 @@ def time_ring(
             outputs = {}  # free the previous repeat's results before the next one
             if before_each is not None:
                 before_each(i)
-            with record_ring() as trace:
+            with record_ring() as trace, torch.set_grad_enabled(with_backward):
                 synchronize(device)
                 t0 = time.perf_counter()
                 out, lse = ring_attention(
@@ -147,30 +151,38 @@ def time_ring(
                 )
                 synchronize(device)
                 t1 = time.perf_counter()
-                grads = torch.autograd.grad(out, leaves, inputs["dout"])
+                grads = torch.autograd.grad(out, leaves, inputs["dout"]) if with_backward else ()
                 synchronize(device)
                 t2 = time.perf_counter()
             forward.append(t1 - t0)
             backward.append(t2 - t1)
-            outputs = dict(zip(OUTPUT_NAMES, (out.detach(), lse, *grads), strict=True))
-            del out, lse, grads
+            results = (out.detach(), lse, *grads)
+            outputs = dict(zip(OUTPUT_NAMES[: len(results)], results, strict=True))
+            del out, lse, grads, results
     return Timing(
         statistics.median(forward),
         statistics.median(backward),
         peak.bytes,
         peak.method,
         outputs,
-        tensor_bytes(inputs[n] for n in ("q", "k", "v", "dout")),
+        tensor_bytes(inputs[n] for n in ("q", "k", "v", "dout") if n in inputs),
         trace,
     )
 
 
 def time_single_process(
-    workload: Workload, device: torch.device, threads: int, repeats: int = 1
+    workload: Workload,
+    device: torch.device,
+    threads: int,
+    repeats: int = 1,
+    with_backward: bool = True,
 ) -> Timing:
-    """The same kernel over the whole sequence in this process, with ``threads`` CPU threads."""
+    """The same kernel over the whole sequence in this process, with ``threads`` CPU threads
+    (only the forward without ``with_backward``: no ``dout``, ``backward_s`` 0)."""
     inputs = workload.inputs(torch.arange(workload.seq_len), device)
-    q, k, v, dout = inputs["q"], inputs["k"], inputs["v"], inputs["dout"]
+    if not with_backward:
+        del inputs["dout"]
+    q, k, v = inputs["q"], inputs["k"], inputs["v"]
     kernel = select_kernel("auto", q)
     scale = workload.head_dim**-0.5
     previous_threads = torch.get_num_threads()
@@ -186,15 +198,18 @@ def time_single_process(
                 out, lse = kernel.forward(q, k, v, causal=workload.causal, scale=scale)
                 synchronize(device)
                 t1 = time.perf_counter()
-                dq, dk, dv = kernel.backward(
-                    dout, q, k, v, out, lse, causal=workload.causal, scale=scale
-                )
+                grads = ()
+                if with_backward:
+                    grads = kernel.backward(
+                        inputs["dout"], q, k, v, out, lse, causal=workload.causal, scale=scale
+                    )
                 synchronize(device)
                 t2 = time.perf_counter()
                 forward.append(t1 - t0)
                 backward.append(t2 - t1)
-                outputs = dict(zip(OUTPUT_NAMES, (out, lse, dq, dk, dv), strict=True))
-                del out, lse, dq, dk, dv
+                results = (out, lse, *grads)
+                outputs = dict(zip(OUTPUT_NAMES[: len(results)], results, strict=True))
+                del out, lse, grads, results
     finally:
         torch.set_num_threads(previous_threads)
     return Timing(
@@ -203,5 +218,60 @@ def time_single_process(
         peak.bytes,
         peak.method,
         outputs,
-        tensor_bytes((q, k, v, dout)),
+        tensor_bytes(inputs.values()),
     )
+
+
+@dataclass(frozen=True)
+class RingMemory:
+    """Peak memory of one ring forward + backward above this rank's inputs, in bytes.
+
+    ``forward`` is the forward pass's peak above its start; ``backward`` the backward pass's
+    peak above *its* start, when the output (and the saved log-sum-exp) already exist, so the
+    pair's peak is ``max(forward, backward + output)``; ``inherent`` is what any implementation
+    must hold above the inputs: out, lse, dq, dk, dv.
+    """
+
+    forward: int
+    backward: int
+    output: int
+    inherent: int
+
+    @property
+    def peak(self) -> int:
+        """Peak above the inputs over the whole forward + backward."""
+        return max(self.forward, self.backward + self.output)
+
+    @property
+    def added(self) -> int:
+        """What the ring holds beyond the inherent set at its peak."""
+        return self.peak - self.inherent
+
+
+def measure_ring_memory(
+    workload: Workload,
+    inputs: dict[str, torch.Tensor],
+    group=None,
+    granularity: Granularity | None = None,
+) -> RingMemory:
+    """:class:`RingMemory` of ring attention on this rank's shard ``inputs`` (after a short
+    warm-up, so first-touch library pages do not count). Run it with
+    ``MALLOC_MMAP_THRESHOLD_`` set (:func:`ringattn.memory.steady_rss_for_children`) so the
+    resident set tracks live tensors."""
+    q, k, v = (inputs[name].detach().requires_grad_() for name in "qkv")
+    options = {
+        "causal": workload.causal,
+        "layout": workload.layout,
+        "group": group,
+        "granularity": granularity,
+    }
+    warm = [t[:, :256].detach().requires_grad_() for t in (q, k, v)]
+    warm_out = ring_attention(*warm, **options)
+    torch.autograd.grad(warm_out, warm, torch.ones_like(warm_out))
+    del warm, warm_out
+    with PeakMemory(q.device) as forward:
+        out, lse = ring_attention(q, k, v, return_lse=True, **options)
+    with PeakMemory(q.device) as backward:
+        grads = torch.autograd.grad(out, (q, k, v), inputs["dout"])
+    output = tensor_bytes((out, lse))
+    return RingMemory(forward.bytes, backward.bytes, output, output + tensor_bytes(grads))
