@@ -18,6 +18,7 @@ import argparse
 import torch
 import torch.distributed as dist
 
+from ringattn import Granularity
 from ringattn.cli import parse_tokens
 from ringattn.launch import init_worker, run_on_ranks
 from ringattn.layout import get_layout
@@ -33,13 +34,13 @@ from ringattn.workload import (
 _MIB = 2**20
 
 
-def _worker(workload: Workload) -> dict:
+def _worker(workload: Workload, granularity: Granularity) -> list:
     init_worker("cpu")
     torch.set_num_threads(1)
     rank, world = dist.get_rank(), dist.get_world_size()
     positions = get_layout(workload.layout).positions(rank, world, workload.seq_len // world)
     inputs = workload.inputs(positions, torch.device("cpu"))
-    memory = measure_ring_memory(workload, inputs)
+    memory = measure_ring_memory(workload, inputs, granularity=granularity)
     gathered: list = [None] * world
     dist.all_gather_object(gathered, (memory, tensor_bytes(inputs.values())))
     dist.destroy_process_group()
@@ -61,7 +62,11 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--no-causal", dest="causal", action="store_false")
+    parser.add_argument(
+        "--sub-blocks", type=int, default=Granularity().sub_blocks, help="ringattn.Granularity"
+    )
     args = parser.parse_args()
+    granularity = Granularity(sub_blocks=args.sub_blocks)
     steady_rss_for_children()
     workload = Workload(
         seq_len=args.seq_len,
@@ -73,9 +78,9 @@ def main() -> None:
     )
     print(
         f"{args.seq_len:,} tokens, heads {args.heads} (kv {args.kv_heads}), d={args.head_dim}, "
-        f"{args.dtype}, {'causal' if args.causal else 'full'}, zigzag. MiB; fwd/bwd: peak above "
-        "the pass's start; peak: above the inputs; added: beyond out, lse, dq, dk, dv, in "
-        "q-shards (this rank's q in bytes); the most loaded rank"
+        f"{args.dtype}, {'causal' if args.causal else 'full'}, zigzag, {granularity}.\n"
+        "MiB; fwd/bwd: peak above the pass's start; peak: above the inputs; added: beyond out, "
+        "lse, dq, dk, dv, in q-shards (this rank's q in bytes); the most loaded rank"
     )
     single = run_on_ranks(_single_worker, (workload,), 1)[0]
     print(f"one process over all {args.seq_len:,} tokens: {single / _MIB:.1f} MiB with its inputs")
@@ -85,7 +90,7 @@ def main() -> None:
     )
     element = torch.empty((), dtype=workload.torch_dtype).element_size()
     for world in (int(x) for x in args.world_sizes.split(",")):
-        ranks = run_on_ranks(_worker, (workload,), world)[0]
+        ranks = run_on_ranks(_worker, (workload, granularity), world)[0]
         memory, inputs = max(ranks, key=lambda r: r[0].peak + r[1])
         local = args.seq_len // world
         unit = local * args.heads * args.head_dim * element

@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
+from ringattn import Granularity
 from ringattn.plan import (
     PROFILES,
     Config,
     Hardware,
     best_configuration,
+    device_memory,
+    longest_sequence,
+    memory_per_token,
+    memory_size,
     min_tokens_for_overlap,
     paper_minimal_sequence,
     predict,
     validate,
 )
+
+MEASURED = Path(__file__).parent.parent / "docs" / "max-context.json"
 
 
 @pytest.mark.parametrize(
@@ -53,6 +62,88 @@ def test_contiguous_causal_is_predicted_slower_than_zigzag():
     assert best_configuration(replace(config, layout="contiguous"), hw).config.layout != (
         "contiguous"
     )
+
+
+def _config(workload: dict, world: int, seq_len: int, backward: bool = True) -> Config:
+    return Config(
+        seq_len=seq_len,
+        devices=world,
+        heads=workload["heads"],
+        kv_heads=workload["kv_heads"],
+        head_dim=workload["head_dim"],
+        dtype=workload["dtype"],
+        causal=workload["causal"],
+        layout=workload["layout"],
+        backward=backward,
+    )
+
+
+def test_longest_sequence_matches_measured_max_context():
+    """`ringattn bench --max-context` (docs/max-context.json: 48 MiB per rank incl. inputs,
+    4 heads, 2 KV heads, d=64, fp32, causal zigzag, p = 1, 2, 4, forward+backward): the plan's
+    longest fitting sequence within 15% of the measured one, and its memory per device within
+    6% of every probe's measured peak near the budget (above 70% of it; smaller probes carry
+    a few MiB of fixed costs, the CPU kernel's per-thread buffers, that the model leaves out)."""
+    report = json.loads(MEASURED.read_text())
+    budget = report["search"]["budget_bytes"]
+    assert sorted(row["world_size"] for row in report["rows"]) == [1, 2, 4]
+    for row in report["rows"]:
+        world, workload = row["world_size"], row["workload"]
+        predicted = longest_sequence(_config(workload, world, 0), budget)
+        assert predicted == pytest.approx(row["longest_seq_len"], rel=0.15), world
+        near = [probe for probe in row["probes"] if probe["peak_bytes"] > 0.7 * budget]
+        assert len(near) >= 2
+        for probe in near:
+            memory = device_memory(_config(workload, world, probe["seq_len"]))
+            assert memory == pytest.approx(probe["peak_bytes"], rel=0.06), (world, probe)
+
+
+@pytest.mark.parametrize(("world", "measured"), [(1, 10_448), (2, 19_048), (4, 37_672)])
+def test_inference_longest_sequence_matches_measurement(world, measured):
+    """`ringattn bench --max-context --inference --memory 32MiB` (forward only under no_grad,
+    same heads as above), measured 2026-11-30: the longest fitting length per world size."""
+    workload = {"heads": 4, "kv_heads": 2, "head_dim": 64, "dtype": "float32"}
+    workload |= {"causal": True, "layout": "zigzag"}
+    config = _config(workload, world, 0, backward=False)
+    assert longest_sequence(config, 32 * 2**20) == pytest.approx(measured, rel=0.15)
+
+
+def test_memory_model_terms():
+    """One device holds its inputs and what attention inherently produces (out, lse, dq, dk,
+    dv), and nothing else; a ring adds its buffers, fewer with more sub-blocks."""
+    single = Config(seq_len=8192, devices=1, heads=4, kv_heads=2, head_dim=64, dtype="float32")
+    q_row, kv_row, lse = 4 * 64 * 4, 2 * 64 * 4, 4 * 4
+    inputs = 2 * q_row + 2 * kv_row  # q, dout, k, v
+    assert memory_per_token(single) == inputs + 2 * q_row + 2 * kv_row + lse
+    ring = replace(single, seq_len=4 * 8192, devices=4)  # 8,192 tokens per device: 8 sub-blocks
+    buffers = (2 * 2 * kv_row + 3 * 2 * kv_row + (q_row + 2 * kv_row)) / 8
+    assert memory_per_token(ring) == memory_per_token(single) + buffers
+    whole_blocks = replace(ring, granularity=Granularity(sub_blocks=1))
+    assert memory_per_token(whole_blocks) == memory_per_token(single) + 8 * buffers
+    # 16-bit inputs: tensors and travelling blocks halve; returns, kernel band and the dq
+    # accumulator stay float32
+    bf16 = replace(ring, dtype="bfloat16")
+    halved = (memory_per_token(single) - lse) / 2 + lse
+    bf16_buffers = (2 * kv_row + 3 * 2 * kv_row + (q_row + 2 * kv_row)) / 8
+    assert memory_per_token(bf16) == halved + bf16_buffers + q_row
+
+
+def test_longest_sequence_is_the_longest_fitting_multiple():
+    config = Config(seq_len=0, devices=4, heads=4, kv_heads=2, head_dim=64, dtype="float32")
+    for budget in (3 * 2**20, 64 * 2**20, 10 * 2**30):
+        longest = longest_sequence(config, budget)
+        assert longest % 8 == 0 and device_memory(replace(config, seq_len=longest)) <= budget
+        assert device_memory(replace(config, seq_len=longest + 8)) > budget
+    assert longest_sequence(config, 1024) == 0
+
+
+def test_memory_sizes_parse():
+    assert memory_size("64MiB") == memory_size("64M") == 64 * 2**20
+    assert memory_size("2GiB") == 2 * 2**30 and memory_size("1.5g") == 3 * 2**29
+    assert memory_size("64MB") == 64_000_000 and memory_size("1000") == 1000
+    for bad in ("64Q", "MiB", "", "1..5G"):
+        with pytest.raises(ValueError, match="not a memory size"):
+            memory_size(bad)
 
 
 def test_memory_falls_as_one_over_p():

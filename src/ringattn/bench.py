@@ -28,7 +28,8 @@ import torch.distributed as dist
 
 from .launch import init_worker, run_on_ranks
 from .layout import get_layout
-from .workload import Workload, time_ring, time_single_process
+from .memory import steady_rss_for_children
+from .workload import Workload, context_scaling, time_ring, time_single_process
 
 _MIB = 2**20
 
@@ -89,6 +90,7 @@ def _rank_stats(workload: Workload, repeats: int, device: torch.device) -> dict:
         "forward_s": timing.forward_s,
         "backward_s": timing.backward_s,
         "peak_bytes": timing.peak_bytes,
+        "total_peak_bytes": timing.total_peak_bytes,
         "compute_s": sum(s.compute_s for s in steps),
         "wait_s": sum(s.wait_s for s in steps),
         "forward_step_bytes": [s.bytes_sent for s in steps if s.phase == "forward"],
@@ -119,6 +121,45 @@ def bench_worker(
     return collected if rank == 0 else None
 
 
+def single_worker(
+    workloads: list[Workload], repeats: int, threads: int, device: str = "cpu"
+) -> list[dict]:
+    """One process (started like the ranks, so its memory is measured the same way): every
+    workload over the whole sequence with ``threads`` threads, after a warm-up."""
+    results = []
+    for workload in workloads:
+        print(f"[bench single process] {_single_key(workload)}", flush=True)
+        time_single_process(workload, torch.device(device), threads)  # warm-up
+        timing = time_single_process(workload, torch.device(device), threads, repeats)
+        results.append(
+            {
+                "forward_s": timing.forward_s,
+                "total_s": timing.forward_s + timing.backward_s,
+                "peak_bytes": timing.peak_bytes,
+                "total_peak_bytes": timing.total_peak_bytes,
+            }
+        )
+        del timing
+    return results
+
+
+def _single_key(workload: Workload) -> tuple:
+    """What the single process's run depends on (not the layout)."""
+    return (workload.seq_len, workload.causal, workload.heads, workload.kv_heads, workload.dtype)
+
+
+def usable_world_sizes(world_sizes: list[int], device: str) -> list[int]:
+    """``world_sizes``, without those above the GPU count on CUDA (one GPU per rank)."""
+    if device != "cuda":
+        return world_sizes
+    gpus = torch.cuda.device_count()
+    usable = [p for p in world_sizes if p <= gpus]
+    skipped = sorted(set(world_sizes) - set(usable))
+    if skipped:
+        print(f"[bench] skipping world sizes {skipped}: only {gpus} GPU(s)", flush=True)
+    return usable
+
+
 def _row(
     workload: Workload, world: int, ranks: list[dict], single: dict, device: str = "cpu"
 ) -> dict:
@@ -140,6 +181,7 @@ def _row(
         "single_forward_s": single["forward_s"],
         "single_total_s": single["total_s"],
         "single_peak_bytes": single["peak_bytes"],
+        "single_total_peak_bytes": single["total_peak_bytes"],
         "efficiency_forward": single["forward_s"] / (devices * ring_fwd),
         "efficiency_total": single["total_s"] / (devices * ring_total),
         "compute_s": compute,
@@ -147,6 +189,10 @@ def _row(
         "balance": max(compute) / max(min(compute), 1e-12),
         "wait_fraction": sum(wait) / max(sum(compute) + sum(wait), 1e-12),
         "peak_bytes": [r["peak_bytes"] for r in ranks],
+        "total_peak_bytes": [r["total_peak_bytes"] for r in ranks],
+        "context_scaling": context_scaling(
+            single["total_peak_bytes"], max(r["total_peak_bytes"] for r in ranks), world
+        ),
         "step_bytes_max": max(sent, default=0),
         "step_bytes_min": min(sent, default=0),
         "step_bytes_minimum": minimum if world > 1 else 0,
@@ -154,50 +200,28 @@ def _row(
 
 
 def run_bench(grid: BenchGrid, out_dir: Path) -> list[dict]:
-    """Run the grid, write ``bench.json``, ``bench.md`` and plots to ``out_dir``; return rows."""
+    """Run the grid, write ``bench.json``, ``bench.md`` and plots to ``out_dir``; return rows.
+
+    The single process and the ranks are started with :func:`steady_rss_for_children`, so that
+    their resident set tracks live tensors and their peaks compare."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    steady_rss_for_children()
     threads = grid.total_threads()
     workloads = grid.workloads()
     device = torch.device(grid.device)
-    world_sizes = grid.world_sizes
-    if device.type == "cuda":
-        gpus = torch.cuda.device_count()
-        world_sizes = [p for p in grid.world_sizes if p <= gpus]
-        skipped = sorted(set(grid.world_sizes) - set(world_sizes))
-        if skipped:
-            print(f"[bench] skipping world sizes {skipped}: only {gpus} GPU(s)", flush=True)
-    singles: dict[tuple, dict] = {}
-    for workload in workloads:
-        key = (workload.seq_len, workload.causal, workload.heads, workload.kv_heads, workload.dtype)
-        if key in singles:
-            continue
-        print(f"[bench single process] {key}", flush=True)
-        time_single_process(workload, device, threads)  # warm-up
-        timing = time_single_process(workload, device, threads, grid.repeats)
-        singles[key] = {
-            "forward_s": timing.forward_s,
-            "total_s": timing.forward_s + timing.backward_s,
-            "peak_bytes": timing.peak_bytes,
-        }
-        del timing
-        if device.type == "cuda":
-            torch.cuda.empty_cache()  # the ranks share GPU 0 with this process
+    unique = list({_single_key(w): w for w in workloads}.values())
+    single_args = (unique, grid.repeats, threads, grid.device)
+    measured = run_on_ranks(single_worker, single_args, 1)[0]
+    singles = dict(zip(map(_single_key, unique), measured, strict=True))
     rows = []
-    for world in world_sizes:
+    for world in usable_world_sizes(grid.world_sizes, grid.device):
         fits = [w for w in workloads if w.seq_len % get_layout(w.layout).seq_multiple(world) == 0]
         per_rank_threads = max(1, threads // world)
         worker_args = (fits, grid.repeats, per_rank_threads, grid.device)
         results = run_on_ranks(bench_worker, worker_args, world)
         stats = next(r for r in results.values() if r is not None)
         for workload, ranks in zip(fits, stats, strict=True):
-            key = (
-                workload.seq_len,
-                workload.causal,
-                workload.heads,
-                workload.kv_heads,
-                workload.dtype,
-            )
-            rows.append(_row(workload, world, ranks, singles[key], grid.device))
+            rows.append(_row(workload, world, ranks, singles[_single_key(workload)], grid.device))
     report = {
         "grid": asdict(grid),
         "machine": machine_description(device),
@@ -235,11 +259,12 @@ def memory_kind(row: dict) -> str:
 
 
 def memory_slopes(rows: list[dict]) -> dict[str, float]:
-    """Least-squares slope of log(peak per rank) against log(tokens per rank) as the sequence
-    grows, per workload kind and world size (> 1: a world of one holds no ring buffers)."""
+    """Least-squares slope of log(peak per rank, inputs included) against log(tokens per rank)
+    as the sequence grows, per workload kind and world size (> 1: a world of one holds no ring
+    buffers)."""
     groups: dict[str, list[tuple[float, float]]] = {}
     for row in rows:
-        peak = max(row["peak_bytes"])
+        peak = max(row["total_peak_bytes"])
         if row["world_size"] > 1 and peak > 0:
             point = (math.log(row["tokens_per_rank"]), math.log(peak))
             groups.setdefault(memory_kind(row), []).append(point)
@@ -267,8 +292,9 @@ def markdown_report(report: dict) -> str:
         "",
         "| tokens | p | layout | mask | heads | dtype | ring fwd s | ring fwd+bwd s "
         "| single fwd+bwd s | eff. fwd | eff. fwd+bwd | compute max/min | wait % "
-        "| peak MiB/rank | bytes/step (min) |",
-        "|---:|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| peak MiB/rank incl. inputs | one process MiB incl. inputs | context scaling "
+        "| bytes/step (min) |",
+        "|---:|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in report["rows"]:
         w = r["workload"]
@@ -278,11 +304,17 @@ def markdown_report(report: dict) -> str:
             f"{w['dtype']} | "
             f"{r['ring_forward_s']:.3f} | {r['ring_total_s']:.3f} | {r['single_total_s']:.3f} | "
             f"{r['efficiency_forward']:.2f} | {r['efficiency_total']:.2f} | {r['balance']:.2f} | "
-            f"{100 * r['wait_fraction']:.1f} | {max(r['peak_bytes']) / _MIB:.1f} | "
+            f"{100 * r['wait_fraction']:.1f} | {max(r['total_peak_bytes']) / _MIB:.1f} | "
+            f"{r['single_total_peak_bytes'] / _MIB:.1f} | {r['context_scaling']:.2f} | "
             f"{r['step_bytes_max']} ({r['step_bytes_minimum']}) |"
         )
+    lines += [
+        "",
+        "Context scaling: one process's peak / (p x the largest per-rank peak), both with their "
+        "inputs (1.0: the context grows p-fold for the same memory per device).",
+    ]
     if report["memory_slopes"]:
-        lines += ["", "Memory slope, log(peak per rank) vs log(tokens per rank):", ""]
+        lines += ["", "Memory slope, log(peak per rank incl. inputs) vs log(tokens per rank):", ""]
         lines += [f"- {kind}: {slope:.2f}" for kind, slope in report["memory_slopes"].items()]
     return "\n".join(lines) + "\n"
 
@@ -334,7 +366,7 @@ def plot_report(report: dict, out_dir: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, slope in report["memory_slopes"].items():
         points = sorted(
-            (r["tokens_per_rank"], max(r["peak_bytes"]) / _MIB)
+            (r["tokens_per_rank"], max(r["total_peak_bytes"]) / _MIB)
             for r in rows
             if memory_kind(r) == name
         )
@@ -343,10 +375,11 @@ def plot_report(report: dict, out_dir: Path) -> list[Path]:
         xscale="log",
         yscale="log",
         xlabel="tokens per rank (n/p)",
-        ylabel="peak memory per rank, MiB",
+        ylabel="peak memory per rank incl. inputs, MiB",
         title="Memory per rank vs n/p",
     )
-    ax.legend(fontsize=7)
+    if report["memory_slopes"]:  # one sequence length per kind draws no line
+        ax.legend(fontsize=7)
     paths.append(out_dir / "memory.png")
     fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
     plt.close(fig)

@@ -32,10 +32,15 @@ def _demo_parser(sub) -> None:
         "demo",
         help="ring attention over a long sequence on local processes, verified and measured",
         description=(
-            "Runs causal ring attention forward+backward over a long sequence on several local "
-            "processes (or the ranks of a torchrun job), checks every rank's output, log-sum-exp "
-            "and gradients against a single-process run of the same kernel, and reports time, "
-            "tokens/s, per-rank compute/wait and per-rank peak memory."
+            "Runs causal ring attention forward+backward (or forward only) over a long sequence "
+            "on several local processes (or the ranks of a torchrun job), verifies every rank's "
+            "output, log-sum-exp and gradients, and reports time, tokens/s, per-rank "
+            "compute/wait, per-rank peak memory including the inputs and the context scaling. "
+            "Verification: 'full' compares with a single-process run of the same kernel over "
+            "the whole sequence; 'sampled' compares sampled rows (out, lse, dq) and columns "
+            "(dk, dv) with a float64 reference that no rank computes over the whole sequence "
+            "(for lengths one process cannot hold or takes too long on); 'auto' runs 'full' "
+            "unless one process would take more than 3 minutes or half the available memory."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -71,7 +76,24 @@ def _demo_parser(sub) -> None:
     )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument(
-        "--no-verify", dest="verify", action="store_false", help="skip the single-process check"
+        "--forward-only",
+        action="store_true",
+        help="inference: the forward pass only, verified on out and lse",
+    )
+    p.add_argument(
+        "--verify",
+        choices=["auto", "full", "sampled", "none"],
+        default=d.verify,
+        help="how to check the results (see above)",
+    )
+    p.add_argument(
+        "--no-verify", dest="verify", action="store_const", const="none", help="--verify none"
+    )
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=d.samples,
+        help="positions checked by --verify sampled (rows, and columns of dk/dv)",
     )
     p.add_argument(
         "--json", dest="json_path", default=None, help="also write the report as JSON here"
@@ -82,6 +104,7 @@ def _demo_parser(sub) -> None:
 def _run_demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, demo_worker
     from .launch import launched_by_torchrun, run_on_ranks
+    from .memory import steady_rss_for_children
 
     fields = DemoConfig.__dataclass_fields__
     cfg = DemoConfig(**{k: v for k, v in vars(args).items() if k in fields})
@@ -91,6 +114,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"ringattn demo: error: {exc}", file=sys.stderr)
             return 2
+        steady_rss_for_children()  # the ranks started here return freed buffers at once
     results = run_on_ranks(demo_worker, (cfg,), cfg.world_size)
     report = next((r for r in results.values() if r is not None), None)
     if report is None:  # a non-zero rank under torchrun
@@ -114,19 +138,62 @@ def _heads_pair(text: str) -> tuple[int, int]:
 
 
 def _bench_parser(sub) -> None:
+    from .max_context import MaxContextSearch
+    from .plan import format_bytes, memory_size
+
+    d = MaxContextSearch()
+    budget = format_bytes(d.budget_bytes).replace(" ", "").replace(".0", "")
     p = sub.add_parser(
         "bench",
         help="measure the ring against one process with the same kernel; JSON, table, plots",
         description=(
-            "Runs a grid of sequence length x world size x layout x mask x heads x dtype. For "
-            "every point it measures, in the same run, ring and single-process forward and "
-            "forward+backward time (median of repeats), per-rank compute/wait time, per-rank "
-            "peak memory and bytes sent per ring step, and writes bench.json, bench.md and "
-            "PNG plots to --out."
+            "Runs a grid of sequence length x world size x layout x mask x heads x dtype. For\n"
+            "every point it measures, in the same run, ring and single-process forward and\n"
+            "forward+backward time (median of repeats), per-rank compute/wait time, per-rank\n"
+            "peak memory including the rank's inputs next to the single process's (and the\n"
+            "context scaling mem(1) / (p x mem(p))) and bytes sent per ring step, and writes\n"
+            "bench.json, bench.md and PNG plots to --out.\n\n"
+            "With --max-context it instead finds, by real runs, the longest sequence whose\n"
+            "per-rank peak memory (inputs included) fits --memory at each world size, and\n"
+            "writes max_context.json, max_context.md and max_context.png."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=(
+            "examples:\n"
+            "  ringattn bench --quick                  # under 3 minutes on 2 cores\n"
+            f"  ringattn bench --max-context            # {budget} per rank, p = 1, 2, 4: 2-4 "
+            "minutes on 2 cores\n"
+            "  ringattn bench --max-context --memory 256MiB --world-sizes 1,2 --inference"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--quick", action="store_true", help="small grid, under 3 minutes on 2 cores")
+    p.add_argument(
+        "--max-context",
+        action="store_true",
+        help="find the longest sequence that fits --memory per rank at each world size, by "
+        "real forward+backward runs (p=1: one process over the whole sequence); the default "
+        f"run ({budget}, heads 4:2, d=64, float32, causal zigzag, p=1,2,4) takes 2-4 minutes "
+        "on 2 cores (longer when other jobs share them), most of it in the p=4 probes",
+    )
+    p.add_argument(
+        "--memory",
+        type=memory_size,
+        default=None,
+        help="with --max-context: budget per rank including its inputs, e.g. 64MiB or 2GiB "
+        f"(default {budget})",
+    )
+    p.add_argument(
+        "--resolution",
+        type=float,
+        default=d.resolution,
+        help="with --max-context: stop when the longest fitting and the shortest failing "
+        f"length are this fraction apart (or one layout multiple) (default {d.resolution})",
+    )
+    p.add_argument(
+        "--inference",
+        action="store_true",
+        help="with --max-context: forward only, under torch.no_grad (inputs q, k, v)",
+    )
     p.add_argument(
         "--calibrate",
         action="store_true",
@@ -140,17 +207,25 @@ def _bench_parser(sub) -> None:
     )
     p.add_argument("--world-sizes", type=_comma_list(int), default=None, help="default 1,2,4")
     p.add_argument(
-        "--layouts", type=_comma_list(str), default=None, help="default zigzag,contiguous,striped"
+        "--layouts",
+        type=_comma_list(str),
+        default=None,
+        help="default zigzag,contiguous,striped; with --max-context zigzag",
     )
-    p.add_argument("--mask", choices=["both", "causal", "full"], default="both")
+    p.add_argument(
+        "--mask",
+        choices=["both", "causal", "full"],
+        default=None,
+        help="default both; with --max-context causal",
+    )
     p.add_argument(
         "--heads",
         type=_comma_list(_heads_pair),
         default=None,
-        help="query:kv heads pairs, e.g. 8:8,8:2 (default 8:8)",
+        help="query:kv heads pairs, e.g. 8:8,8:2 (default 8:8; with --max-context 4:2)",
     )
     p.add_argument("--dtypes", type=_comma_list(str), default=None, help="default float32")
-    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--head-dim", type=int, default=64, help="default 64")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 3)")
     p.add_argument(
         "--threads",
@@ -162,9 +237,9 @@ def _bench_parser(sub) -> None:
         "--device",
         choices=["cpu", "cuda"],
         default="cpu",
-        help="cuda: one GPU per rank, efficiency = single-GPU time / (p x ring time)",
+        help="default cpu; cuda: one GPU per rank, efficiency = single-GPU time / (p x ring time)",
     )
-    p.add_argument("--out", default="bench-results", help="output folder")
+    p.add_argument("--out", default="bench-results", help="output folder (default bench-results)")
     p.set_defaults(run=_run_bench)
 
 
@@ -175,25 +250,52 @@ def _run_bench(args: argparse.Namespace) -> int:
 
     if args.calibrate:
         return _calibrate()
-    grid = BenchGrid.quick() if args.quick else BenchGrid()
+
+    def error(message: str) -> int:
+        print(f"ringattn bench: error: {message}", file=sys.stderr)
+        return 2
+
+    if args.max_context:
+        from .max_context import MaxContextSearch
+
+        grid = MaxContextSearch(inference=args.inference, resolution=args.resolution)
+        if args.memory is not None:
+            grid.budget_bytes = args.memory
+        grid.causal = args.mask != "full"
+        wrong = [flag for flag in ("seq_lens", "repeats") if getattr(args, flag) is not None]
+        wrong += ["quick"] if args.quick else []
+        if wrong or args.mask == "both":
+            flags = ", ".join("--" + f.replace("_", "-") for f in wrong) or "--mask both"
+            return error(f"{flags} do(es) not apply to --max-context")
+        if not 0 < args.resolution < 1:
+            return error("--resolution must be a fraction between 0 and 1")
+    elif args.memory is not None or args.inference:
+        return error("--memory and --inference need --max-context")
+    else:
+        grid = BenchGrid.quick() if args.quick else BenchGrid()
+        if args.mask not in (None, "both"):
+            grid.causal = [args.mask == "causal"]
+        elif not args.quick:
+            grid.causal = [True, False]
     for name in ("seq_lens", "world_sizes", "layouts", "heads", "dtypes", "repeats"):
         if getattr(args, name) is not None:
             setattr(grid, name, getattr(args, name))
-    if args.mask != "both":
-        grid.causal = [args.mask == "causal"]
-    elif not args.quick:
-        grid.causal = [True, False]
     grid.head_dim, grid.threads, grid.device = args.head_dim, args.threads, args.device
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("ringattn bench: error: torch sees no CUDA device", file=sys.stderr)
-        return 2
+        return error("torch sees no CUDA device")
     unknown = sorted(set(grid.layouts) - set(LAYOUTS))
     if unknown:
-        print(f"ringattn bench: error: unknown layouts {unknown}", file=sys.stderr)
-        return 2
+        return error(f"unknown layouts {unknown}")
     out = Path(args.out)
+    if args.max_context:
+        from .max_context import run_max_context
+
+        run_max_context(grid, out)
+        print((out / "max_context.md").read_text())
+        print(f"wrote {out / 'max_context.json'}, {out / 'max_context.md'} and a plot in {out}/")
+        return 0
     run_bench(grid, out)
     print((out / "bench.md").read_text())
     print(f"wrote {out / 'bench.json'}, {out / 'bench.md'} and plots in {out}/")
@@ -201,7 +303,7 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 
 def _plan_parser(sub) -> None:
-    from .plan import PROFILES, Config
+    from .plan import PROFILES, Config, memory_size
 
     d = Config(seq_len=0, devices=0)
     p = sub.add_parser(
@@ -219,6 +321,14 @@ def _plan_parser(sub) -> None:
     p.add_argument("--seq-len", type=parse_tokens, default=1024**2, help="total tokens (1M ok)")
     p.add_argument("--devices", type=int, default=64)
     p.add_argument("--hardware", default="h100-nvlink")
+    p.add_argument(
+        "--memory",
+        type=memory_size,
+        default=None,
+        help="memory per device, e.g. 64MiB or 80GiB, instead of the hardware profile's: what "
+        "the longest fitting sequence is computed for (compare `ringattn bench --max-context "
+        "--memory ...`)",
+    )
     p.add_argument("--heads", type=int, default=d.heads)
     p.add_argument("--kv-heads", type=int, default=d.kv_heads)
     p.add_argument("--head-dim", type=int, default=d.head_dim)
@@ -256,6 +366,8 @@ def _calibrate() -> int:
 
 
 def _run_plan(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from .plan import (
         PROFILES,
         Config,
@@ -284,6 +396,8 @@ def _run_plan(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"ringattn plan: error: {exc}", file=sys.stderr)
         return 2
+    if args.memory is not None:
+        hardware = replace(hardware, memory=float(args.memory))
     if args.validate:
         rows = json.loads(open(args.validate).read())["rows"]
         print("| tokens | p | layout | mask | predicted s | measured s | error |")

@@ -142,6 +142,11 @@ class RingPlan:
         count = self.granularity.count(length) if self._pipelined else 1
         return sub_blocks(self._segments(rank, queries), count)
 
+    def band(self, queries: bool) -> int:
+        """Most rows (``queries``) or columns of a whole shard in one kernel call."""
+        length = self.seq_q_local if queries else self.seq_kv_local
+        return self.granularity.band(length) if self._pipelined else length
+
     @property
     def travel_blocks(self) -> tuple[SubBlock, ...]:
         """Sub-blocks of this rank's travelling block; every rank cuts at the same indices."""
@@ -169,11 +174,8 @@ class RingPlan:
         whole shard is cut into bands of :meth:`Granularity.band` tokens."""
         q_segments = self.part_segments(q_part, True)
         k_segments = self.part_segments(k_part, False)
-        max_rows, max_cols = self.seq_q_local, self.seq_kv_local
-        if self._pipelined and q_part[1] is None:
-            max_rows = self.granularity.band(self.seq_q_local)
-        if self._pipelined and k_part[1] is None:
-            max_cols = self.granularity.band(self.seq_kv_local)
+        max_rows = self.band(queries=True) if q_part[1] is None else self.seq_q_local
+        max_cols = self.band(queries=False) if k_part[1] is None else self.seq_kv_local
         if self.mask.only_causal:
             return _causal_tiles(q_segments, k_segments, self.mask.causal, max_rows, max_cols)
         key = ("tiles", q_part, k_part)
@@ -321,16 +323,57 @@ def _attend(plan, q_part: Part, k_part: Part, q, k, v, acc: Output | None) -> Ou
     return acc
 
 
-def _add(acc: torch.Tensor | None, part: torch.Tensor, index: slice, like: torch.Tensor):
-    """``acc[:, index] += part`` for a gradient accumulator shaped like ``like`` in the
-    accumulator dtype; a ``None`` accumulator adopts a ``part`` that covers it, else starts at 0."""
-    dtype = accumulator_dtype(like.dtype)
-    if acc is None:
-        if _covers(index, like) and part.dtype == dtype:
-            return part
-        acc = torch.zeros(like.shape, dtype=dtype, device=like.device)
-    acc[:, index] += part
-    return acc
+class _GradSum:
+    """A gradient shaped like ``like`` ``(batch, seq, heads, dim)``, summed over tiles in the
+    accumulator dtype; rows that nothing was added to are zero.
+
+    It is kept in bands of ``band`` rows when it must end in a narrower dtype than it sums in:
+    :meth:`result` then converts band by band, freeing each fp32 band at once, so the
+    conversion needs no more memory than the accumulator itself (one tensor would need the fp32
+    sum and its bf16 copy together). A part that covers a band exactly in the accumulator dtype
+    becomes that band instead of being added to zeros (a world of one keeps the kernel's output).
+    """
+
+    def __init__(self, like: torch.Tensor, band: int | None = None):
+        self.like = like
+        self.dtype = accumulator_dtype(like.dtype)
+        rows = like.shape[1]
+        self.band = rows if band is None or self.dtype == like.dtype else max(1, band)
+        self.parts: dict[int, torch.Tensor] = {}
+
+    def _rows(self, index: int) -> int:
+        return min(self.band, self.like.shape[1] - index * self.band)
+
+    def _zeros(self, index: int) -> torch.Tensor:
+        shape = (self.like.shape[0], self._rows(index), *self.like.shape[2:])
+        return torch.zeros(shape, dtype=self.dtype, device=self.like.device)
+
+    def add(self, part: torch.Tensor, rows: slice) -> None:
+        """Add ``part`` (rows ``rows`` of the gradient, any floating dtype)."""
+        for index in range(rows.start // self.band, -(-rows.stop // self.band)):
+            lo, hi = max(rows.start, index * self.band), min(rows.stop, (index + 1) * self.band)
+            total = self.parts.get(index)
+            if total is None:
+                if hi - lo == part.shape[1] == self._rows(index) and part.dtype == self.dtype:
+                    self.parts[index] = part
+                    continue
+                total = self.parts[index] = self._zeros(index)
+            start = index * self.band
+            total[:, lo - start : hi - start] += part[:, lo - rows.start : hi - rows.start]
+
+    def accumulated(self) -> torch.Tensor:
+        """The sum in the accumulator dtype, as one tensor (a gradient kept in one band)."""
+        total = self.parts.pop(0, None)
+        return self._zeros(0) if total is None else total
+
+    def result(self) -> torch.Tensor:
+        """The sum in ``like``'s dtype; the accumulator is emptied band by band."""
+        bands = []
+        for index in range(-(-self.like.shape[1] // self.band)):
+            total = self.parts.pop(index, None)
+            bands.append((self._zeros(index) if total is None else total).to(self.like.dtype))
+            del total
+        return bands[0] if len(bands) == 1 else torch.cat(bands, 1)
 
 
 def _merge_into_arrived(arrived: Tensors, mine: Tensors) -> Tensors:
@@ -342,14 +385,6 @@ def _sum_into_arrived(arrived: Tensors, mine: Tensors) -> Tensors:
     for total, part in zip(arrived, mine, strict=True):
         total += part
     return arrived
-
-
-def _or_zeros(acc: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    """``acc``, or zeros shaped like ``like`` in the accumulator dtype where nothing was added
-    (every key hidden)."""
-    if acc is not None:
-        return acc
-    return torch.zeros(like.shape, dtype=accumulator_dtype(like.dtype), device=like.device)
 
 
 class _Assembly:
@@ -416,12 +451,9 @@ def ring_forward(
     return out.contiguous(), lse
 
 
-Grads = list[torch.Tensor | None]
-"""``[dq, dk, dv]`` accumulators (``None`` until something is added, see :func:`_add`)."""
-
-
-def _tile_grads(plan, q_part, k_part, dout, q, k, v, out, lse, acc: Grads) -> None:
-    """Add the gradients of ``q_part``'s queries against ``k_part``'s keys to ``acc``."""
+def _tile_grads(plan, q_part, k_part, dout, q, k, v, out, lse, grads) -> None:
+    """Add the gradients of ``q_part``'s queries against ``k_part``'s keys to ``grads``
+    (``[dq, dk, dv]`` :class:`_GradSum` s)."""
     for t in plan.tiles(q_part, k_part):
         rows, cols = slice(t.q_start, t.q_end), slice(t.k_start, t.k_end)
         dq_t, dk_t, dv_t = plan.kernel_for(t).backward(
@@ -433,9 +465,9 @@ def _tile_grads(plan, q_part, k_part, dout, q, k, v, out, lse, acc: Grads) -> No
             lse[:, :, rows],
             **plan.tile_args(t, q_part, k_part, q.device),
         )
-        acc[0] = _add(acc[0], dq_t, rows, q)
-        acc[1] = _add(acc[1], dk_t, cols, k)
-        acc[2] = _add(acc[2], dv_t, cols, v)
+        grads[0].add(dq_t, rows)
+        grads[1].add(dk_t, cols)
+        grads[2].add(dv_t, cols)
         del dq_t, dk_t, dv_t  # before the next call allocates its own
 
 
@@ -452,38 +484,39 @@ def ring_backward(
     rank = plan.comm.rank
     # A row that saw no key (lse = -inf) must get P = exp(S - lse) = 0 in every tile: use +inf.
     lse = lse.masked_fill(lse == float("-inf"), float("inf"))
-    acc: Grads = [None, None, None]  # dq, dk, dv of the tensors that stay on this rank
     if plan.rotation == "kv":
+        dq = _GradSum(q, plan.band(queries=True))
 
         def visit(step, j, block):
             k_b, v_b = block
+            grads = [dq, _GradSum(k_b), _GradSum(v_b)]
             _tile_grads(
-                plan, (rank, None), (plan.source(step), j), dout, q, k_b, v_b, out, lse, acc
+                plan, (rank, None), (plan.source(step), j), dout, q, k_b, v_b, out, lse, grads
             )
-            dk_b, dv_b = _or_zeros(acc[1], k_b), _or_zeros(acc[2], v_b)
-            acc[1:] = None, None  # handed to the ring: the next sub-block starts afresh
-            return dk_b, dv_b
+            return grads[1].accumulated(), grads[2].accumulated()
 
         returned = _Assembly(plan, (k.shape, v.shape), (1, 1), (k.dtype, v.dtype), k.device)
         _ring_loop(plan, "backward", (k, v), (1, 1), visit, _sum_into_arrived, returned)
         dk, dv = returned.tensors
-        return _or_zeros(acc[0], q).to(q.dtype), dk, dv
+        return dq.result(), dk, dv
+
+    band = plan.band(queries=False)
+    dk, dv = _GradSum(k, band), _GradSum(v, band)
 
     def visit(step, j, block):
         q_b, dout_b, out_b, lse_b = block
+        grads = [_GradSum(q_b), dk, dv]
         _tile_grads(
-            plan, (plan.source(step), j), (rank, None), dout_b, q_b, k, v, out_b, lse_b, acc
+            plan, (plan.source(step), j), (rank, None), dout_b, q_b, k, v, out_b, lse_b, grads
         )
-        dq_b = _or_zeros(acc[0], q_b)
-        acc[0] = None  # handed to the ring: the next sub-block starts afresh
-        return (dq_b,)
+        return (grads[0].accumulated(),)
 
     returned = _Assembly(plan, (q.shape,), (1,), (q.dtype,), q.device)
     _ring_loop(
         plan, "backward", (q, dout, out, lse), (1, 1, 1, 2), visit, _sum_into_arrived, returned
     )
-    (dq,) = returned.tensors
-    return dq, _or_zeros(acc[1], k).to(k.dtype), _or_zeros(acc[2], v).to(v.dtype)
+    (dq_result,) = returned.tensors
+    return dq_result, dk.result(), dv.result()
 
 
 class RingAttentionFunction(torch.autograd.Function):

@@ -31,12 +31,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import statistics
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+from .engine import Granularity
 from .layout import LAYOUTS
 from .masks import rank_work
 from .rotation import rotation_bytes
@@ -163,6 +165,7 @@ class Config:
     layout: str = "zigzag"
     rotation: str = "kv"
     backward: bool = True
+    granularity: Granularity = field(default_factory=Granularity)  # the engine's sub-blocks
 
 
 @dataclass(frozen=True)
@@ -180,6 +183,7 @@ class Prediction:
     memory_bytes: float
     min_tokens_per_device: float
     max_seq_len: int
+    device_memory: float  # the budget max_seq_len was fitted to, bytes per device
 
     def summary(self) -> str:
         c = self.config
@@ -195,12 +199,37 @@ class Prediction:
                 + (f", backward {self.backward_s:.4f} s" if c.backward else "")
                 + f", total {self.total_s:.4f} s; efficiency {self.efficiency:.2f} "
                 f"(ideal {self.ideal_s:.4f} s)",
-                f"  memory per device (attention inputs, outputs, ring buffers): "
-                f"{self.memory_bytes / 2**30:.2f} GiB",
+                f"  memory per device (inputs, outputs, gradients, ring buffers): "
+                f"{format_bytes(self.memory_bytes)}",
                 f"  full overlap needs >= {self.min_tokens_per_device:,.0f} tokens per device; "
-                f"longest sequence that fits the device memory: {self.max_seq_len:,} tokens",
+                f"longest sequence that fits {format_bytes(self.device_memory)} per device: "
+                f"{self.max_seq_len:,} tokens",
             ]
         )
+
+
+_UNIT_POWERS = {"k": 1, "m": 2, "g": 3, "t": 4}
+
+
+def memory_size(text: str) -> int:
+    """'64MiB', '2GiB', '512M', '1.5G' -> bytes: K, M, G, T with or without 'iB' are powers of
+    1024, 'KB', 'MB', 'GB', 'TB' powers of 1000, and a plain number (or with 'B') is bytes."""
+    match = re.fullmatch(r"\s*(\d*\.?\d+)\s*(?:([kmgt])(ib|i|b)?|(b)?)\s*", text.lower())
+    if not match:
+        raise ValueError(f"not a memory size: {text!r} (try 64MiB or 2GiB)")
+    number, unit, suffix = float(match.group(1)), match.group(2), match.group(3)
+    if unit is None:
+        return int(number)
+    base = 1000 if suffix == "b" else 1024
+    return int(number * base ** _UNIT_POWERS[unit])
+
+
+def format_bytes(size: float) -> str:
+    """Bytes as KiB, MiB or GiB with one decimal ('64.0 MiB')."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(size) >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size:.0f} B"
 
 
 def _element_size(dtype: str) -> int:
@@ -208,22 +237,66 @@ def _element_size(dtype: str) -> int:
 
 
 def memory_per_token(config: Config) -> float:
-    """Peak bytes per token per device of a pass-KV ring (the breakdown measured by
-    ``benchmarks/memory_breakdown.py``): q, k, v, out in the input dtype and the fp32 output
-    accumulator; the K/V block computed on and the one arriving; for training also dout and the
-    fp32 dq accumulator, three fp32 dK/dV blocks (sent, arriving, being filled) and the kernel's
-    tile gradients (about 1.5 fp32 query rows)."""
+    """Peak bytes per token of one device's shard (``seq_len / devices`` tokens), its inputs
+    included, as measured by ``ringattn bench --max-context`` (``docs/max-context.json``).
+
+    - inputs: q, k, v, and for training dout, in the input dtype (``e`` bytes per element);
+    - what any attention keeps: out and the float32 log-sum-exp, and for training dq, dk, dv;
+      a single device (``devices == 1``) computes the whole block and needs nothing else;
+    - the ring's buffers, one sub-block each (the engine cuts a shard into
+      ``granularity.count(seq_local)`` sub-blocks): the travelling block being computed on and
+      the one arriving, three returning float32 blocks (being filled, sent, arriving: dK/dV
+      under pass-KV backward, dQ under pass-Q backward, partial out + lse under pass-Q
+      forward), and one band of kernel outputs in float32;
+    - float32 accumulators for inputs in 16-bit dtypes (float32 inputs accumulate in place): dq
+      (pass-KV) or dk, dv (pass-Q) in training, out in pass-KV inference.
+    """
     e = _element_size(config.dtype)
     q_row = config.heads * config.head_dim
     kv_row = config.kv_heads * config.head_dim
-    acc = 0 if e == 4 else 4  # fp32 inputs accumulate in place
-    tokens = q_row * (2 * e + acc) + kv_row * e * 2  # q, out (+ accumulator), k, v
-    tokens += 2 * kv_row * e * 2  # K/V being computed on and arriving
-    if config.backward:
-        tokens += q_row * (e + acc)  # dout, fp32 dq
-        tokens += 3 * kv_row * 4 * 2  # fp32 dK/dV: sent, arriving, being filled
-        tokens += 1.5 * q_row * 4  # tile gradients
-    return config.batch * tokens
+    lse = 4 * config.heads
+    train = config.backward
+    inputs = (2 * q_row + 2 * kv_row if train else q_row + 2 * kv_row) * e
+    outputs = q_row * e + lse + ((q_row + 2 * kv_row) * e if train else 0)
+    if config.devices == 1:
+        return config.batch * (inputs + outputs)
+    if config.rotation == "kv":
+        travelling = 2 * kv_row * e
+        returning = 2 * kv_row * 4 if train else 0
+        accumulators = q_row * 4
+    else:
+        travelling = (3 * q_row * e + lse) if train else q_row * e
+        returning = q_row * 4 if train else q_row * 4 + lse
+        accumulators = 2 * kv_row * 4 if train else 0
+    band = (q_row + 2 * kv_row) * 4 if train else q_row * 4 + lse
+    sub_blocks = config.granularity.count(config.seq_len // config.devices)
+    ring = (2 * travelling + 3 * returning + band) / sub_blocks
+    if e == 4:  # float32 inputs accumulate in place
+        accumulators = 0
+    return config.batch * (inputs + outputs + ring + accumulators)
+
+
+def device_memory(config: Config) -> float:
+    """Peak bytes of one device, inputs included (:func:`memory_per_token` x tokens per device)."""
+    return memory_per_token(config) * (config.seq_len // config.devices)
+
+
+def longest_sequence(config: Config, memory: float) -> int:
+    """The longest total sequence (a multiple of the layout's) whose :func:`device_memory` fits
+    ``memory`` bytes per device; 0 if none does."""
+    multiple = LAYOUTS[config.layout].seq_multiple(config.devices)
+
+    def fits(units: int) -> bool:
+        return device_memory(replace(config, seq_len=units * multiple)) <= memory
+
+    # bytes per token are smallest with the most sub-blocks: no longer sequence can fit
+    finest_local = config.granularity.sub_blocks * config.granularity.min_tokens
+    finest = replace(config, seq_len=finest_local * config.devices)
+    low, high = 0, int(memory / memory_per_token(finest) * config.devices / multiple) + 1
+    while high - low > 1:  # the largest fitting number of layout multiples
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low * multiple
 
 
 def _rates(hardware: Hardware, devices: int, tokens: float) -> tuple[float, float, float]:
@@ -286,7 +359,6 @@ def predict(config: Config, hardware: Hardware) -> Prediction:
         backward, _, _ = pass_time(hardware.backward_ratio, both_bytes - fwd_bytes, True)
     ratio = 1 + (hardware.backward_ratio if config.backward else 0.0)
     ideal = ratio * flops_total / machine_flops
-    per_token = memory_per_token(config)
     return Prediction(
         config=config,
         hardware=hardware.name,
@@ -298,9 +370,10 @@ def predict(config: Config, hardware: Hardware) -> Prediction:
         total_s=forward + backward,
         ideal_s=ideal,
         efficiency=ideal / (forward + backward) if forward + backward > 0 else 1.0,
-        memory_bytes=per_token * seq_local,
+        memory_bytes=device_memory(config),
         min_tokens_per_device=min_tokens_for_overlap(config, hardware),
-        max_seq_len=int(hardware.memory / per_token) * p,
+        max_seq_len=longest_sequence(config, hardware.memory),
+        device_memory=hardware.memory,
     )
 
 
