@@ -4,9 +4,9 @@ Each world size runs ring attention forward + backward (after a short warm-up, s
 library pages do not count) and reports, per rank, the peak resident memory of the forward pass
 and of the backward pass above what existed when each began, in MiB and in units of the rank's
 query shard (``seq_local x heads x head_dim x 4`` bytes). One process then runs the same kernel
-over the whole sequence for comparison (forward and backward in one measurement). Workers start
-with ``MALLOC_MMAP_THRESHOLD_=65536`` so glibc returns freed buffers at once and the resident set
-tracks live tensors.
+over the whole sequence for comparison (forward and backward in one measurement). While memory is
+measured, glibc returns freed buffers at once (:class:`ringattn.memory.PeakMemory`), so the
+resident set tracks live tensors.
 
     python benchmarks/memory_breakdown.py --seq-len 32K --world-sizes 1,2,4
 """
@@ -22,7 +22,6 @@ from ringattn import Granularity
 from ringattn.cli import parse_tokens
 from ringattn.launch import init_worker, run_on_ranks
 from ringattn.layout import get_layout
-from ringattn.memory import steady_rss_for_children
 from ringattn.workload import (
     Workload,
     context_scaling,
@@ -34,13 +33,13 @@ from ringattn.workload import (
 _MIB = 2**20
 
 
-def _worker(workload: Workload, granularity: Granularity) -> list:
+def _worker(workload: Workload) -> list:
     init_worker("cpu")
     torch.set_num_threads(1)
     rank, world = dist.get_rank(), dist.get_world_size()
     positions = get_layout(workload.layout).positions(rank, world, workload.seq_len // world)
     inputs = workload.inputs(positions, torch.device("cpu"))
-    memory = measure_ring_memory(workload, inputs, granularity=granularity)
+    memory = measure_ring_memory(workload, inputs)
     gathered: list = [None] * world
     dist.all_gather_object(gathered, (memory, tensor_bytes(inputs.values())))
     dist.destroy_process_group()
@@ -66,8 +65,6 @@ def main() -> None:
         "--sub-blocks", type=int, default=Granularity().sub_blocks, help="ringattn.Granularity"
     )
     args = parser.parse_args()
-    granularity = Granularity(sub_blocks=args.sub_blocks)
-    steady_rss_for_children()
     workload = Workload(
         seq_len=args.seq_len,
         heads=args.heads,
@@ -75,10 +72,11 @@ def main() -> None:
         head_dim=args.head_dim,
         dtype=args.dtype,
         causal=args.causal,
+        sub_blocks=args.sub_blocks,
     )
     print(
         f"{args.seq_len:,} tokens, heads {args.heads} (kv {args.kv_heads}), d={args.head_dim}, "
-        f"{args.dtype}, {'causal' if args.causal else 'full'}, zigzag, {granularity}.\n"
+        f"{args.dtype}, {'causal' if args.causal else 'full'}, zigzag, {workload.granularity}.\n"
         "MiB; fwd/bwd: peak above the pass's start; peak: above the inputs; added: beyond out, "
         "lse, dq, dk, dv, in q-shards (this rank's q in bytes); the most loaded rank"
     )
@@ -90,7 +88,7 @@ def main() -> None:
     )
     element = torch.empty((), dtype=workload.torch_dtype).element_size()
     for world in (int(x) for x in args.world_sizes.split(",")):
-        ranks = run_on_ranks(_worker, (workload, granularity), world)[0]
+        ranks = run_on_ranks(_worker, (workload,), world)[0]
         memory, inputs = max(ranks, key=lambda r: r[0].peak + r[1])
         local = args.seq_len // world
         unit = local * args.heads * args.head_dim * element

@@ -2,12 +2,6 @@ import pytest
 import torch
 from process_group_pool import ProcessGroupPool
 
-from ringattn.memory import steady_rss_for_children
-
-# Pool workers start with glibc returning freed buffers at once, so their resident set tracks
-# live tensors and memory tests measure what the ring holds (see tests/test_memory.py).
-steady_rss_for_children()
-
 
 class Pools:
     """One persistent process-group pool per (world size, device), started on first use."""

@@ -129,12 +129,13 @@ def _expected_events(layout, world, rank, seq_local, granularity):
     after them; backward grads travel one step behind the keys/values."""
     chosen = LAYOUTS[layout]
     q_segments = chosen.segments(rank, world, seq_local)
-    band = granularity.band(seq_local)
+    band = granularity.band(q_segments)
+    count = granularity.count(q_segments)
     forward, backward = [], []
-    for j in range(len(sub_blocks(q_segments, granularity.count(seq_local)))):
+    for j in range(len(sub_blocks(q_segments, count))):
         for s in range(world):
             source = chosen.segments((rank - s) % world, world, seq_local)
-            keys = sub_blocks(source, granularity.count(seq_local))[j].segments
+            keys = sub_blocks(source, count)[j].segments
             calls = len(bound_tiles(plan_tiles(q_segments, keys, True), band, seq_local))
             last = s == world - 1
             forward += [] if last else [("exchange", "kv")]

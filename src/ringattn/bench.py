@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .engine import Granularity
 from .launch import init_worker, run_on_ranks
 from .layout import get_layout
-from .memory import steady_rss_for_children
 from .workload import Workload, context_scaling, time_ring, time_single_process
 
 _MIB = 2**20
@@ -42,6 +42,7 @@ class BenchGrid:
     causal: list[bool] = field(default_factory=lambda: [True, False])
     heads: list[tuple[int, int]] = field(default_factory=lambda: [(8, 8)])
     dtypes: list[str] = field(default_factory=lambda: ["float32"])
+    sub_blocks: list[int] = field(default_factory=lambda: [Granularity().sub_blocks])
     head_dim: int = 64
     repeats: int = 3
     threads: int = 0  # total CPU threads; 0 = every core this process may use
@@ -70,9 +71,10 @@ class BenchGrid:
                 dtype=dtype,
                 causal=causal,
                 layout=layout,
+                sub_blocks=sub_blocks,
             )
-            for n, layout, causal, (h, hkv), dtype in itertools.product(
-                self.seq_lens, self.layouts, self.causal, self.heads, self.dtypes
+            for n, layout, causal, (h, hkv), dtype, sub_blocks in itertools.product(
+                self.seq_lens, self.layouts, self.causal, self.heads, self.dtypes, self.sub_blocks
             )
         ]
 
@@ -202,10 +204,9 @@ def _row(
 def run_bench(grid: BenchGrid, out_dir: Path) -> list[dict]:
     """Run the grid, write ``bench.json``, ``bench.md`` and plots to ``out_dir``; return rows.
 
-    The single process and the ranks are started with :func:`steady_rss_for_children`, so that
-    their resident set tracks live tensors and their peaks compare."""
+    Every point runs once measuring memory, then ``repeats`` timed runs (see
+    :func:`ringattn.workload.time_ring`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    steady_rss_for_children()
     threads = grid.total_threads()
     workloads = grid.workloads()
     device = torch.device(grid.device)
@@ -290,18 +291,18 @@ def markdown_report(report: dict) -> str:
     lines = [
         f"Machine: {report['machine']}; {resources}.",
         "",
-        "| tokens | p | layout | mask | heads | dtype | ring fwd s | ring fwd+bwd s "
+        "| tokens | p | layout | mask | heads | dtype | sub-blocks | ring fwd s | ring fwd+bwd s "
         "| single fwd+bwd s | eff. fwd | eff. fwd+bwd | compute max/min | wait % "
         "| peak MiB/rank incl. inputs | one process MiB incl. inputs | context scaling "
         "| bytes/step (min) |",
-        "|---:|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "|---:|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in report["rows"]:
         w = r["workload"]
         lines.append(
             f"| {w['seq_len']} | {r['world_size']} | {w['layout']} | "
             f"{'causal' if w['causal'] else 'full'} | {w['heads']}/{w['kv_heads']} | "
-            f"{w['dtype']} | "
+            f"{w['dtype']} | {w.get('sub_blocks', '')} | "
             f"{r['ring_forward_s']:.3f} | {r['ring_total_s']:.3f} | {r['single_total_s']:.3f} | "
             f"{r['efficiency_forward']:.2f} | {r['efficiency_total']:.2f} | {r['balance']:.2f} | "
             f"{100 * r['wait_fraction']:.1f} | {max(r['total_peak_bytes']) / _MIB:.1f} | "

@@ -104,7 +104,6 @@ def _demo_parser(sub) -> None:
 def _run_demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, demo_worker
     from .launch import launched_by_torchrun, run_on_ranks
-    from .memory import steady_rss_for_children
 
     fields = DemoConfig.__dataclass_fields__
     cfg = DemoConfig(**{k: v for k, v in vars(args).items() if k in fields})
@@ -114,7 +113,6 @@ def _run_demo(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"ringattn demo: error: {exc}", file=sys.stderr)
             return 2
-        steady_rss_for_children()  # the ranks started here return freed buffers at once
     results = run_on_ranks(demo_worker, (cfg,), cfg.world_size)
     report = next((r for r in results.values() if r is not None), None)
     if report is None:  # a non-zero rank under torchrun
@@ -225,6 +223,13 @@ def _bench_parser(sub) -> None:
         help="query:kv heads pairs, e.g. 8:8,8:2 (default 8:8; with --max-context 4:2)",
     )
     p.add_argument("--dtypes", type=_comma_list(str), default=None, help="default float32")
+    p.add_argument(
+        "--sub-blocks",
+        type=_comma_list(int),
+        default=None,
+        help="ringattn.Granularity(sub_blocks=) values to compare, e.g. 1,8,16: memory against "
+        "kernel-call size (default 8)",
+    )
     p.add_argument("--head-dim", type=int, default=64, help="default 64")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 3)")
     p.add_argument(
@@ -262,7 +267,11 @@ def _run_bench(args: argparse.Namespace) -> int:
         if args.memory is not None:
             grid.budget_bytes = args.memory
         grid.causal = args.mask != "full"
-        wrong = [flag for flag in ("seq_lens", "repeats") if getattr(args, flag) is not None]
+        wrong = [
+            flag
+            for flag in ("seq_lens", "repeats", "sub_blocks")
+            if getattr(args, flag) is not None
+        ]
         wrong += ["quick"] if args.quick else []
         if wrong or args.mask == "both":
             flags = ", ".join("--" + f.replace("_", "-") for f in wrong) or "--mask both"
@@ -277,7 +286,7 @@ def _run_bench(args: argparse.Namespace) -> int:
             grid.causal = [args.mask == "causal"]
         elif not args.quick:
             grid.causal = [True, False]
-    for name in ("seq_lens", "world_sizes", "layouts", "heads", "dtypes", "repeats"):
+    for name in ("seq_lens", "world_sizes", "layouts", "heads", "dtypes", "sub_blocks", "repeats"):
         if getattr(args, name) is not None:
             setattr(grid, name, getattr(args, name))
     grid.head_dim, grid.threads, grid.device = args.head_dim, args.threads, args.device

@@ -58,12 +58,13 @@ def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
 class Granularity:
     """How finely the ring pipelines its blocks: memory against kernel-call size.
 
-    The travelling block of every step is cut into ``sub_blocks`` sub-blocks, fewer when a
-    sub-block would hold under ``min_tokens`` tokens, and the stationary side is handed to the
-    kernel in bands of the same size. Extra memory per rank beyond its own tensors is then about
-    ``6 / sub_blocks`` block-sizes in the backward pass (two travelling sub-blocks, three
-    returning fp32 ones, one band of kernel outputs); ``sub_blocks=1`` double-buffers whole
-    blocks. Smaller sub-blocks mean more, smaller kernel calls and messages.
+    The travelling block of every step is cut into ``sub_blocks`` sub-blocks, each holding a
+    piece of every layout segment (zigzag: of both chunks), fewer when a piece would hold under
+    ``min_tokens`` tokens; the stationary side is handed to the kernel in bands of the same size.
+    What the ring holds beyond a rank's own tensors is then about ``6 / sub_blocks``
+    block-sizes in the backward pass (two travelling sub-blocks, three returning fp32 ones, a band
+    of kernel outputs); ``sub_blocks=1`` double-buffers whole blocks. Finer cuts mean more,
+    smaller kernel calls and messages: ``min_tokens`` keeps every call at least that long.
     """
 
     sub_blocks: int = 8
@@ -73,13 +74,14 @@ class Granularity:
         if self.sub_blocks < 1 or self.min_tokens < 1:
             raise ValueError(f"Granularity needs sub_blocks >= 1 and min_tokens >= 1, got {self}")
 
-    def count(self, length: int) -> int:
-        """Sub-blocks for a shard of ``length`` tokens."""
-        return max(1, min(self.sub_blocks, length // self.min_tokens))
+    def count(self, segments: Sequence[Segment]) -> int:
+        """Sub-blocks for a shard made of ``segments``."""
+        shortest = min(s.length for s in segments)
+        return max(1, min(self.sub_blocks, shortest // self.min_tokens))
 
-    def band(self, length: int) -> int:
-        """Most tokens of a stationary shard of ``length`` tokens in one kernel call."""
-        return max(1, -(-length // self.count(length)))
+    def band(self, segments: Sequence[Segment]) -> int:
+        """Most tokens of a stationary shard made of ``segments`` in one kernel call."""
+        return max(1, -(-sum(s.length for s in segments) // self.count(segments)))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -138,14 +140,15 @@ class RingPlan:
         return self.comm.world_size > 1
 
     def _sub_blocks(self, rank: int, queries: bool) -> tuple[SubBlock, ...]:
-        length = self.seq_q_local if queries else self.seq_kv_local
-        count = self.granularity.count(length) if self._pipelined else 1
-        return sub_blocks(self._segments(rank, queries), count)
+        segments = self._segments(rank, queries)
+        count = self.granularity.count(segments) if self._pipelined else 1
+        return sub_blocks(segments, count)
 
     def band(self, queries: bool) -> int:
         """Most rows (``queries``) or columns of a whole shard in one kernel call."""
-        length = self.seq_q_local if queries else self.seq_kv_local
-        return self.granularity.band(length) if self._pipelined else length
+        if not self._pipelined:
+            return self.seq_q_local if queries else self.seq_kv_local
+        return self.granularity.band(self._segments(self.comm.rank, queries))
 
     @property
     def travel_blocks(self) -> tuple[SubBlock, ...]:

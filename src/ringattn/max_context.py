@@ -35,7 +35,7 @@ import torch.distributed as dist
 from .bench import machine_description, usable_world_sizes
 from .launch import init_worker, run_on_ranks
 from .layout import get_layout
-from .memory import steady_rss_for_children
+from .memory import measurement_method
 from .plan import Config, format_bytes, longest_sequence
 from .workload import Workload, time_ring, time_single_process
 
@@ -261,7 +261,6 @@ def run_max_context(search: MaxContextSearch, out_dir: Path) -> list[dict]:
     """Search every world size, write ``max_context.json``, ``max_context.md`` and
     ``max_context.png`` to ``out_dir``; return the rows."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    steady_rss_for_children()
     started = time.perf_counter()
     print(
         f"[max-context] budget {format_bytes(search.budget_bytes)} per rank, inputs included; "
@@ -285,12 +284,7 @@ def run_max_context(search: MaxContextSearch, out_dir: Path) -> list[dict]:
     report = {
         "search": asdict(search),
         "machine": machine_description(torch.device(search.device)),
-        "memory_method": (
-            "CUDA allocator peak above entry"
-            if search.device == "cuda"
-            else "RSS high-water mark above entry (VmHWM reset), MALLOC_MMAP_THRESHOLD_="
-            + os.environ.get("MALLOC_MMAP_THRESHOLD_", "unset")
-        ),
+        "memory_method": measurement_method(search.device),
         "rows": rows,
         "wall_s": time.perf_counter() - started,
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),

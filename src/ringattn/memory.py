@@ -1,36 +1,77 @@
-"""Peak memory of a block of code, per process.
+"""Peak memory of a block of code, per process: the high-water mark of live tensor storage.
 
 CUDA: the caching allocator's peak (``torch.cuda.max_memory_allocated``) above the allocation at
-entry. CPU: the process's resident-set high-water mark (``VmHWM``) above the resident set at entry;
-Linux lets a process reset its high-water mark (``/proc/self/clear_refs``), so the figure is the
-peak of this block alone. Elsewhere the lifetime peak (``ru_maxrss``) is used, which can only
-over-estimate.
+entry. CPU: the same quantity, counted by a hook that sees every storage an operator allocates
+(a ``TorchDispatchMode``) and every storage's release (a finalizer on its Python object, which
+PyTorch keeps exactly as long as the storage): bytes of tensor storage allocated inside the
+block and alive at once, at most. Like the CUDA figure it excludes what an allocator keeps cached
+for reuse, the interpreter, and scratch buffers a fused kernel allocates internally (the CPU
+flash kernel's are a few per-thread tiles). It does not depend on timing or on the order of
+earlier allocations, so it is exact to the byte on any machine — unlike the resident set, which
+glibc inflates with freed buffers it keeps for reuse.
 """
 
 from __future__ import annotations
 
-import os
-import re
-import resource
-from pathlib import Path
+import threading
+import weakref
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
-MMAP_THRESHOLD = "65536"
-"""``MALLOC_MMAP_THRESHOLD_`` for measured processes: glibc then maps every buffer above 64 KiB
-on its own and unmaps it when freed, so the resident set tracks live tensors instead of what
-the allocator keeps for reuse (first touches cost a little time: page faults)."""
-
-_STATUS = Path("/proc/self/status")
-_CLEAR_REFS = Path("/proc/self/clear_refs")
+_METHODS = {
+    "cuda": "CUDA allocator peak above entry",
+    "cpu": "high-water mark of tensor storage allocated in the run (dispatch hook)",
+}
 
 
-def _status_kib(field: str) -> int | None:
-    try:
-        match = re.search(rf"^{field}:\s+(\d+) kB", _STATUS.read_text(), re.MULTILINE)
-    except OSError:
-        return None
-    return int(match.group(1)) if match else None
+def measurement_method(device: torch.device | str = "cpu") -> str:
+    """How :class:`PeakMemory` measures on ``device``, in words (for reports)."""
+    return _METHODS["cuda" if torch.device(device).type == "cuda" else "cpu"]
+
+
+class _StorageHighWater(TorchDispatchMode):
+    """Counts the storages that operators allocate while active, and their releases."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._lock = threading.Lock()
+        self._finalizers: dict[int, weakref.finalize] = {}
+
+    def _released(self, key: int, nbytes: int) -> None:
+        with self._lock:
+            self.live -= nbytes
+            self._finalizers.pop(key, None)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {
+            id(t.untyped_storage())
+            for t in tree_leaves((args, kwargs))
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu"
+        }
+        for tensor in tree_leaves(out):
+            if not isinstance(tensor, torch.Tensor) or tensor.device.type != "cpu":
+                continue
+            storage = tensor.untyped_storage()
+            key = id(storage)
+            if key in inputs or key in self._finalizers:
+                continue  # a view or an in-place result: nothing new
+            nbytes = storage.nbytes()
+            with self._lock:
+                self._finalizers[key] = weakref.finalize(storage, self._released, key, nbytes)
+                self.live += nbytes
+                self.peak = max(self.peak, self.live)
+        return out
+
+    def stop(self) -> None:
+        """Forget the storages still alive (their later release is not this block's)."""
+        with self._lock:
+            for finalizer in self._finalizers.values():
+                finalizer.detach()
+            self._finalizers.clear()
 
 
 class PeakMemory:
@@ -40,39 +81,23 @@ class PeakMemory:
     def __init__(self, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
         self.bytes = 0
-        self.method = ""
+        self.method = measurement_method(self.device)
 
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
-            self.method = "CUDA allocator peak above entry"
             return self
-        try:
-            _CLEAR_REFS.write_text("5")
-            self.method = "RSS high-water mark above entry (VmHWM reset at entry)"
-        except OSError:
-            self.method = "lifetime max RSS above RSS at entry (may over-estimate)"
-        self._base = (_status_kib("VmRSS") or 0) * 1024
+        self._hook = _StorageHighWater()
+        self._hook.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            hwm = _status_kib("VmHWM")
-            peak = (
-                hwm * 1024
-                if hwm is not None
-                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            )
-        self.bytes = max(0, peak - self._base)
-
-
-def steady_rss_for_children() -> None:
-    """Make processes started from now on return freed buffers at once (see
-    :data:`MMAP_THRESHOLD`), unless the user set ``MALLOC_MMAP_THRESHOLD_`` already. glibc reads
-    it at start-up, so it affects child processes (the ranks), not this one."""
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", MMAP_THRESHOLD)
+            self.bytes = max(0, torch.cuda.max_memory_allocated(self.device) - self._base)
+            return
+        self._hook.__exit__(*exc)
+        self._hook.stop()
+        self.bytes = self._hook.peak

@@ -244,7 +244,7 @@ def memory_per_token(config: Config) -> float:
     - what any attention keeps: out and the float32 log-sum-exp, and for training dq, dk, dv;
       a single device (``devices == 1``) computes the whole block and needs nothing else;
     - the ring's buffers, one sub-block each (the engine cuts a shard into
-      ``granularity.count(seq_local)`` sub-blocks): the travelling block being computed on and
+      ``granularity.count(segments)`` sub-blocks): the travelling block being computed on and
       the one arriving, three returning float32 blocks (being filled, sent, arriving: dK/dV
       under pass-KV backward, dQ under pass-Q backward, partial out + lse under pass-Q
       forward), and one band of kernel outputs in float32;
@@ -269,7 +269,9 @@ def memory_per_token(config: Config) -> float:
         returning = q_row * 4 if train else q_row * 4 + lse
         accumulators = 2 * kv_row * 4 if train else 0
     band = (q_row + 2 * kv_row) * 4 if train else q_row * 4 + lse
-    sub_blocks = config.granularity.count(config.seq_len // config.devices)
+    seq_local = config.seq_len // config.devices
+    segments = LAYOUTS[config.layout].segments(0, config.devices, seq_local)
+    sub_blocks = config.granularity.count(segments)
     ring = (2 * travelling + 3 * returning + band) / sub_blocks
     if e == 4:  # float32 inputs accumulate in place
         accumulators = 0
@@ -281,22 +283,43 @@ def device_memory(config: Config) -> float:
     return memory_per_token(config) * (config.seq_len // config.devices)
 
 
+def _sub_block_count(config: Config) -> int:
+    seq_local = config.seq_len // config.devices
+    return config.granularity.count(LAYOUTS[config.layout].segments(0, config.devices, seq_local))
+
+
 def longest_sequence(config: Config, memory: float) -> int:
     """The longest total sequence (a multiple of the layout's) whose :func:`device_memory` fits
-    ``memory`` bytes per device; 0 if none does."""
+    ``memory`` bytes per device; 0 if none does.
+
+    Memory grows with the length except where the sub-block count steps up (a longer shard is
+    cut finer and holds smaller ring buffers per token), so the search runs per count: the
+    lengths with one count form an interval, inside which memory only grows.
+    """
     multiple = LAYOUTS[config.layout].seq_multiple(config.devices)
 
-    def fits(units: int) -> bool:
-        return device_memory(replace(config, seq_len=units * multiple)) <= memory
+    def at(units: int) -> Config:
+        return replace(config, seq_len=units * multiple)
 
-    # bytes per token are smallest with the most sub-blocks: no longer sequence can fit
-    finest_local = config.granularity.sub_blocks * config.granularity.min_tokens
-    finest = replace(config, seq_len=finest_local * config.devices)
-    low, high = 0, int(memory / memory_per_token(finest) * config.devices / multiple) + 1
-    while high - low > 1:  # the largest fitting number of layout multiples
-        middle = (low + high) // 2
-        low, high = (middle, high) if fits(middle) else (low, middle)
-    return low * multiple
+    def last(low: int, high: int, holds) -> int:
+        """The largest units in ``[low, high]`` where ``holds`` (true up to it, false after)."""
+        while low < high:
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if holds(middle) else (low, middle - 1)
+        return low
+
+    # no sequence fits beyond what the inputs and outputs alone need (the ring adds to them)
+    bare = replace(at(1), devices=1)
+    ceiling = int(memory / memory_per_token(bare) * config.devices / multiple) + 1
+    best, start = 0, 1
+    while start <= ceiling:
+        count = _sub_block_count(at(start))
+        end = last(start, ceiling, lambda units, c=count: _sub_block_count(at(units)) == c)
+        if device_memory(at(start)) <= memory:
+            fitting = last(start, end, lambda units: device_memory(at(units)) <= memory)
+            best = max(best, fitting)
+        start = end + 1
+    return best * multiple
 
 
 def _rates(hardware: Hardware, devices: int, tokens: float) -> tuple[float, float, float]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,12 @@ class Workload:
     causal: bool = True
     layout: str = "zigzag"
     seed: int = 0
+    sub_blocks: int = Granularity().sub_blocks
+
+    @property
+    def granularity(self) -> Granularity:
+        """How the ring cuts its blocks (:class:`ringattn.Granularity`)."""
+        return Granularity(sub_blocks=self.sub_blocks)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -115,59 +122,85 @@ def context_scaling(single_total_bytes: float, ring_total_bytes: float, world_si
     return single_total_bytes / (world_size * ring_total_bytes)
 
 
+@dataclass
+class _Run:
+    forward_s: float
+    backward_s: float
+    outputs: dict[str, torch.Tensor]
+    trace: RingTrace | None = None
+
+
+def _measured(
+    run_once: Callable[[], _Run],
+    device: torch.device,
+    repeats: int,
+    input_bytes: int,
+    before_each: Callable[[int], None] | None = None,
+) -> Timing:
+    """One run under :class:`PeakMemory` (run 0), then ``repeats`` timed runs (1..repeats) with
+    the allocator as users have it: measuring memory makes CPU buffers leave at once, which
+    costs page faults that would distort the times. ``repeats=0``: the memory run's times."""
+    runs: list[_Run] = []
+    for i in range(repeats + 1):
+        if before_each is not None:
+            before_each(i)
+        if runs:
+            runs[-1].outputs = {}  # free the previous results first
+        if i == 0:
+            with PeakMemory(device) as peak:
+                runs.append(run_once())
+        else:
+            runs.append(run_once())
+    timed = runs[1:] or runs
+    return Timing(
+        statistics.median(r.forward_s for r in timed),
+        statistics.median(r.backward_s for r in timed),
+        peak.bytes,
+        peak.method,
+        runs[-1].outputs,
+        input_bytes,
+        runs[-1].trace,
+    )
+
+
 def time_ring(
     workload: Workload,
     inputs: dict[str, torch.Tensor],
     repeats: int,
     group=None,
-    before_each=None,
+    before_each: Callable[[int], None] | None = None,
     with_backward: bool = True,
 ) -> Timing:
-    """Ring forward and backward on this rank's shard ``inputs``, ``repeats`` times.
-
-    ``before_each(i)`` runs before repeat ``i`` (a barrier, progress output). The trace of the
-    last repeat is kept. Without ``with_backward`` only the forward runs, under
-    ``torch.no_grad`` as in inference (``inputs`` need no ``dout``, ``backward_s`` is 0, the
-    outputs are ``out`` and ``lse``).
-    """
+    """Ring forward and backward on this rank's shard ``inputs``: one run measuring memory, then
+    ``repeats`` timed runs (see :func:`_measured`; ``before_each(i)`` runs before run ``i``, e.g.
+    a barrier). The trace and outputs of the last run are kept. Without ``with_backward`` only
+    the forward runs, under ``torch.no_grad`` as in inference (``inputs`` need no ``dout``,
+    ``backward_s`` is 0, the outputs are ``out`` and ``lse``)."""
     device = inputs["q"].device
     leaves = [inputs[n].detach().requires_grad_(with_backward) for n in ("q", "k", "v")]
-    forward, backward = [], []
-    outputs: dict[str, torch.Tensor] = {}
-    with PeakMemory(device) as peak:
-        for i in range(repeats):
-            outputs = {}  # free the previous repeat's results before the next one
-            if before_each is not None:
-                before_each(i)
-            with record_ring() as trace, torch.set_grad_enabled(with_backward):
-                synchronize(device)
-                t0 = time.perf_counter()
-                out, lse = ring_attention(
-                    *leaves,
-                    causal=workload.causal,
-                    layout=workload.layout,
-                    group=group,
-                    return_lse=True,
-                )
-                synchronize(device)
-                t1 = time.perf_counter()
-                grads = torch.autograd.grad(out, leaves, inputs["dout"]) if with_backward else ()
-                synchronize(device)
-                t2 = time.perf_counter()
-            forward.append(t1 - t0)
-            backward.append(t2 - t1)
-            results = (out.detach(), lse, *grads)
-            outputs = dict(zip(OUTPUT_NAMES[: len(results)], results, strict=True))
-            del out, lse, grads, results
-    return Timing(
-        statistics.median(forward),
-        statistics.median(backward),
-        peak.bytes,
-        peak.method,
-        outputs,
-        tensor_bytes(inputs[n] for n in ("q", "k", "v", "dout") if n in inputs),
-        trace,
-    )
+
+    def run_once() -> _Run:
+        with record_ring() as trace, torch.set_grad_enabled(with_backward):
+            synchronize(device)
+            t0 = time.perf_counter()
+            out, lse = ring_attention(
+                *leaves,
+                causal=workload.causal,
+                layout=workload.layout,
+                granularity=workload.granularity,
+                group=group,
+                return_lse=True,
+            )
+            synchronize(device)
+            t1 = time.perf_counter()
+            grads = torch.autograd.grad(out, leaves, inputs["dout"]) if with_backward else ()
+            synchronize(device)
+            t2 = time.perf_counter()
+        results = (out.detach(), lse, *grads)
+        return _Run(t1 - t0, t2 - t1, dict(zip(OUTPUT_NAMES, results, strict=False)), trace)
+
+    input_bytes = tensor_bytes(inputs[n] for n in ("q", "k", "v", "dout") if n in inputs)
+    return _measured(run_once, device, repeats, input_bytes, before_each)
 
 
 def time_single_process(
@@ -177,49 +210,38 @@ def time_single_process(
     repeats: int = 1,
     with_backward: bool = True,
 ) -> Timing:
-    """The same kernel over the whole sequence in this process, with ``threads`` CPU threads
-    (only the forward without ``with_backward``: no ``dout``, ``backward_s`` 0)."""
+    """The same kernel over the whole sequence in this process, with ``threads`` CPU threads:
+    one run measuring memory, then ``repeats`` timed runs (only the forward without
+    ``with_backward``: no ``dout``, ``backward_s`` 0)."""
     inputs = workload.inputs(torch.arange(workload.seq_len), device)
     if not with_backward:
         del inputs["dout"]
     q, k, v = inputs["q"], inputs["k"], inputs["v"]
     kernel = select_kernel("auto", q)
     scale = workload.head_dim**-0.5
+
+    def run_once() -> _Run:
+        synchronize(device)
+        t0 = time.perf_counter()
+        out, lse = kernel.forward(q, k, v, causal=workload.causal, scale=scale)
+        synchronize(device)
+        t1 = time.perf_counter()
+        grads = ()
+        if with_backward:
+            grads = kernel.backward(
+                inputs["dout"], q, k, v, out, lse, causal=workload.causal, scale=scale
+            )
+        synchronize(device)
+        t2 = time.perf_counter()
+        results = (out, lse, *grads)
+        return _Run(t1 - t0, t2 - t1, dict(zip(OUTPUT_NAMES, results, strict=False)))
+
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
-    forward, backward = [], []
-    outputs: dict[str, torch.Tensor] = {}
     try:
-        with PeakMemory(device) as peak:
-            for _ in range(repeats):
-                outputs = {}
-                synchronize(device)
-                t0 = time.perf_counter()
-                out, lse = kernel.forward(q, k, v, causal=workload.causal, scale=scale)
-                synchronize(device)
-                t1 = time.perf_counter()
-                grads = ()
-                if with_backward:
-                    grads = kernel.backward(
-                        inputs["dout"], q, k, v, out, lse, causal=workload.causal, scale=scale
-                    )
-                synchronize(device)
-                t2 = time.perf_counter()
-                forward.append(t1 - t0)
-                backward.append(t2 - t1)
-                results = (out, lse, *grads)
-                outputs = dict(zip(OUTPUT_NAMES[: len(results)], results, strict=True))
-                del out, lse, grads, results
+        return _measured(run_once, device, repeats, tensor_bytes(inputs.values()))
     finally:
         torch.set_num_threads(previous_threads)
-    return Timing(
-        statistics.median(forward),
-        statistics.median(backward),
-        peak.bytes,
-        peak.method,
-        outputs,
-        tensor_bytes(inputs.values()),
-    )
 
 
 @dataclass(frozen=True)
@@ -249,21 +271,16 @@ class RingMemory:
 
 
 def measure_ring_memory(
-    workload: Workload,
-    inputs: dict[str, torch.Tensor],
-    group=None,
-    granularity: Granularity | None = None,
+    workload: Workload, inputs: dict[str, torch.Tensor], group=None
 ) -> RingMemory:
     """:class:`RingMemory` of ring attention on this rank's shard ``inputs`` (after a short
-    warm-up, so first-touch library pages do not count). Run it with
-    ``MALLOC_MMAP_THRESHOLD_`` set (:func:`ringattn.memory.steady_rss_for_children`) so the
-    resident set tracks live tensors."""
+    warm-up, so first-touch library pages do not count)."""
     q, k, v = (inputs[name].detach().requires_grad_() for name in "qkv")
     options = {
         "causal": workload.causal,
         "layout": workload.layout,
         "group": group,
-        "granularity": granularity,
+        "granularity": workload.granularity,
     }
     warm = [t[:, :256].detach().requires_grad_() for t in (q, k, v)]
     warm_out = ring_attention(*warm, **options)
