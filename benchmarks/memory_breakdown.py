@@ -1,12 +1,10 @@
 """Where a rank's memory goes: peak above the inputs in the forward and the backward pass.
 
-Each world size runs ring attention forward + backward (after a short warm-up, so first-touch
-library pages do not count) and reports, per rank, the peak resident memory of the forward pass
+Each world size runs ring attention forward + backward (after a short warm-up) and reports, per
+rank, the peak memory (tensor storage, :mod:`ringattn.memory`) of the forward pass
 and of the backward pass above what existed when each began, in MiB and in units of the rank's
 query shard (``seq_local x heads x head_dim x 4`` bytes). One process then runs the same kernel
-over the whole sequence for comparison (forward and backward in one measurement). While memory is
-measured, glibc returns freed buffers at once (:class:`ringattn.memory.PeakMemory`), so the
-resident set tracks live tensors.
+over the whole sequence for comparison (forward and backward in one measurement).
 
     python benchmarks/memory_breakdown.py --seq-len 32K --world-sizes 1,2,4
 """
@@ -22,6 +20,7 @@ from ringattn import Granularity
 from ringattn.cli import parse_tokens
 from ringattn.launch import init_worker, run_on_ranks
 from ringattn.layout import get_layout
+from ringattn.memory import MIB
 from ringattn.workload import (
     Workload,
     context_scaling,
@@ -29,8 +28,6 @@ from ringattn.workload import (
     tensor_bytes,
     time_single_process,
 )
-
-_MIB = 2**20
 
 
 def _worker(workload: Workload) -> list:
@@ -81,7 +78,7 @@ def main() -> None:
         "lse, dq, dk, dv, in q-shards (this rank's q in bytes); the most loaded rank"
     )
     single = run_on_ranks(_single_worker, (workload,), 1)[0]
-    print(f"one process over all {args.seq_len:,} tokens: {single / _MIB:.1f} MiB with its inputs")
+    print(f"one process over all {args.seq_len:,} tokens: {single / MIB:.1f} MiB with its inputs")
     print(
         f"{'p':>3} {'tokens/rank':>12} {'q-shard':>8} {'fwd':>7} {'bwd':>7} {'peak':>7} "
         f"{'added':>6} {'inputs':>7} {'with inputs':>12} {'context scaling':>16}"
@@ -94,9 +91,9 @@ def main() -> None:
         unit = local * args.heads * args.head_dim * element
         total = memory.peak + inputs
         print(
-            f"{world:>3} {local:>12,} {unit / _MIB:>8.1f} {memory.forward / _MIB:>7.1f} "
-            f"{memory.backward / _MIB:>7.1f} {memory.peak / _MIB:>7.1f} "
-            f"{memory.added / unit:>6.2f} {inputs / _MIB:>7.1f} {total / _MIB:>12.1f} "
+            f"{world:>3} {local:>12,} {unit / MIB:>8.1f} {memory.forward / MIB:>7.1f} "
+            f"{memory.backward / MIB:>7.1f} {memory.peak / MIB:>7.1f} "
+            f"{memory.added / unit:>6.2f} {inputs / MIB:>7.1f} {total / MIB:>12.1f} "
             f"{context_scaling(single, total, world):>16.2f}"
         )
 

@@ -9,8 +9,7 @@ import json
 import pytest
 
 from ringattn.max_context import MaxContextSearch, find_longest, run_max_context
-
-_MIB = 2**20
+from ringattn.memory import MIB
 
 
 def _assert_contract(result, measure, budget: int, multiple: int, resolution: float) -> None:
@@ -27,12 +26,12 @@ def _assert_contract(result, measure, budget: int, multiple: int, resolution: fl
 
 @pytest.mark.parametrize("guess_error", [0.3, 1.0, 1.04, 3.0])
 def test_linear_memory_is_found_with_few_probes(guess_error):
-    budget, multiple = 64 * _MIB, 8
+    budget, multiple = 64 * MIB, 8
 
     def measure(tokens: int) -> int:  # 5 MiB fixed + 7 KiB per token: 8,411 tokens fit
-        return 5 * _MIB + 7 * 1024 * tokens
+        return 5 * MIB + 7 * 1024 * tokens
 
-    limit = (budget - 5 * _MIB) // (7 * 1024) // multiple * multiple
+    limit = (budget - 5 * MIB) // (7 * 1024) // multiple * multiple
     result = find_longest(measure, budget, multiple, int(guess_error * limit), resolution=0.01)
     _assert_contract(result, measure, budget, multiple, 0.01)
     assert limit - result.step < result.longest.seq_len <= limit
@@ -40,12 +39,12 @@ def test_linear_memory_is_found_with_few_probes(guess_error):
 
 
 def test_steps_in_memory_still_bracket_the_answer():
-    """A staircase (allocations that jump, as RSS does) is not linear: the search must still
+    """A staircase (allocations that jump) is not linear: the search must still
     end on a fitting probe one step below a failing one."""
-    budget = 100 * _MIB
+    budget = 100 * MIB
 
     def measure(tokens: int) -> int:
-        return 3 * 1024 * tokens + (4 * _MIB) * (tokens // 3000) + tokens**2 // 50
+        return 3 * 1024 * tokens + (4 * MIB) * (tokens // 3000) + tokens**2 // 50
 
     seen = []
     result = find_longest(measure, budget, 4, 30_000, resolution=0.005, on_probe=seen.append)
@@ -53,8 +52,21 @@ def test_steps_in_memory_still_bracket_the_answer():
     assert seen == result.probes and len(seen) <= 20
 
 
+def test_memory_that_steps_down_is_searched_beyond_the_first_failure():
+    """Memory drops where blocks are cut finer: 3,000 B/token below 10,000 tokens, 2,000 above.
+    The bracket first closes below 10,000, then the predicted answer beyond it is probed and the
+    search finds the true longest, 13,500."""
+
+    def measure(tokens: int) -> int:
+        return (3000 if tokens < 10_000 else 2000) * tokens
+
+    result = find_longest(measure, 27_000_000, 4, guess=13_000, resolution=0.005)
+    assert 13_500 - result.step <= result.longest.seq_len <= 13_500
+    assert any(9_000 - 60 <= p.seq_len <= 9_000 and p.fits for p in result.probes)
+
+
 def test_a_budget_below_the_shortest_length_reports_no_fit():
-    result = find_longest(lambda tokens: 10 * _MIB, 1 * _MIB, 4, 4096)
+    result = find_longest(lambda tokens: 10 * MIB, 1 * MIB, 4, 4096)
     assert result.longest is None and not result.shortest_failure.fits
     assert result.shortest_failure.seq_len == 4
 
@@ -64,7 +76,7 @@ def test_real_search_on_one_and_two_ranks(tmp_path, capfd):
     measured failing within the resolution, and the answer uses most of the budget. One head
     keeps the shards long (~7K tokens at p=2: 6 sub-blocks) while the probes stay quick."""
     search = MaxContextSearch(
-        budget_bytes=16 * _MIB, world_sizes=[1, 2], heads=[(1, 1)], resolution=0.03
+        budget_bytes=16 * MIB, world_sizes=[1, 2], heads=[(1, 1)], resolution=0.03
     )
     rows = {row["world_size"]: row for row in run_max_context(search, tmp_path)}
     assert sorted(rows) == [1, 2]

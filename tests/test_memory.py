@@ -18,9 +18,12 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import random_qkv
 
 import ringattn
+from ringattn.kernels.cpu_flash import CpuFlashKernel
 from ringattn.layout import get_layout
+from ringattn.memory import PeakMemory
 from ringattn.workload import Workload, measure_ring_memory
 
 LIMIT_Q_SHARDS = 2.5
@@ -47,3 +50,24 @@ def test_ring_adds_under_two_and_a_half_query_shards(pools, world):
     if world == 2:
         whole_blocks = pools(world).run(_memory_job, 1)
         assert max(shards for shards, _ in whole_blocks) > LIMIT_Q_SHARDS + 1, whole_blocks
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [True, False])
+def test_a_world_of_one_costs_what_one_kernel_call_costs(dtype, causal):
+    """Without a ring, ring_attention holds what the kernel over the whole sequence holds,
+    forward and backward, in the inputs' dtype (no float32 copies)."""
+    q, k, v, dout = (t.to(dtype) for t in random_qkv(1, 1024, 4, 2, 64, seed=1))
+    kernel = CpuFlashKernel()
+    with PeakMemory() as kernel_forward:
+        out, lse = kernel.forward(q, k, v, causal=causal, scale=64**-0.5)
+    with PeakMemory() as kernel_backward:
+        kernel.backward(dout, q, k, v, out, lse, causal=causal, scale=64**-0.5)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    with PeakMemory() as ring_forward:
+        ring_out = ringattn.ring_attention(*leaves, causal=causal)
+    with PeakMemory() as ring_backward:
+        torch.autograd.grad(ring_out, leaves, dout)
+    lse_bytes = lse.numel() * 4  # the backward's copy of lse with -inf rows made +inf, its mask
+    assert ring_forward.bytes == kernel_forward.bytes
+    assert kernel_backward.bytes <= ring_backward.bytes <= kernel_backward.bytes + 2 * lse_bytes

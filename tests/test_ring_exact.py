@@ -144,3 +144,24 @@ def _no_group_job(rank, world):
 
 def test_without_process_group_is_plain_attention():
     assert _no_group_job(0, 1) < 1e-12
+
+
+def _empty_shard_job(rank, world, rotation):
+    """Shards of no tokens (on every rank) give empty outputs and gradients, no error."""
+    q, k, v = (torch.randn(2, 0, 4, 16).requires_grad_() for _ in range(3))
+    out, lse = ringattn.ring_attention(q, k, v, causal=True, rotation=rotation, return_lse=True)
+    grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out), allow_unused=True)
+    return tuple(out.shape), tuple(lse.shape), [tuple(g.shape) for g in grads]
+
+
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("rotation", ["kv", "q"])
+def test_empty_shards(pools, world, rotation):
+    run = (
+        [_empty_shard_job(0, 1, rotation)]
+        if world == 1
+        else pools(world).run(_empty_shard_job, rotation)
+    )
+    for out, lse, grads in run:
+        assert out == (2, 0, 4, 16) and lse == (2, 4, 0)
+        assert grads == [(2, 0, 4, 16)] * 3

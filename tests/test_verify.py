@@ -2,7 +2,8 @@
 
 Its float64 reference equals dense float64 attention, it passes on the ring's results, and it
 fails when a single sampled row of out, lse or dq, or a single sampled column of dk or dv, on a
-single rank, is off by 1%. Tiles of a few scores make every pass merge many blocks.
+single rank, is off by 1%. Tiles of a few scores make every pass merge many blocks, and the ring
+cuts its blocks into 3 sub-blocks, so what is verified comes from the sub-block engine.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from ringattn.layout import get_layout
 from ringattn.verify import sample_positions, verify_sampled
 from ringattn.workload import OUTPUT_NAMES, Workload, time_ring
 
-SAMPLES = 24
+SAMPLES = 48  # more than the cut positions, so some are random
 SMALL_TILES = 48  # scores per tile: blocks of a few rows and keys
 
 
 def _workload(world: int, **changes) -> Workload:
-    base = Workload(seq_len=24 * world, heads=4, kv_heads=2, head_dim=16, batch=2)
+    base = Workload(
+        seq_len=24 * world, heads=4, kv_heads=2, head_dim=16, batch=2, sub_blocks=3, min_tokens=1
+    )
     return replace(base, **changes)
 
 
@@ -136,6 +139,16 @@ def test_samples_hold_the_ends_and_every_segment_boundary():
     assert len(sample_positions(workload, 3, 1000)) == 120  # never more than the sequence
 
 
+def test_samples_hold_every_sub_block_piece_and_band_edge():
+    """Where a sub-block engine could go wrong: both ends of every piece of every sub-block and
+    of every band of kernel rows are sampled."""
+    workload = Workload(seq_len=120, heads=1, kv_heads=1, layout="zigzag", sub_blocks=2)
+    workload = replace(workload, min_tokens=1)
+    chunk = 120 // 6  # zigzag on 3 ranks: 6 chunks of 20; 2 sub-blocks halve every chunk
+    edges = {c * chunk + offset for c in range(6) for offset in (0, 9, 10, 19)}
+    assert set(sample_positions(workload, 3, 0).tolist()) == edges | {119}
+
+
 def test_world_of_one_reports_progress_of_the_float64_forward():
     workload = _workload(1)
     lines = []
@@ -144,7 +157,7 @@ def test_world_of_one_reports_progress_of_the_float64_forward():
     )
     assert check.passed, check
     assert lines and all(
-        line.startswith("float64 reference forward over all 24 rows: ") for line in lines
+        line.startswith("float64 reference forward over all 24 rows (") for line in lines
     )
-    done = [int(line.split(": ")[1].split("%")[0]) for line in lines]
+    done = [int(line.split(" (")[1].split("%")[0]) for line in lines]
     assert done == sorted(done) and done[-1] < 100 and "s elapsed, ~" in lines[-1]

@@ -29,9 +29,8 @@ import torch.distributed as dist
 from .engine import Granularity
 from .launch import init_worker, run_on_ranks
 from .layout import get_layout
+from .memory import MIB
 from .workload import Workload, context_scaling, time_ring, time_single_process
-
-_MIB = 2**20
 
 
 @dataclass
@@ -305,8 +304,8 @@ def markdown_report(report: dict) -> str:
             f"{w['dtype']} | {w.get('sub_blocks', '')} | "
             f"{r['ring_forward_s']:.3f} | {r['ring_total_s']:.3f} | {r['single_total_s']:.3f} | "
             f"{r['efficiency_forward']:.2f} | {r['efficiency_total']:.2f} | {r['balance']:.2f} | "
-            f"{100 * r['wait_fraction']:.1f} | {max(r['total_peak_bytes']) / _MIB:.1f} | "
-            f"{r['single_total_peak_bytes'] / _MIB:.1f} | {r['context_scaling']:.2f} | "
+            f"{100 * r['wait_fraction']:.1f} | {max(r['total_peak_bytes']) / MIB:.1f} | "
+            f"{r['single_total_peak_bytes'] / MIB:.1f} | {r['context_scaling']:.2f} | "
             f"{r['step_bytes_max']} ({r['step_bytes_minimum']}) |"
         )
     lines += [
@@ -367,7 +366,7 @@ def plot_report(report: dict, out_dir: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, slope in report["memory_slopes"].items():
         points = sorted(
-            (r["tokens_per_rank"], max(r["total_peak_bytes"]) / _MIB)
+            (r["tokens_per_rank"], max(r["total_peak_bytes"]) / MIB)
             for r in rows
             if memory_kind(r) == name
         )

@@ -67,7 +67,13 @@ def _demo_parser(sub) -> None:
     p.add_argument(
         "--no-causal", dest="causal", action="store_false", help="full (non-causal) attention"
     )
-    p.add_argument("--repeats", type=int, default=d.repeats, help="timed runs (median reported)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=d.repeats,
+        help="timed runs (median reported) after one run that counts memory; 0: a single run "
+        "counts memory and is timed (for runs that take many minutes)",
+    )
     p.add_argument(
         "--threads",
         type=int,
@@ -137,7 +143,8 @@ def _heads_pair(text: str) -> tuple[int, int]:
 
 def _bench_parser(sub) -> None:
     from .max_context import MaxContextSearch
-    from .plan import format_bytes, memory_size
+    from .memory import format_bytes
+    from .plan import memory_size
 
     d = MaxContextSearch()
     budget = format_bytes(d.budget_bytes).replace(" ", "").replace(".0", "")

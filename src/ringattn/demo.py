@@ -28,8 +28,16 @@ import torch.distributed as dist
 from .comm import transfer_device
 from .launch import cpu_threads_per_rank, init_worker
 from .layout import get_layout
+from .memory import MIB, format_bytes
+from .plan import Config, device_memory
 from .trace import RingProgress, report_progress
-from .verify import LOW_PRECISION, LOW_PRECISION_FLOOR, tolerances, verify_sampled
+from .verify import (
+    LOW_PRECISION,
+    LOW_PRECISION_FLOOR,
+    relative_errors,
+    tolerances,
+    verify_sampled,
+)
 from .workload import Workload, context_scaling, time_ring, time_single_process
 
 VERIFY_MODES = ("auto", "full", "sampled", "none")
@@ -39,11 +47,6 @@ MEMORY_SHARE = 0.5
 """... and when it needs at most this share of the memory available."""
 PROGRESS_EVERY_S = 30.0
 """Long ring passes and long references report progress this often (rank 0)."""
-_MIB = 2**20
-
-
-def _size(nbytes: float) -> str:
-    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / _MIB:.1f} MiB"
 
 
 @dataclass
@@ -91,19 +94,26 @@ class DemoConfig:
             raise ValueError("--device cuda asked for, but torch sees no CUDA device")
         if self.verify not in VERIFY_MODES:
             raise ValueError(f"--verify must be one of {', '.join(VERIFY_MODES)}")
-        sizes = (self.seq_len, self.world_size, self.batch, self.head_dim, self.repeats)
+        sizes = (self.seq_len, self.world_size, self.batch, self.head_dim, self.repeats + 1)
         if min(*sizes, self.samples) <= 0:
-            raise ValueError("sizes, --repeats and --samples must be positive")
+            raise ValueError("sizes and --samples must be positive, --repeats at least 0")
 
 
 def single_process_bytes(workload: Workload, with_backward: bool) -> int:
     """Bytes one process must hold to attend over the whole sequence: its inputs ``q, k, v``
-    (and ``dout``) and outputs ``out, lse`` (and ``dq, dk, dv``) — a lower bound on its peak."""
-    tensors_per_head = 4 if with_backward else 2  # q, out (dout, dq) and k, v (dk, dv)
-    heads = (workload.heads + workload.kv_heads) * tensors_per_head
-    lse_bytes = 8 if workload.dtype == "float64" else 4
-    per_token = heads * workload.head_dim * workload.torch_dtype.itemsize
-    return workload.batch * workload.seq_len * (per_token + workload.heads * lse_bytes)
+    (and ``dout``) and outputs ``out, lse`` (and ``dq, dk, dv``) — a lower bound on its peak
+    (:func:`ringattn.plan.device_memory` of one device)."""
+    config = Config(
+        seq_len=workload.seq_len,
+        devices=1,
+        heads=workload.heads,
+        kv_heads=workload.kv_heads,
+        head_dim=workload.head_dim,
+        batch=workload.batch,
+        dtype=workload.dtype,
+        backward=with_backward,
+    )
+    return int(device_memory(config))
 
 
 def choose_verification(
@@ -124,8 +134,8 @@ def choose_verification(
         seconds *= 2
     if needed > MEMORY_SHARE * available_bytes:
         return "sampled", (
-            f"one process would need at least {_size(needed)}, more than "
-            f"{MEMORY_SHARE:.0%} of the {_size(available_bytes)} available"
+            f"one process would need at least {format_bytes(needed)}, more than "
+            f"{MEMORY_SHARE:.0%} of the {format_bytes(available_bytes)} available"
         )
     if seconds > SINGLE_PROCESS_LIMIT_S:
         return "sampled", (
@@ -133,8 +143,8 @@ def choose_verification(
             f"threads), more than the {SINGLE_PROCESS_LIMIT_S:.0f} s --verify auto allows"
         )
     return "full", (
-        f"one process takes ~{seconds:.0f} s and needs at least {_size(needed)} of the "
-        f"{_size(available_bytes)} available (--verify auto)"
+        f"one process takes ~{seconds:.0f} s and needs at least {format_bytes(needed)} of the "
+        f"{format_bytes(available_bytes)} available (--verify auto)"
     )
 
 
@@ -198,14 +208,6 @@ def _scatter_reference(results, cfg: DemoConfig, rank: int, world: int, mine: di
     return received
 
 
-def _max_errors(mine: dict, reference: dict) -> dict[str, float]:
-    errors = {}
-    for name, got in mine.items():
-        ref = reference[name].double()
-        errors[name] = ((got.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
-    return errors
-
-
 def _full_check(cfg, workload, device, threads, rank, world, mine, start):
     """Every rank's errors against the single process over the whole sequence, and on rank 0
     the single process's time, memory (and in low precision its own errors)."""
@@ -215,7 +217,9 @@ def _full_check(cfg, workload, device, threads, rank, world, mine, start):
     if rank == 0:
         node_threads = threads * int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         all_threads = min(node_threads, len(os.sched_getaffinity(0)))
-        single = time_single_process(workload, device, all_threads, with_backward=with_backward)
+        single = time_single_process(
+            workload, device, all_threads, cfg.repeats, with_backward=with_backward
+        )
         reference = single.outputs
         single_stats = {
             "forward_s": single.forward_s,
@@ -228,13 +232,13 @@ def _full_check(cfg, workload, device, threads, rank, world, mine, start):
             _say(rank, start, "float32 single process, the reference for both")
             exact = replace(workload, dtype="float32")
             reference = time_single_process(
-                exact, device, all_threads, with_backward=with_backward
+                exact, device, all_threads, repeats=0, with_backward=with_backward
             ).outputs
-            single_stats["errors"] = _max_errors(single.outputs, reference)
+            single_stats["errors"] = relative_errors(single.outputs, reference)
         del single
     dist.barrier()
     _say(rank, start, "comparing every rank's shard with the reference")
-    errors = _max_errors(mine, _scatter_reference(reference, cfg, rank, world, mine))
+    errors = relative_errors(mine, _scatter_reference(reference, cfg, rank, world, mine))
     return errors, single_stats
 
 
@@ -287,7 +291,11 @@ def demo_worker(cfg: DemoConfig) -> dict | None:
     passes = "forward+backward" if with_backward else "forward (inference)"
 
     def before_each(i: int) -> None:
-        _say(rank, start, f"ring {passes}, run {i + 1} of {cfg.repeats}")
+        if i == 0:
+            timed = " (also timed)" if cfg.repeats == 0 else ""
+            _say(rank, start, f"ring {passes}, counting memory{timed}")
+        else:
+            _say(rank, start, f"ring {passes}, timed run {i} of {cfg.repeats}")
         dist.barrier()
 
     with _ring_progress(rank, start):
@@ -437,8 +445,8 @@ def _memory_lines(report: dict) -> list[str]:
     for r in report["ranks"]:
         compute = r["forward"]["compute_s"] + r["backward"]["compute_s"]
         wait = r["forward"]["wait_s"] + r["backward"]["wait_s"]
-        sent = (r["forward"]["bytes_sent"] + r["backward"]["bytes_sent"]) / _MIB
-        inputs, peak = r["input_bytes"] / _MIB, r["total_peak_bytes"] / _MIB
+        sent = (r["forward"]["bytes_sent"] + r["backward"]["bytes_sent"]) / MIB
+        inputs, peak = r["input_bytes"] / MIB, r["total_peak_bytes"] / MIB
         lines.append(
             f"  {r['rank']:>4}{compute:9.2f}s{wait:9.2f}s{sent:10.1f}{inputs:12.1f}{peak:25.1f}"
         )
@@ -446,8 +454,8 @@ def _memory_lines(report: dict) -> list[str]:
     scaling = report["context_scaling"]
     if single:
         lines.append(
-            f"  single process: peak {single['total_peak_bytes'] / _MIB:.1f} MiB incl. its "
-            f"inputs ({single['input_bytes'] / _MIB:.1f} MiB)"
+            f"  single process: peak {single['total_peak_bytes'] / MIB:.1f} MiB incl. its "
+            f"inputs ({single['input_bytes'] / MIB:.1f} MiB)"
         )
         lines.append(f"  context scaling mem(1) / (p * mem(p)) = {scaling['value']:.2f}:")
         held = "hold"
@@ -455,7 +463,7 @@ def _memory_lines(report: dict) -> list[str]:
         lines.append(
             f"  context scaling mem(1) / (p * mem(p)) >= {scaling['value']:.2f} (estimate: no "
             f"single process ran; one needs at least its inputs and outputs, "
-            f"{scaling['single_process_min_bytes'] / _MIB:.1f} MiB):"
+            f"{scaling['single_process_min_bytes'] / MIB:.1f} MiB):"
         )
         held = "hold at least"
     lines.append(

@@ -40,7 +40,7 @@ from .kernels import AttentionKernel
 from .layout import Layout, Segment, SubBlock, sub_blocks
 from .masks import MaskSpec, Tile, bound_tiles, plan_tiles
 from .merge import merge_partial
-from .trace import StepTimer
+from .trace import StepTimer, current_observers, observed_by
 
 Rotation = Literal["kv", "q"]
 _TRAVEL_TAG, _RETURN_TAG = 0, 16
@@ -206,6 +206,19 @@ class RingPlan:
             args["score_fn"] = score_fn
         return args
 
+    def single_call(self) -> Tile | None:
+        """The tile that is this whole call when nothing needs pipelining — a world of one whose
+        queries and keys form one unmasked tile (plain or causal attention) — else ``None``.
+        Its kernel's outputs and gradients are then the results as they are, in the inputs'
+        dtypes: exactly what one process computes and holds."""
+        if self._pipelined or not (self.seq_q_local and self.seq_kv_local):
+            return None
+        tiles = self.tiles((0, None), (0, None))
+        if len(tiles) != 1:
+            return None
+        whole = Tile(0, self.seq_q_local, 0, self.seq_kv_local, causal=tiles[0].causal)
+        return whole if tiles[0] == whole else None
+
     def kernel_for(self, tile: Tile) -> AttentionKernel:
         return self.masked_kernel if tile.masked or self.mask.score_mod is not None else self.kernel
 
@@ -341,7 +354,7 @@ class _GradSum:
         self.like = like
         self.dtype = accumulator_dtype(like.dtype)
         rows = like.shape[1]
-        self.band = rows if band is None or self.dtype == like.dtype else max(1, band)
+        self.band = max(1, rows if band is None or self.dtype == like.dtype else band)
         self.parts: dict[int, torch.Tensor] = {}
 
     def _rows(self, index: int) -> int:
@@ -366,13 +379,14 @@ class _GradSum:
 
     def accumulated(self) -> torch.Tensor:
         """The sum in the accumulator dtype, as one tensor (a gradient kept in one band)."""
+        assert self.band >= self.like.shape[1], "accumulated() needs a gradient in one band"
         total = self.parts.pop(0, None)
         return self._zeros(0) if total is None else total
 
     def result(self) -> torch.Tensor:
         """The sum in ``like``'s dtype; the accumulator is emptied band by band."""
         bands = []
-        for index in range(-(-self.like.shape[1] // self.band)):
+        for index in range(max(1, -(-self.like.shape[1] // self.band))):
             total = self.parts.pop(index, None)
             bands.append((self._zeros(index) if total is None else total).to(self.like.dtype))
             del total
@@ -407,6 +421,13 @@ class _Assembly:
         self.shapes, self.dims, self.dtypes, self.device = shapes, dims, dtypes, device
         self.tensors: list[torch.Tensor | None] = [None] * len(shapes)
 
+    def result(self) -> list[torch.Tensor]:
+        """The assembled tensors (empty ones for an empty shard, which has no sub-block)."""
+        return [
+            torch.empty(shape, dtype=dtype, device=self.device) if t is None else t
+            for t, shape, dtype in zip(self.tensors, self.shapes, self.dtypes, strict=True)
+        ]
+
     def __call__(self, j: int, returned: Tensors) -> None:
         for i, values in enumerate(returned):
             if len(self.blocks) == 1:
@@ -419,12 +440,27 @@ class _Assembly:
             _scatter(self.tensors[i], self.blocks[j], self.dims[i], values)
 
 
+def _one_step(phase: str, device: torch.device, call, *args, **kwargs):
+    """``call(*args, **kwargs)`` traced and reported as the single step of a ring pass."""
+    timer = StepTimer(phase, device, 1, 1, 1)
+    with timer.computing(0):
+        result = call(*args, **kwargs)
+    timer.unit_done(0)
+    timer.finish()
+    return result
+
+
 def ring_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPlan
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``out`` (batch, seq_q, heads_q, head_dim) in ``q.dtype`` and ``lse`` (batch, heads_q,
     seq_q) in the accumulator dtype, for this rank's queries against every rank's keys."""
     rank = plan.comm.rank
+    single = plan.single_call()
+    if single is not None:
+        args = plan.tile_args(single, (rank, None), (rank, None), q.device)
+        out, lse = _one_step("forward", q.device, plan.kernel_for(single).forward, q, k, v, **args)
+        return out.contiguous(), lse
     if plan.rotation == "kv":
         acc: Output | None = None
 
@@ -450,7 +486,7 @@ def ring_forward(
         q.device,
     )
     _ring_loop(plan, "forward", (q,), (1,), visit, _merge_into_arrived, returned)
-    out, lse = returned.tensors
+    out, lse = returned.result()
     return out.contiguous(), lse
 
 
@@ -487,6 +523,12 @@ def ring_backward(
     rank = plan.comm.rank
     # A row that saw no key (lse = -inf) must get P = exp(S - lse) = 0 in every tile: use +inf.
     lse = lse.masked_fill(lse == float("-inf"), float("inf"))
+    single = plan.single_call()
+    if single is not None:
+        args = plan.tile_args(single, (rank, None), (rank, None), q.device)
+        kernel = plan.kernel_for(single)
+        grads = _one_step("backward", q.device, kernel.backward, dout, q, k, v, out, lse, **args)
+        return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v), strict=True))
     if plan.rotation == "kv":
         dq = _GradSum(q, plan.band(queries=True))
 
@@ -500,7 +542,7 @@ def ring_backward(
 
         returned = _Assembly(plan, (k.shape, v.shape), (1, 1), (k.dtype, v.dtype), k.device)
         _ring_loop(plan, "backward", (k, v), (1, 1), visit, _sum_into_arrived, returned)
-        dk, dv = returned.tensors
+        dk, dv = returned.result()
         return dq.result(), dk, dv
 
     band = plan.band(queries=False)
@@ -518,7 +560,7 @@ def ring_backward(
     _ring_loop(
         plan, "backward", (q, dout, out, lse), (1, 1, 1, 2), visit, _sum_into_arrived, returned
     )
-    (dq_result,) = returned.tensors
+    (dq_result,) = returned.result()
     return dq_result, dk.result(), dv.result()
 
 
@@ -530,6 +572,7 @@ class RingAttentionFunction(torch.autograd.Function):
         out, lse = ring_forward(q, k, v, plan)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan = plan
+        ctx.observers = current_observers()
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -537,5 +580,6 @@ class RingAttentionFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ring_backward(dout.contiguous(), q, k, v, out, lse, ctx.plan)
+        with observed_by(ctx.observers):
+            dq, dk, dv = ring_backward(dout.contiguous(), q, k, v, out, lse, ctx.plan)
         return dq, dk, dv, None

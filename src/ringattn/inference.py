@@ -189,22 +189,23 @@ def _empty_partial(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def merge_across_ranks(
-    out: torch.Tensor, lse: torch.Tensor, group: GroupLike = None
-) -> torch.Tensor:
+    out: torch.Tensor, lse: torch.Tensor, group: GroupLike = None, return_lse: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact merge of every rank's partial attention ``(out, lse)`` with two all-reduces.
 
     Args:
         out: ``(batch, seq, heads, head_dim)`` partial output over this rank's keys (fp32).
         lse: ``(batch, heads, seq)`` its log-sum-exp (``-inf`` where no key was visible).
+        return_lse: also return the merged log-sum-exp.
 
     Returns:
         The attention output over all ranks' keys, ``(batch, seq, heads, head_dim)``; rows that
-        see no key anywhere are 0.
+        see no key anywhere are 0 (and their log-sum-exp ``-inf``).
     """
     process_group = resolve_group(group)
     _, world_size = group_rank_and_size(process_group)
     if world_size == 1:
-        return out
+        return (out, lse) if return_lse else out
     top = lse.clone()
     dist.all_reduce(top, op=dist.ReduceOp.MAX, group=process_group)
     reference = top.masked_fill(torch.isinf(top), 0.0)
@@ -213,5 +214,7 @@ def merge_across_ranks(
     packed = torch.cat([weighted.flatten(), weight.flatten()])
     dist.all_reduce(packed, group=process_group)
     numerator = packed[: weighted.numel()].view_as(weighted)
-    denominator = packed[weighted.numel() :].view_as(weight).transpose(1, 2).unsqueeze(-1)
-    return numerator / denominator.clamp_min(torch.finfo(denominator.dtype).tiny)
+    total = packed[weighted.numel() :].view_as(weight)
+    denominator = total.transpose(1, 2).unsqueeze(-1)
+    merged = numerator / denominator.clamp_min(torch.finfo(denominator.dtype).tiny)
+    return (merged, reference + total.log()) if return_lse else merged

@@ -2,13 +2,11 @@
 
 For every world size ``p`` the search runs real probes — forward+backward (forward only for
 inference) at a chosen total length, on ``p`` real ranks — and measures each rank's peak memory
-*including its inputs* (:attr:`ringattn.workload.Timing.total_peak_bytes`: the resident-set
-high-water mark on CPU, in processes that return freed buffers at once, or the CUDA allocator's
-peak). ``p = 1`` is one process running the same kernel over the whole sequence
-(:func:`ringattn.workload.time_single_process`), the baseline: what a user without the ring
-would run. Peaks are counted above what the process held before the probe (interpreter,
-libraries, the communication buffers of a warm-up), so the budget is what the attention itself
-costs, inputs included.
+*including its inputs* (:attr:`ringattn.workload.Timing.total_peak_bytes`: the high-water mark
+of tensor storage, see :mod:`ringattn.memory`). ``p = 1`` is one process running the same
+kernel over the whole sequence (:func:`ringattn.workload.time_single_process`), the baseline:
+what a user without the ring would run. The budget is what the attention itself costs, inputs
+included.
 
 Memory grows linearly with the length, so the search needs few full-size probes
 (:func:`find_longest`): two cheap ones at a half and three quarters of ``ringattn plan``'s
@@ -17,6 +15,9 @@ longest fitting and the shortest failing probe (or, before a probe failed, the t
 picks every further probe, kept at least one resolution step inside the bracket, until the
 longest fitting and the shortest failing length are one step apart. The answer is always a
 length that a probe measured as fitting; the shortest measured failure is reported next to it.
+Memory steps *down* where the ring starts cutting its blocks into more sub-blocks, so a longer
+length can fit again beyond the failure: when ``ringattn plan`` predicts one, it is probed too,
+and the search goes on from there if it fits.
 """
 
 from __future__ import annotations
@@ -35,11 +36,9 @@ import torch.distributed as dist
 from .bench import machine_description, usable_world_sizes
 from .launch import init_worker, run_on_ranks
 from .layout import get_layout
-from .memory import measurement_method
-from .plan import Config, format_bytes, longest_sequence
+from .memory import MIB, format_bytes, measurement_method
+from .plan import Config, longest_sequence
 from .workload import Workload, time_ring, time_single_process
-
-_MIB = 2**20
 
 
 @dataclass(frozen=True)
@@ -72,10 +71,13 @@ def find_longest(
     on_probe: Callable[[Probe], None] | None = None,
 ) -> SearchResult:
     """The longest multiple of ``multiple`` tokens whose ``measure(tokens)`` (peak bytes) fits
-    ``budget`` bytes, found to ``max(multiple, resolution x answer)`` tokens.
+    ``budget`` bytes, found to ``max(multiple, resolution x answer)`` tokens: the longest fitting
+    length below the shortest failing one, where memory grows with the length.
 
-    ``guess`` is a rough prediction of the answer (``ringattn plan``'s). Deterministic in the
-    measurements, so ranks that share them take the same path. ``on_probe`` sees every probe.
+    ``guess`` is a prediction of the answer (``ringattn plan``'s): if the bracket ends below it,
+    ``guess`` is probed as well, and the search continues above the old bracket if it fits
+    (memory that steps down with the length). Deterministic in the measurements, so ranks that
+    share them take the same path. ``on_probe`` sees every probe.
     """
     probes: list[Probe] = []
 
@@ -112,7 +114,12 @@ def find_longest(
         high = min(failing, key=lambda p: p.seq_len) if failing else None
         step = floor_multiple(resolution * low.seq_len)
         if high is not None and high.seq_len - low.seq_len <= step:
-            return SearchResult(low, high, probes, step)
+            beyond = floor_multiple(guess)
+            if beyond <= high.seq_len or any(p.seq_len == beyond for p in probes):
+                return SearchResult(low, high, probes, step)
+            probe(beyond)
+            moved.clear()
+            continue
         if high is None:  # extrapolate the two longest fitting probes, at most doubling
             target = floor_multiple(crossing(fitting[-2], low))
             tokens = min(max(target, low.seq_len + step), 2 * low.seq_len)
@@ -135,7 +142,7 @@ class MaxContextSearch:
     """What ``ringattn bench --max-context`` searches: a budget per rank, the world sizes, and
     the workloads (heads x dtypes x layouts)."""
 
-    budget_bytes: int = 48 * _MIB
+    budget_bytes: int = 48 * MIB
     world_sizes: list[int] = field(default_factory=lambda: [1, 2, 4])
     layouts: list[str] = field(default_factory=lambda: ["zigzag"])
     causal: bool = True
@@ -188,13 +195,15 @@ def probe_peak(workload: Workload, inference: bool, device: torch.device, thread
     a world of one runs the kernel over the whole sequence in one process."""
     rank, world = dist.get_rank(), dist.get_world_size()
     if world == 1:
-        timing = time_single_process(workload, device, threads, with_backward=not inference)
+        timing = time_single_process(
+            workload, device, threads, repeats=0, with_backward=not inference
+        )
         return timing.total_peak_bytes
     positions = get_layout(workload.layout).positions(rank, world, workload.seq_len // world)
     inputs = workload.inputs(positions, device)
     if inference:
         del inputs["dout"]
-    return time_ring(workload, inputs, 1, with_backward=not inference).total_peak_bytes
+    return time_ring(workload, inputs, 0, with_backward=not inference).total_peak_bytes
 
 
 def max_context_worker(search: MaxContextSearch, guesses: list[int]) -> list[dict] | None:
@@ -221,7 +230,7 @@ def max_context_worker(search: MaxContextSearch, guesses: list[int]) -> list[dic
             if rank == 0:
                 print(
                     f"[max-context {name}] {probe.seq_len:,} tokens "
-                    f"({probe.seq_len // world:,}/rank): peak {probe.peak_bytes / _MIB:.1f} MiB "
+                    f"({probe.seq_len // world:,}/rank): peak {probe.peak_bytes / MIB:.1f} MiB "
                     f"incl. inputs -> {'fits' if probe.fits else 'does not fit'} "
                     f"({probe.seconds:.1f} s)",
                     flush=True,
@@ -312,13 +321,11 @@ def markdown_report(report: dict) -> str:
         w = r["workload"]
         ratio = f"{r['ratio_to_single']:.2f}" if r["ratio_to_single"] is not None else "-"
         peak = r["longest_peak_bytes"]
-        failed = (
-            f"{r['shortest_failure_seq_len']:,} ({r['shortest_failure_peak_bytes'] / _MIB:.1f})"
-        )
+        failed = f"{r['shortest_failure_seq_len']:,} ({r['shortest_failure_peak_bytes'] / MIB:.1f})"
         lines.append(
             f"| {r['world_size']} | {w['layout'] if r['world_size'] > 1 else 'single process'} "
             f"| {w['heads']}/{w['kv_heads']} | {w['dtype']} | {r['longest_seq_len']:,} | "
-            f"{ratio} | {r['world_size']} | {peak / _MIB if peak else 0:.1f} | {failed} | "
+            f"{ratio} | {r['world_size']} | {peak / MIB if peak else 0:.1f} | {failed} | "
             f"{r['plan_longest_seq_len']:,} | {len(r['probes'])} |"
         )
     lines += ["", f"Wall time {report['wall_s']:.0f} s."]

@@ -1,14 +1,17 @@
-"""Peak memory of a block of code, per process: the high-water mark of live tensor storage.
+"""Peak memory of a block of code, per process.
 
-CUDA: the caching allocator's peak (``torch.cuda.max_memory_allocated``) above the allocation at
-entry. CPU: the same quantity, counted by a hook that sees every storage an operator allocates
-(a ``TorchDispatchMode``) and every storage's release (a finalizer on its Python object, which
-PyTorch keeps exactly as long as the storage): bytes of tensor storage allocated inside the
-block and alive at once, at most. Like the CUDA figure it excludes what an allocator keeps cached
-for reuse, the interpreter, and scratch buffers a fused kernel allocates internally (the CPU
-flash kernel's are a few per-thread tiles). It does not depend on timing or on the order of
-earlier allocations, so it is exact to the byte on any machine — unlike the resident set, which
-glibc inflates with freed buffers it keeps for reuse.
+CUDA: the caching allocator's peak (``torch.cuda.max_memory_allocated``) above what was allocated
+at entry, which includes the workspaces kernels allocate. CPU: the high-water mark of the tensor
+storage that operators allocate inside the block, counted by a hook that sees every storage an
+operator returns (a ``TorchDispatchMode``) and every storage's release (a finalizer on its Python
+object, which PyTorch keeps exactly as long as the storage). The CPU figure leaves out what an
+allocator keeps cached for reuse, the interpreter, buffers allocated inside an operator's C++ code
+(the CPU flash kernel's per-thread tiles, about 1.5 MB with one thread; gloo's), tensors made from
+Python data (``torch.tensor``, ``from_numpy``), and storages that grow in place (``out=``,
+``resize_``); and it counts a storage allocated in the block even after a tensor that existed
+before the block is freed. The ring allocates its buffers through operators, so the figure is
+its working set, the same on every run and machine; the resident set instead depends on the
+order of earlier allocations (glibc keeps freed buffers for reuse).
 """
 
 from __future__ import annotations
@@ -20,9 +23,20 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+MIB = 2**20
+
+
+def format_bytes(size: float) -> str:
+    """Bytes as KiB, MiB or GiB with one decimal ('64.0 MiB')."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(size) >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size:.0f} B"
+
+
 _METHODS = {
     "cuda": "CUDA allocator peak above entry",
-    "cpu": "high-water mark of tensor storage allocated in the run (dispatch hook)",
+    "cpu": "high-water mark of tensor storage allocated by operators in the run (dispatch hook)",
 }
 
 
@@ -37,7 +51,7 @@ class _StorageHighWater(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.live = self.peak = 0
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a finalizer may run inside a locked region
         self._finalizers: dict[int, weakref.finalize] = {}
 
     def _released(self, key: int, nbytes: int) -> None:
@@ -60,8 +74,9 @@ class _StorageHighWater(TorchDispatchMode):
             if key in inputs or key in self._finalizers:
                 continue  # a view or an in-place result: nothing new
             nbytes = storage.nbytes()
+            finalizer = weakref.finalize(storage, self._released, key, nbytes)
             with self._lock:
-                self._finalizers[key] = weakref.finalize(storage, self._released, key, nbytes)
+                self._finalizers[key] = finalizer
                 self.live += nbytes
                 self.peak = max(self.peak, self.live)
         return out

@@ -41,6 +41,7 @@ import torch
 from .engine import Granularity
 from .layout import LAYOUTS
 from .masks import rank_work
+from .memory import format_bytes
 from .rotation import rotation_bytes
 
 CALIBRATION_PATH = Path(os.environ.get("RINGATTN_PROFILE", "~/.cache/ringattn/local.json"))
@@ -224,14 +225,6 @@ def memory_size(text: str) -> int:
     return int(number * base ** _UNIT_POWERS[unit])
 
 
-def format_bytes(size: float) -> str:
-    """Bytes as KiB, MiB or GiB with one decimal ('64.0 MiB')."""
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(size) >= scale:
-            return f"{size / scale:.1f} {unit}"
-    return f"{size:.0f} B"
-
-
 def _element_size(dtype: str) -> int:
     return torch.empty((), dtype=getattr(torch, dtype)).element_size()
 
@@ -254,7 +247,7 @@ def memory_per_token(config: Config) -> float:
     e = _element_size(config.dtype)
     q_row = config.heads * config.head_dim
     kv_row = config.kv_heads * config.head_dim
-    lse = 4 * config.heads
+    lse = (8 if config.dtype == "float64" else 4) * config.heads  # the accumulator dtype
     train = config.backward
     inputs = (2 * q_row + 2 * kv_row if train else q_row + 2 * kv_row) * e
     outputs = q_row * e + lse + ((q_row + 2 * kv_row) * e if train else 0)
@@ -269,10 +262,7 @@ def memory_per_token(config: Config) -> float:
         returning = q_row * 4 if train else q_row * 4 + lse
         accumulators = 2 * kv_row * 4 if train else 0
     band = (q_row + 2 * kv_row) * 4 if train else q_row * 4 + lse
-    seq_local = config.seq_len // config.devices
-    segments = LAYOUTS[config.layout].segments(0, config.devices, seq_local)
-    sub_blocks = config.granularity.count(segments)
-    ring = (2 * travelling + 3 * returning + band) / sub_blocks
+    ring = (2 * travelling + 3 * returning + band) / _sub_block_count(config)
     if e == 4:  # float32 inputs accumulate in place
         accumulators = 0
     return config.batch * (inputs + outputs + ring + accumulators)

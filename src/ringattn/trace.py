@@ -77,6 +77,17 @@ def record_ring() -> Iterator[RingTrace]:
         _ACTIVE.reset(token)
 
 
+def seconds_left(fraction_done: float, elapsed_s: float) -> float:
+    """Linear estimate of the seconds left when ``fraction_done`` took ``elapsed_s``."""
+    return elapsed_s * (1 - fraction_done) / max(fraction_done, 1e-9)
+
+
+def progress_text(label: str, fraction_done: float, elapsed_s: float) -> str:
+    """``"<label> (38%), 120 s elapsed, ~200 s left"``."""
+    left = seconds_left(fraction_done, elapsed_s)
+    return f"{label} ({100 * fraction_done:.0f}%), {elapsed_s:.0f} s elapsed, ~{left:.0f} s left"
+
+
 @dataclass(frozen=True)
 class RingProgress:
     """How far one ring pass of this rank has got (see :func:`report_progress`)."""
@@ -94,14 +105,11 @@ class RingProgress:
     @property
     def remaining_s(self) -> float:
         """Linear estimate of the seconds left in this pass."""
-        return self.elapsed_s * (self.total - self.done) / max(self.done, 1)
+        return seconds_left(self.done / self.total, self.elapsed_s)
 
     def __str__(self) -> str:
-        return (
-            f"{self.phase}: ring step {self.step + 1}/{self.world_size} "
-            f"({100 * self.done / self.total:.0f}%), {self.elapsed_s:.0f} s elapsed, "
-            f"~{self.remaining_s:.0f} s left"
-        )
+        label = f"{self.phase}: ring step {self.step + 1}/{self.world_size}"
+        return progress_text(label, self.done / self.total, self.elapsed_s)
 
 
 _PROGRESS: contextvars.ContextVar[tuple[Callable[[RingProgress], None], float] | None] = (
@@ -124,6 +132,31 @@ def report_progress(
         yield
     finally:
         _PROGRESS.reset(token)
+
+
+Observers = tuple["RingTrace | None", "tuple[Callable[[RingProgress], None], float] | None"]
+
+
+def current_observers() -> Observers:
+    """The trace and progress reporter active in this context, to hand to the backward pass:
+    autograd may run it on another thread (one per CUDA device), which does not see them."""
+    return _ACTIVE.get(), _PROGRESS.get()
+
+
+@contextlib.contextmanager
+def observed_by(observers: Observers) -> Iterator[None]:
+    """Run the block with ``observers`` wherever this context has none of its own."""
+    trace, progress = observers
+    tokens = [
+        (var, var.set(value))
+        for var, value in ((_ACTIVE, trace), (_PROGRESS, progress))
+        if var.get() is None and value is not None
+    ]
+    try:
+        yield
+    finally:
+        for var, token in reversed(tokens):
+            var.reset(token)
 
 
 class StepTimer:

@@ -36,7 +36,8 @@ import torch.distributed as dist
 from .comm import GroupLike, group_rank_and_size, resolve_group
 from .inference import merge_across_ranks
 from .kernels import masked_kernel_for, select_kernel
-from .layout import get_layout
+from .layout import get_layout, sub_blocks
+from .trace import progress_text
 from .workload import Workload
 
 TOLERANCE = {"float64": 1e-10, "float32": 1e-5}
@@ -60,16 +61,40 @@ def tolerances(dtype: str, names, own_errors: dict[str, float] | None = None) ->
     return dict.fromkeys(names, TOLERANCE[dtype])
 
 
-def sample_positions(workload: Workload, world_size: int, count: int = 256) -> torch.Tensor:
-    """Sorted distinct global positions to check, the same on every rank: the first and last
-    token, the first and last token of every segment a rank holds (shard and chunk boundaries of
-    the layout), and seeded random positions up to ``count`` in all (int64, ``(count,)``)."""
-    seq_len = workload.seq_len
+def _edges(workload: Workload, world_size: int) -> set[int]:
+    """Global positions where the ring's work is cut: the first and last token, the first and
+    last token of every segment a rank holds (shard and chunk boundaries of the layout) and, in
+    a ring of several ranks, of every sub-block piece and every band of kernel rows
+    (:class:`ringattn.Granularity`)."""
+    seq_len, seq_local = workload.seq_len, workload.seq_len // world_size
     layout = get_layout(workload.layout)
-    chosen = {0, seq_len - 1}
+    edges = {0, seq_len - 1}
     for rank in range(world_size):
-        for segment in layout.segments(rank, world_size, seq_len // world_size):
-            chosen.update((segment.start, segment.start + segment.stride * (segment.length - 1)))
+        segments = layout.segments(rank, world_size, seq_local)
+        positions = layout.positions(rank, world_size, seq_local)
+        local = {0, seq_local - 1}
+        offset = 0
+        for segment in segments:
+            local.update((offset, offset + segment.length - 1))
+            offset += segment.length
+        if world_size > 1:
+            granularity = workload.granularity
+            for block in sub_blocks(segments, granularity.count(segments)):
+                local.update(i for start, stop in block.pieces for i in (start, stop - 1))
+            band = granularity.band(segments)
+            local.update(
+                i for b in range(0, seq_local, band) for i in (b, min(b + band, seq_local) - 1)
+            )
+        edges.update(positions[sorted(local)].tolist())
+    return edges
+
+
+def sample_positions(workload: Workload, world_size: int, count: int = 256) -> torch.Tensor:
+    """Sorted distinct global positions to check, the same on every rank: where the ring cuts
+    its work (:func:`_edges`: shard, chunk, sub-block and band boundaries) and seeded random
+    positions up to ``count`` in all (int64, ``(count,)``)."""
+    seq_len = workload.seq_len
+    chosen = _edges(workload, world_size)
     count = min(max(count, len(chosen)), seq_len)
     generator = torch.Generator().manual_seed(workload.seed * 7919 + 17)
     for position in torch.randperm(seq_len, generator=generator)[:count].tolist():
@@ -306,15 +331,8 @@ def _all_reduce(tensor: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tens
     return tensor
 
 
-def _logsumexp_across_ranks(lse: torch.Tensor, group) -> torch.Tensor:
-    """log of the sum over ranks of ``exp(lse)`` (two all-reduces; ``-inf`` stays ``-inf``)."""
-    top = _all_reduce(lse.clone(), group, dist.ReduceOp.MAX)
-    finite = top.masked_fill(torch.isinf(top), 0.0)
-    return finite + _all_reduce(torch.exp(lse - finite), group).log()
-
-
 class _Progress:
-    """Reports ``"<label>: 38%, 120 s elapsed, ~200 s left"`` at most every ``every_s`` seconds
+    """Reports ``"<label> (38%), 120 s elapsed, ~200 s left"`` at most every ``every_s`` seconds
     while ``rows`` attend to the keys ``0 .. seq_len - 1`` in order."""
 
     def __init__(self, label, rows: torch.Tensor, seq_len, causal, callback, every_s):
@@ -334,11 +352,7 @@ class _Progress:
         if now - self.last < self.every_s:
             return
         self.last = now
-        done, elapsed = self._pairs(keys) / self.total, now - self.start
-        left = elapsed * (1 - done) / max(done, 1e-9)
-        self.callback(
-            f"{self.label}: {100 * done:.0f}%, {elapsed:.0f} s elapsed, ~{left:.0f} s left"
-        )
+        self.callback(progress_text(self.label, self._pairs(keys) / self.total, now - self.start))
 
 
 def _sampled_values(
@@ -352,8 +366,7 @@ def _sampled_values(
     ``dq``, ``dk``, ``dv``) at the sampled positions, summed over every rank's share."""
     rows = _Rows.build(arithmetic, sample)
     out, lse = _attend(arithmetic, rows, own)
-    rows.out = merge_across_ranks(out, lse, group)
-    rows.lse = _logsumexp_across_ranks(lse, group)
+    rows.out, rows.lse = merge_across_ranks(out, lse, group, return_lse=True)
     values = {"out": rows.out, "lse": rows.lse}
     if own_rows is None:
         return values
@@ -383,13 +396,17 @@ class SampledCheck:
         return all(err <= self.tolerance[name] for name, err in self.errors.items())
 
 
-def _relative_errors(values, reference) -> dict[str, float]:
-    return {
-        name: (
-            (got - reference[name]).abs().max() / reference[name].abs().max().clamp_min(1e-300)
-        ).item()
-        for name, got in values.items()
-    }
+def relative_errors(
+    values: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]
+) -> dict[str, float]:
+    """``max |value - ref| / max |ref|`` per name, computed in float64 (NaN where a value is
+    NaN: no comparison passes it)."""
+    errors = {}
+    for name, got in values.items():
+        ref = reference[name].double()
+        scale = ref.abs().max().clamp_min(torch.finfo(torch.float64).tiny)
+        errors[name] = ((got.double() - ref).abs().max() / scale).item()
+    return errors
 
 
 def _ring_errors(outputs, reference, sample, own, group) -> dict[str, float]:
@@ -467,7 +484,7 @@ def verify_sampled(
             kernel_rows = _Rows.build(kernel, own)
             kernel_rows.out, kernel_rows.lse = own_rows.out, own_rows.lse
         estimate = _sampled_values(kernel, sample, own, process_group, kernel_rows)
-        kernel_errors = _relative_errors(estimate, reference)
+        kernel_errors = relative_errors(estimate, reference)
     errors = _ring_errors(
         {name: outputs[name] for name in reference}, reference, sample, own, process_group
     )

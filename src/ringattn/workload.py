@@ -38,11 +38,12 @@ class Workload:
     layout: str = "zigzag"
     seed: int = 0
     sub_blocks: int = Granularity().sub_blocks
+    min_tokens: int = Granularity().min_tokens
 
     @property
     def granularity(self) -> Granularity:
         """How the ring cuts its blocks (:class:`ringattn.Granularity`)."""
-        return Granularity(sub_blocks=self.sub_blocks)
+        return Granularity(sub_blocks=self.sub_blocks, min_tokens=self.min_tokens)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -137,9 +138,9 @@ def _measured(
     input_bytes: int,
     before_each: Callable[[int], None] | None = None,
 ) -> Timing:
-    """One run under :class:`PeakMemory` (run 0), then ``repeats`` timed runs (1..repeats) with
-    the allocator as users have it: measuring memory makes CPU buffers leave at once, which
-    costs page faults that would distort the times. ``repeats=0``: the memory run's times."""
+    """One run under :class:`PeakMemory` (run 0), then ``repeats`` timed runs (1..repeats), so
+    that counting allocations (a little Python per operator on CPU) never slows a timed run.
+    ``repeats=0``: one run, measured and timed (for runs too long to repeat)."""
     runs: list[_Run] = []
     for i in range(repeats + 1):
         if before_each is not None:
@@ -274,7 +275,7 @@ def measure_ring_memory(
     workload: Workload, inputs: dict[str, torch.Tensor], group=None
 ) -> RingMemory:
     """:class:`RingMemory` of ring attention on this rank's shard ``inputs`` (after a short
-    warm-up, so first-touch library pages do not count)."""
+    warm-up on a few tokens)."""
     q, k, v = (inputs[name].detach().requires_grad_() for name in "qkv")
     options = {
         "causal": workload.causal,
