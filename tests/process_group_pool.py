@@ -9,6 +9,7 @@ pool down, so the next job starts from a fresh group instead of a broken one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import tempfile
@@ -68,12 +69,14 @@ class ProcessGroupPool:
         self.world_size = world_size
         self.device = device
         self._procs: list = []
+        self._store_path: str | None = None
 
     def _start(self) -> None:
         ctx = mp.get_context("spawn")
         fd, store_path = tempfile.mkstemp(prefix="ringattn-store-")
         os.close(fd)
         os.unlink(store_path)
+        self._store_path = store_path
         self._jobs = [ctx.Queue() for _ in range(self.world_size)]
         self._results = ctx.Queue()
         self._procs = [
@@ -128,3 +131,7 @@ class ProcessGroupPool:
                 proc.kill()
             proc.join(timeout=10)
         self._procs = []
+        if self._store_path is not None:  # the FileStore's file, left by the ranks
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._store_path)
+            self._store_path = None

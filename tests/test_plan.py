@@ -137,6 +137,21 @@ def test_longest_sequence_is_the_longest_fitting_multiple():
     assert longest_sequence(config, 1024) == 0
 
 
+def test_longest_sequence_looks_past_a_sub_block_step():
+    """Memory drops where a longer shard is cut into one more sub-block (8,184 -> 8,192 tokens
+    at p = 4 goes from 1 to 2 sub-blocks): a budget that 8,184 tokens exceed but longer
+    sequences fit finds the longer ones, as a scan of every length does."""
+    config = Config(seq_len=0, devices=4, heads=4, kv_heads=2, head_dim=64, dtype="float32")
+
+    def memory(seq_len: int) -> float:
+        return device_memory(replace(config, seq_len=seq_len))
+
+    assert memory(8192) < memory(8184)
+    for budget in (memory(8192) + 1, (memory(8184) + memory(8192)) / 2, memory(12280) - 1):
+        scanned = max(n for n in range(8, 24_000, 8) if memory(n) <= budget)
+        assert scanned > 8184 and longest_sequence(config, budget) == scanned
+
+
 def test_memory_sizes_parse():
     assert memory_size("64MiB") == memory_size("64M") == 64 * 2**20
     assert memory_size("2GiB") == 2 * 2**30 and memory_size("1.5g") == 3 * 2**29

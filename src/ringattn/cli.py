@@ -24,6 +24,16 @@ def parse_tokens(text: str) -> int:
         ) from None
 
 
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except for flags and options whose default is ``None``
+    (their help says what happens)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.nargs == 0 or action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _demo_parser(sub) -> None:
     from .demo import DemoConfig
 
@@ -32,7 +42,8 @@ def _demo_parser(sub) -> None:
         "demo",
         help="ring attention over a long sequence on local processes, verified and measured",
         description=(
-            "Runs causal ring attention forward+backward (or forward only) over a long sequence "
+            "Runs ring attention (causal unless --no-causal) forward+backward (or forward only) "
+            "over a long sequence "
             "on several local processes (or the ranks of a torchrun job), verifies every rank's "
             "output, log-sum-exp and gradients, and reports time, tokens/s, per-rank "
             "compute/wait, per-rank peak memory including the inputs and the context scaling. "
@@ -42,7 +53,7 @@ def _demo_parser(sub) -> None:
             "(for lengths one process cannot hold or takes too long on); 'auto' runs 'full' "
             "unless one process would take more than 3 minutes or half the available memory."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsHelpFormatter,
     )
     p.add_argument(
         "--seq-len", type=parse_tokens, default=d.seq_len, help="total tokens (32K, 1M ok)"
@@ -53,17 +64,24 @@ def _demo_parser(sub) -> None:
         default=d.world_size,
         help="local ranks to start (ignored under torchrun)",
     )
-    p.add_argument("--batch", type=int, default=d.batch)
+    p.add_argument("--batch", type=int, default=d.batch, help="sequences per batch")
     p.add_argument("--heads", type=int, default=d.heads, help="query heads")
     p.add_argument(
         "--kv-heads", type=int, default=d.kv_heads, help="key/value heads (GQA when fewer)"
     )
-    p.add_argument("--head-dim", type=int, default=d.head_dim)
-    p.add_argument("--layout", choices=sorted(LAYOUTS), default=d.layout)
+    p.add_argument("--head-dim", type=int, default=d.head_dim, help="dimension of a head")
     p.add_argument(
-        "--dtype", choices=["float32", "bfloat16", "float16", "float64"], default=d.dtype
+        "--layout", choices=sorted(LAYOUTS), default=d.layout, help="how tokens map to ranks"
     )
-    p.add_argument("--device", choices=["cpu", "cuda"], default=d.device)
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16", "float64"],
+        default=d.dtype,
+        help="dtype of q, k, v (accumulation is float32 or wider)",
+    )
+    p.add_argument(
+        "--device", choices=["cpu", "cuda"], default=d.device, help="cuda: one GPU per rank"
+    )
     p.add_argument(
         "--no-causal", dest="causal", action="store_false", help="full (non-causal) attention"
     )
@@ -80,7 +98,7 @@ def _demo_parser(sub) -> None:
         default=None,
         help="CPU threads per rank (default: cores / local ranks)",
     )
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the random inputs")
     p.add_argument(
         "--forward-only",
         action="store_true",
@@ -165,7 +183,7 @@ def _bench_parser(sub) -> None:
         epilog=(
             "examples:\n"
             "  ringattn bench --quick                  # under 3 minutes on 2 cores\n"
-            f"  ringattn bench --max-context            # {budget} per rank, p = 1, 2, 4: 2-4 "
+            f"  ringattn bench --max-context            # {budget} per rank, p = 1, 2, 4: about 5 "
             "minutes on 2 cores\n"
             "  ringattn bench --max-context --memory 256MiB --world-sizes 1,2 --inference"
         ),
@@ -177,8 +195,8 @@ def _bench_parser(sub) -> None:
         action="store_true",
         help="find the longest sequence that fits --memory per rank at each world size, by "
         "real forward+backward runs (p=1: one process over the whole sequence); the default "
-        f"run ({budget}, heads 4:2, d=64, float32, causal zigzag, p=1,2,4) takes 2-4 minutes "
-        "on 2 cores (longer when other jobs share them), most of it in the p=4 probes",
+        f"run ({budget}, heads 4:2, d=64, float32, causal zigzag, p=1,2,4) takes about 5 "
+        "minutes on 2 cores (longer when other jobs share them), most of it in the p=4 probes",
     )
     p.add_argument(
         "--memory",
@@ -221,7 +239,7 @@ def _bench_parser(sub) -> None:
         "--mask",
         choices=["both", "causal", "full"],
         default=None,
-        help="default both; with --max-context causal",
+        help="default both (--quick and --max-context: causal)",
     )
     p.add_argument(
         "--heads",
@@ -289,10 +307,8 @@ def _run_bench(args: argparse.Namespace) -> int:
         return error("--memory and --inference need --max-context")
     else:
         grid = BenchGrid.quick() if args.quick else BenchGrid()
-        if args.mask not in (None, "both"):
-            grid.causal = [args.mask == "causal"]
-        elif not args.quick:
-            grid.causal = [True, False]
+        if args.mask is not None:
+            grid.causal = {"both": [True, False], "causal": [True], "full": [False]}[args.mask]
     for name in ("seq_lens", "world_sizes", "layouts", "heads", "dtypes", "sub_blocks", "repeats"):
         if getattr(args, name) is not None:
             setattr(grid, name, getattr(args, name))
@@ -332,11 +348,11 @@ def _plan_parser(sub) -> None:
             f"and rotation. Hardware profiles: {', '.join(sorted(PROFILES))}, 'local' "
             "(after --calibrate) or a profile JSON path."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsHelpFormatter,
     )
     p.add_argument("--seq-len", type=parse_tokens, default=1024**2, help="total tokens (1M ok)")
-    p.add_argument("--devices", type=int, default=64)
-    p.add_argument("--hardware", default="h100-nvlink")
+    p.add_argument("--devices", type=int, default=64, help="ranks in the ring")
+    p.add_argument("--hardware", default="h100-nvlink", help="a profile name or JSON path")
     p.add_argument(
         "--memory",
         type=memory_size,
@@ -345,14 +361,22 @@ def _plan_parser(sub) -> None:
         "the longest fitting sequence is computed for (compare `ringattn bench --max-context "
         "--memory ...`)",
     )
-    p.add_argument("--heads", type=int, default=d.heads)
-    p.add_argument("--kv-heads", type=int, default=d.kv_heads)
-    p.add_argument("--head-dim", type=int, default=d.head_dim)
-    p.add_argument("--batch", type=int, default=d.batch)
-    p.add_argument("--dtype", default=d.dtype, choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--layout", default=d.layout, choices=sorted(LAYOUTS))
-    p.add_argument("--rotation", default=d.rotation, choices=["kv", "q"])
-    p.add_argument("--no-causal", dest="causal", action="store_false")
+    p.add_argument("--heads", type=int, default=d.heads, help="query heads")
+    p.add_argument("--kv-heads", type=int, default=d.kv_heads, help="key/value heads")
+    p.add_argument("--head-dim", type=int, default=d.head_dim, help="dimension of a head")
+    p.add_argument("--batch", type=int, default=d.batch, help="sequences per batch")
+    p.add_argument(
+        "--dtype", default=d.dtype, choices=["bfloat16", "float16", "float32"], help="of q, k, v"
+    )
+    p.add_argument(
+        "--layout", default=d.layout, choices=sorted(LAYOUTS), help="how tokens map to ranks"
+    )
+    p.add_argument(
+        "--rotation", default=d.rotation, choices=["kv", "q"], help="what travels: K/V or Q"
+    )
+    p.add_argument(
+        "--no-causal", dest="causal", action="store_false", help="full (non-causal) attention"
+    )
     p.add_argument("--inference", action="store_true", help="forward only")
     p.add_argument(
         "--calibrate", action="store_true", help="measure this machine and save the 'local' profile"

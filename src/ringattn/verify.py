@@ -27,7 +27,7 @@ are merged exactly in float64. For ``dk``/``dv`` that kernel run is given the fl
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 
 import torch
@@ -52,7 +52,9 @@ Forward = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 Backward = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
-def tolerances(dtype: str, names, own_errors: dict[str, float] | None = None) -> dict[str, float]:
+def tolerances(
+    dtype: str, names: Iterable[str], own_errors: dict[str, float] | None = None
+) -> dict[str, float]:
     """Accepted relative error per output name: :data:`TOLERANCE` for float32/float64; in low
     precision twice ``own_errors`` (what a single process or the same kernel makes in that
     dtype), at least :data:`LOW_PRECISION_FLOOR`."""
@@ -97,7 +99,7 @@ def sample_positions(workload: Workload, world_size: int, count: int = 256) -> t
     chosen = _edges(workload, world_size)
     count = min(max(count, len(chosen)), seq_len)
     generator = torch.Generator().manual_seed(workload.seed * 7919 + 17)
-    for position in torch.randperm(seq_len, generator=generator)[:count].tolist():
+    for position in torch.randperm(seq_len, generator=generator).tolist():
         if len(chosen) == count:
             break
         chosen.add(position)

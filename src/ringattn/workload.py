@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .api import ring_attention
+from .comm import GroupLike
 from .engine import Granularity
 from .kernels import select_kernel
 from .memory import PeakMemory
@@ -168,7 +169,7 @@ def time_ring(
     workload: Workload,
     inputs: dict[str, torch.Tensor],
     repeats: int,
-    group=None,
+    group: GroupLike = None,
     before_each: Callable[[int], None] | None = None,
     with_backward: bool = True,
 ) -> Timing:
@@ -272,7 +273,7 @@ class RingMemory:
 
 
 def measure_ring_memory(
-    workload: Workload, inputs: dict[str, torch.Tensor], group=None
+    workload: Workload, inputs: dict[str, torch.Tensor], group: GroupLike = None
 ) -> RingMemory:
     """:class:`RingMemory` of ring attention on this rank's shard ``inputs`` (after a short
     warm-up on a few tokens)."""
