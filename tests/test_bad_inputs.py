@@ -97,6 +97,10 @@ def _rank_case(name, rank):
         kwargs["layout"] = "zigzgg"
     if name == "scale_differs":  # None means head_dim ** -0.5; 0.0 is a different scale
         kwargs["scale"] = None if rank == 0 else 0.0
+    if name == "needs_grad_differs":  # rotation="auto" and the backward ring depend on it
+        q.requires_grad_(rank == 0)
+    if name == "cu_seqlens_differs":  # the same total, different boundaries
+        kwargs["cu_seqlens"] = torch.tensor([0, 1 + rank, 2 * seq])
     return q, k, v, kwargs
 
 
@@ -189,6 +193,7 @@ def _expected_rank_case(name, world):
         "dtype_differs": ", ".join(
             "'torch.float64'" if r == 1 else "'torch.float32'" for r in range(world)
         ),
+        "needs_grad_differs": ", ".join(["1"] + ["0"] * (world - 1)),
     }
     if name == "int_on_rank_1":
         return r"^ring_attention: invalid input on rank 1: q has dtype torch\.int64; use float16"
@@ -196,11 +201,18 @@ def _expected_rank_case(name, world):
         return r"^ring_attention: invalid input on rank 1: unknown layout 'zigzgg'"
     if name == "scale_differs":
         return r"^ring_attention: scale differs between ranks \[0\.35355\d*, 0(, 0)*\]"
+    if name == "cu_seqlens_differs":  # shown as fingerprints of the boundaries
+        return (
+            r"^ring_attention: cu_seqlens differs between ranks \[[\d, ]+\] \(by rank\); "
+            r"every rank must pass the same cu_seqlens \(global document boundaries\)$"
+        )
     field = name.removesuffix("_differs")
     advice = {
         "seq_local": "every rank must hold an equal shard of the sequence; use ringattn.shard",
         "causal": "every rank must pass the same causal flag",
         "dtype": "every rank must use the same dtype",
+        "needs_grad": "every rank must agree on whether gradients flow (requires_grad of q, k, v "
+        "and grad mode): the backward pass and rotation='auto' involve every rank",
     }[field]
     return (
         rf"^ring_attention: {field} differs between ranks \[{re.escape(by_rank[name])}\] "
@@ -218,6 +230,8 @@ def _expected_rank_case(name, world):
         "int_on_rank_1",
         "layout_typo_on_rank_1",
         "scale_differs",
+        "needs_grad_differs",
+        "cu_seqlens_differs",
     ],
 )
 def test_rank_dependent_input_raises_on_every_rank(pools, world, name):

@@ -10,6 +10,8 @@ contribution).
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -194,13 +196,26 @@ def _generate_job(rank, world_size, layout):
         for _ in range(12):  # reference: full recompute each step, no cache
             next_token = model(input_ids=sequence, use_cache=False).logits[:, -1].argmax(-1)
             sequence = torch.cat([sequence, next_token[:, None]], 1)
-    return ring_tokens.tolist(), sequence[:, 50:].tolist()
+        none = hf.generate_greedy(model, prompt, 0, layout=layout)
+    gc.collect()
+    caches_alive = sum(isinstance(obj, ringattn.KVCache) for obj in gc.get_objects())
+    return ring_tokens.tolist(), sequence[:, 50:].tolist(), tuple(none.shape), caches_alive
 
 
 @pytest.mark.parametrize(("world_size", "layout"), [(2, "zigzag"), (3, "striped")])
 def test_greedy_generation_matches_single_process(pools, world_size, layout):
-    for ring_tokens, reference in pools(world_size).run(_generate_job, layout):
+    """The tokens of single-process greedy decoding; no token for max_new_tokens=0; no KV cache
+    left alive (in transformers' global attention registry or elsewhere) after the call."""
+    for ring_tokens, reference, no_tokens, caches_alive in pools(world_size).run(
+        _generate_job, layout
+    ):
         assert ring_tokens == reference
+        assert no_tokens == (BATCH, 0) and caches_alive == 0
+
+
+def test_greedy_generation_refuses_a_negative_count():
+    with pytest.raises(ValueError, match="max_new_tokens must be an int >= 0, got -1"):
+        hf.generate_greedy(_model("llama"), torch.zeros(1, 4, dtype=torch.long), -1)
 
 
 DOC_LENGTHS = (9, 20, 1, 31)  # 61 tokens: no layout divides it, so shard_batch pads

@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
-from .checks import MaskArgs, check_inputs
+from .checks import MaskArgs, check_inputs, needs_grad
 from .comm import GroupLike, RingComm, group_rank_and_size, resolve_group, transfer_device
 from .engine import Granularity, RingAttentionFunction, RingPlan
 from .kernels import AttentionKernel, masked_kernel_for, select_kernel
@@ -121,10 +121,9 @@ def ring_attention(
     )
     spec = _mask_spec(q, k, causal, masks, chosen_layout, process_group, world_size, tile_size)
     main_kernel = select_kernel(kernel, q)
-    if rotation == "auto":
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if rotation == "auto":  # from values the check above found equal on every rank
         rotation = choose_rotation(
-            q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3], q.dtype, needs_grad
+            q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3], q.dtype, needs_grad(q, k, v)
         )
     plan = RingPlan(
         comm=RingComm(process_group),

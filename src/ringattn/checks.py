@@ -7,6 +7,7 @@ or shards that differ between ranks, is raised everywhere with the same message.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -35,6 +36,7 @@ _FIELDS = (
     ("window_right", "every rank must pass the same window"),
     ("documents", "every rank must pass the same kind of document description"),
     ("cu_seqlens_end", "every rank must pass the same cu_seqlens"),
+    ("cu_seqlens", "every rank must pass the same cu_seqlens (global document boundaries)"),
     ("attention_mask", "every rank must pass an attention_mask, or none"),
     ("seq_len", "every rank must pass the same seq_len"),
     ("mask_mod", "every rank must pass a mask_mod, or none"),
@@ -43,6 +45,11 @@ _FIELDS = (
     ("sub_blocks", "every rank must pass the same granularity"),
     ("min_tokens", "every rank must pass the same granularity"),
     ("rotation", "every rank must pass the same rotation"),
+    (
+        "needs_grad",
+        "every rank must agree on whether gradients flow (requires_grad of q, k, v and grad "
+        "mode): the backward pass and rotation='auto' involve every rank",
+    ),
 )
 _ROTATIONS = ("kv", "q", "auto")
 _ABSENT = -2.0
@@ -135,11 +142,18 @@ class MaskArgs:
             right,
             documents,
             float(self.cu_seqlens[-1]) if self.cu_seqlens is not None else _ABSENT,
+            _fingerprint(self.cu_seqlens) if self.cu_seqlens is not None else _ABSENT,
             float(self.attention_mask is not None),
             float(self.seq_len) if self.seq_len is not None else _ABSENT,
             float(self.mask_mod is not None),
             float(self.score_mod is not None),
         ]
+
+
+def _fingerprint(values: torch.Tensor) -> float:
+    """A 48-bit hash of an integer tensor's values (exact in float64), whatever its dtype."""
+    data = values.detach().to("cpu", torch.int64).contiguous().numpy().tobytes()
+    return float(int.from_bytes(hashlib.blake2b(data, digest_size=6).digest(), "little"))
 
 
 class RingInputError(ValueError):
@@ -207,8 +221,13 @@ def local_problem(
     return None
 
 
+def needs_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether a ring call on these inputs will run a backward ring."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+
+
 def _signature(
-    q, k, causal, layout, scale, masks: MaskArgs, tile_size, granularity, rotation
+    q, k, v, causal, layout, scale, masks: MaskArgs, tile_size, granularity, rotation
 ) -> list[float]:
     return [
         q.shape[0],
@@ -227,6 +246,7 @@ def _signature(
         granularity.sub_blocks,
         granularity.min_tokens,
         rotation,
+        float(needs_grad(q, k, v)),
     ]
 
 
@@ -290,6 +310,7 @@ def check_inputs(
         else _signature(
             q,
             k,
+            v,
             causal,
             layout,
             scale or 0.0,

@@ -40,7 +40,9 @@ None)``. The mask function registered for the same name never builds a dense mas
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -385,6 +387,46 @@ def cp_loss(
     return (local_sum + (total - local_sum.detach())) / count
 
 
+@dataclass
+class _Generation:
+    """The state of one :func:`generate_greedy` call, seen by its attention function."""
+
+    cache: ringattn.KVCache
+    lengths: torch.Tensor
+    layout: LayoutName | Layout
+    head_dim: int
+    prefilling: bool = True
+
+
+_GENERATION: contextvars.ContextVar[_Generation | None] = contextvars.ContextVar(
+    "ringattn_hf_generation", default=None
+)
+_GENERATION_NAME = "ringattn_kv_cache"
+
+
+def _generation_attention(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs
+):
+    """The attention function of :func:`generate_greedy`, registered once under
+    ``"ringattn_kv_cache"``. It holds no state: the running generation's cache lives in a
+    context variable that the call clears when it returns, so no cache outlives its call."""
+    generation = _GENERATION.get()
+    if generation is None:
+        raise RuntimeError("the 'ringattn_kv_cache' attention runs only inside generate_greedy")
+    if _window(module, kwargs, True) is not None or kwargs.get("softcap") is not None:
+        raise NotImplementedError("generate_greedy supports plain causal attention only")
+    if scaling is not None and abs(scaling - generation.head_dim**-0.5) > 1e-12:
+        raise NotImplementedError(f"generate_greedy needs scaling head_dim**-0.5, got {scaling}")
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    cache = generation.cache
+    if generation.prefilling:
+        prefill = cache.prefill(
+            module.layer_idx, q, k, v, lengths=generation.lengths, layout=generation.layout
+        )
+        return prefill, None
+    return cache.extend(module.layer_idx, q, k, v), None
+
+
 def generate_greedy(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -397,15 +439,20 @@ def generate_greedy(
     :class:`ringattn.KVCache` (two all-reduces per layer and step, not a ring pass).
 
     ``input_ids`` ``(batch, prompt_len)`` is the full prompt, the same on every rank, without
-    padding. Returns the ``(batch, max_new_tokens)`` new tokens, the same on every rank. Supports
-    decoders with plain causal attention and the default ``head_dim ** -0.5`` scaling (Llama-style);
-    layers with sliding windows or soft-capping raise.
+    padding. Returns the ``(batch, max_new_tokens)`` new tokens (int64), the same on every rank.
+    Supports decoders with plain causal attention and the default ``head_dim ** -0.5`` scaling
+    (Llama-style); layers with sliding windows or soft-capping raise. The cache is freed when
+    the call returns.
     """
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    config = model.config
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     batch, prompt_len = input_ids.shape
+    if max_new_tokens == 0:
+        return input_ids.new_empty((batch, 0), dtype=torch.long)
+    config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     param = next(model.parameters())
     cache = ringattn.KVCache(
@@ -417,26 +464,12 @@ def generate_greedy(
         device=param.device,
         group=group,
     )
-    lengths = torch.full((batch,), prompt_len)
-    prefilling = [True]
-
-    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        if _window(module, kwargs, True) is not None or kwargs.get("softcap") is not None:
-            raise NotImplementedError("generate_greedy supports plain causal attention only")
-        if scaling is not None and abs(scaling - head_dim**-0.5) > 1e-12:
-            raise NotImplementedError(
-                f"generate_greedy needs scaling head_dim**-0.5, got {scaling}"
-            )
-        q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-        if prefilling[0]:
-            return cache.prefill(module.layer_idx, q, k, v, lengths=lengths, layout=layout), None
-        return cache.extend(module.layer_idx, q, k, v), None
-
-    name = "ringattn_kv_cache"
-    AttentionInterface.register(name, attention)
-    AttentionMaskInterface.register(name, lambda *args, **kwargs: None)
+    generation = _Generation(cache, torch.full((batch,), prompt_len), layout, head_dim)
+    AttentionInterface.register(_GENERATION_NAME, _generation_attention)
+    AttentionMaskInterface.register(_GENERATION_NAME, _no_mask)
     previous = config._attn_implementation
-    _set_attn_implementation(model, name)
+    _set_attn_implementation(model, _GENERATION_NAME)
+    token = _GENERATION.set(generation)
     try:
         local = ringattn.shard(input_ids, layout, group=group)
         positions = ringattn.positions(prompt_len, layout, group=group).to(input_ids.device)
@@ -451,14 +484,20 @@ def generate_greedy(
         if group_rank_and_size(process_group)[1] > 1:
             dist.all_reduce(last, group=process_group)  # only the owner's row is non-zero
         tokens = [last.argmax(-1)]
-        prefilling[0] = False
+        generation.prefilling = False
         for step in range(max_new_tokens - 1):
             position = torch.full((batch, 1), prompt_len + step, device=input_ids.device)
             logits = model(input_ids=tokens[-1][:, None], position_ids=position, use_cache=False)
             tokens.append(logits.logits[:, -1].argmax(-1))
     finally:
+        _GENERATION.reset(token)
         _set_attn_implementation(model, previous)
     return torch.stack(tokens, 1)
+
+
+def _no_mask(*args: Any, **kwargs: Any) -> None:
+    """The mask function of the decoding attention: the cache knows what each query sees."""
+    return None
 
 
 def _set_attn_implementation(model: torch.nn.Module, name: str) -> None:
