@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+import ringattn
+
 
 def reference_attention(q, k, v, causal: bool, scale: float | None = None):
     """Plain float64 attention over full sequences; returns (out, lse), autograd-enabled.
@@ -73,3 +75,38 @@ def masked_reference(q, k, v, allowed: torch.Tensor, score_mod=None):
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse.masked_fill(torch.isinf(lse), 0.0).unsqueeze(-1))
     return torch.einsum("bhqk,bkhd->bqhd", probs, v), lse
+
+
+class ReversedLayout(ringattn.Layout):
+    """A user-defined layout: rank ``r`` holds chunk ``p - 1 - r``."""
+
+    name = "reversed"
+
+    def segments(self, rank, world_size, seq_local):
+        return (ringattn.Segment((world_size - 1 - rank) * seq_local, 1, seq_local),)
+
+
+class MixedLayout(ringattn.Layout):
+    """A user-defined layout with segments of different strides: rank ``r`` holds chunk ``r``
+    of the first half, then every ``p``-th token of the second half (from ``r``)."""
+
+    name = "mixed"
+
+    def local_multiple(self, world_size):
+        return 2
+
+    def segments(self, rank, world_size, seq_local):
+        half = seq_local // 2
+        return (
+            ringattn.Segment(rank * half, 1, half),
+            ringattn.Segment(half * world_size + rank, world_size, half),
+        )
+
+
+class OverlappingLayout(ringattn.Layout):
+    """A broken layout: every rank claims the first chunk."""
+
+    name = "overlapping"
+
+    def segments(self, rank, world_size, seq_local):
+        return (ringattn.Segment(0, 1, seq_local),)

@@ -41,7 +41,7 @@ UNIFORM = {
     ),
     "odd_zigzag": (
         RingInputError,
-        r"'zigzag' layout needs an even number of local tokens per rank, got 3",
+        r"'zigzag' layout needs a multiple of 2 local tokens per rank, got 3",
     ),
     "group_type": (TypeError, r"group must be a ProcessGroup, a 1-D DeviceMesh or None, got int"),
 }

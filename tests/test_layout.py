@@ -10,6 +10,14 @@ import random
 
 import pytest
 import torch
+from helpers import (
+    MixedLayout,
+    OverlappingLayout,
+    ReversedLayout,
+    random_qkv,
+    reference_attention,
+    relative_error,
+)
 
 import ringattn
 from ringattn.layout import LAYOUTS, sub_blocks
@@ -310,3 +318,77 @@ def test_bound_tiles_keep_every_pair_in_small_tiles():
         for t in bounded:
             assert t.q_end - t.q_start <= max_rows and t.k_end - t.k_start <= max_cols, t
             assert t.masked == masked, t
+
+
+# A user-defined layout works everywhere a built-in one does.
+
+
+def _custom_layout_job(rank, world):
+    """ring_attention (causal and not, both rotations, forward and backward), shard, unshard
+    and positions with user-defined layouts, against float64 attention over the whole
+    sequence; a layout whose ranks overlap is refused on every rank."""
+    worst = 0.0
+    for layout in (ReversedLayout(), MixedLayout()):
+        seq_len = 6 * world
+        index = layout.positions(rank, world, seq_len // world)
+        x = _integer_tensor(2, seq_len, 3, seed=seq_len)
+        local = ringattn.shard(x, layout)
+        assert torch.equal(local, x[:, index]) and torch.equal(ringattn.unshard(local, layout), x)
+        assert torch.equal(ringattn.positions(seq_len, layout), index)
+        q, k, v, dout = random_qkv(2, seq_len, 4, 2, 8, seed=world)
+        for causal, rotation in itertools.product((True, False), ("kv", "q")):
+            full = [t.clone().requires_grad_() for t in (q, k, v)]
+            ref_out, _ = reference_attention(*full, causal)
+            ref_grads = torch.autograd.grad(ref_out, full, dout)
+            shards = [ringattn.shard(t, layout).float().requires_grad_() for t in (q, k, v)]
+            out = ringattn.ring_attention(
+                *shards,
+                causal=causal,
+                layout=layout,
+                rotation=rotation,
+                tile_size=4,
+                granularity=ringattn.Granularity(sub_blocks=2, min_tokens=1),
+            )
+            grads = torch.autograd.grad(out, shards, ringattn.shard(dout, layout).float())
+            for got, ref in zip((out, *grads), (ref_out, *ref_grads), strict=True):
+                worst = max(worst, relative_error(got, ringattn.shard(ref, layout)))
+    try:
+        ringattn.ring_attention(*(t[:, :6].float() for t in (q, k, v)), layout=OverlappingLayout())
+    except ringattn.RingInputError as exc:
+        refused = str(exc)
+    return worst, refused
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_a_custom_layout_works_end_to_end(pools, world):
+    for worst, refused in pools(world).run(_custom_layout_job):
+        assert worst < 1e-5
+        assert "layout 'overlapping': the ranks' segments must cover positions 0.." in refused
+
+
+def test_an_unknown_layout_name_lists_the_known_ones():
+    with pytest.raises(ValueError, match=r"unknown layout 'mine'; choose one of \['contiguous'"):
+        ringattn.shard(torch.zeros(1, 4), "mine")
+    with pytest.raises(TypeError, match="abstract"):
+        ringattn.Layout()
+
+
+def test_tiles_of_segments_with_different_strides_paint_the_causal_mask():
+    """MixedLayout's shards pair stride-1 with stride-p segments: those tiles are classified
+    tile by tile, and together they still paint pos_k <= pos_q exactly."""
+    layout = MixedLayout()
+    for world, seq_local in itertools.product(range(1, 5), (2, 4, 8)):
+        for q_rank, k_rank in itertools.product(range(world), repeat=2):
+            q_pos = layout.positions(q_rank, world, seq_local).tolist()
+            k_pos = layout.positions(k_rank, world, seq_local).tolist()
+            for tile_size in (1, 3, 512):
+                tiles = ring_tiles(layout, world, q_rank, k_rank, seq_local, True, tile_size)
+                grid = [[0] * seq_local for _ in q_pos]
+                for t in tiles:
+                    for i in range(t.q_start, t.q_end):
+                        for j in range(t.k_start, t.k_end):
+                            visible = not (t.causal or t.masked) or (
+                                k_pos[j] <= q_pos[i] if t.masked else j - t.k_start <= i - t.q_start
+                            )
+                            grid[i][j] += int(visible)
+                assert grid == [[int(kp <= qp) for kp in k_pos] for qp in q_pos]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close, masked_reference, random_qkv
+from helpers import MixedLayout, ReversedLayout, assert_close, masked_reference, random_qkv
 
 import ringattn
 
@@ -136,6 +136,14 @@ def _masks_job(rank, world, layout, seq_lens, device="cpu"):
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag", "striped"])
 def test_masks_match_dense_reference(pools, world, layout):
     pools(world).run(_masks_job, layout, (37, 48))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("layout", [ReversedLayout(), MixedLayout()], ids=lambda x: x.name)
+def test_masks_with_user_defined_layouts(pools, world, layout):
+    """Every mask with layouts defined outside ringattn; MixedLayout pairs segments of
+    different strides, whose causal tiles are classified tile by tile."""
+    pools(world).run(_masks_job, layout, (37,))
 
 
 def _mixed_document_id_shapes_job(rank, world):

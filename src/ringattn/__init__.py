@@ -12,7 +12,7 @@ from .checks import RingInputError
 from .engine import Granularity
 from .inference import KVCache, merge_across_ranks
 from .kernels import KERNELS, AttentionKernel
-from .layout import LAYOUTS, Layout
+from .layout import LAYOUTS, Layout, Segment
 from .masks import MaskSpec, rank_work
 from .mods import alibi, alibi_slopes, prefix_lm, softcap
 from .rotation import choose_rotation
@@ -31,6 +31,7 @@ __all__ = [
     "RingInputError",
     "RingProgress",
     "RingTrace",
+    "Segment",
     "alibi",
     "alibi_slopes",
     "choose_rotation",

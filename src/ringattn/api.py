@@ -11,7 +11,7 @@ from .checks import MaskArgs, check_inputs, needs_grad
 from .comm import GroupLike, RingComm, group_rank_and_size, resolve_group, transfer_device
 from .engine import Granularity, RingAttentionFunction, RingPlan
 from .kernels import AttentionKernel, masked_kernel_for, select_kernel
-from .layout import Layout, LayoutName, get_layout, global_order
+from .layout import Layout, LayoutName, checked_layout, get_layout, global_order
 from .masks import MaskMod, MaskSpec, ScoreMod
 from .rotation import choose_rotation
 
@@ -203,9 +203,8 @@ def positions(
     """
     process_group = resolve_group(group)
     rank, world_size = group_rank_and_size(process_group)
-    chosen = get_layout(layout)
-    seq_local = padded_length(seq_len, chosen, world_size) // world_size
-    pos = chosen.positions(rank, world_size, seq_local)
+    seq_local = padded_length(seq_len, layout, world_size) // world_size
+    pos = checked_layout(layout, world_size, seq_local).positions(rank, world_size, seq_local)
     if cu_seqlens is None:
         return pos
     starts = cu_seqlens.to(torch.long)
@@ -224,9 +223,9 @@ def shard(
     """
     process_group = resolve_group(group)
     rank, world_size = group_rank_and_size(process_group)
-    chosen = get_layout(layout)
     seq_len = x.shape[dim]
-    padded = padded_length(seq_len, chosen, world_size)
+    padded = padded_length(seq_len, layout, world_size)
+    chosen = checked_layout(layout, world_size, padded // world_size)
     if padded != seq_len:
         pad_shape = list(x.shape)
         pad_shape[dim] = padded - seq_len
@@ -258,6 +257,7 @@ def unshard(
             f"a {chosen.name!r} shard must have a multiple of "
             f"{chosen.local_multiple(world_size)} tokens along dim {dim}, got {local.shape[dim]}"
         )
+    checked_layout(chosen, world_size, local.shape[dim])
     full = local if world_size == 1 else _Unshard.apply(local, chosen, dim, process_group)
     return full if seq_len is None else full.narrow(dim, 0, seq_len)
 
@@ -272,7 +272,7 @@ def gather_sequence(
     parts = [torch.empty_like(sent) for _ in range(world_size)]
     dist.all_gather(parts, sent, group=group)
     stacked = torch.cat(parts, dim).to(local.device)
-    order = global_order(layout.name, world_size, stacked.shape[dim]).to(local.device)
+    order = global_order(layout, world_size, stacked.shape[dim]).to(local.device)
     return torch.empty_like(stacked).index_copy_(dim, order, stacked)
 
 

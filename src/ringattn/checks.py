@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from .comm import backend_for
 from .engine import Granularity
-from .layout import LAYOUTS, Layout, get_layout
+from .layout import LAYOUTS, Layout, get_layout, global_order, layout_problem
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Signature fields compared across ranks, with the advice given when they differ.
@@ -202,11 +202,15 @@ def local_problem(
             "tokens of the key sequence, so there cannot be more of them"
         )
     for name, length in (("q", q.shape[1]), ("k/v", k.shape[1])):
-        if length % layout.local_multiple(world_size):
+        multiple = layout.local_multiple(world_size)
+        if length % multiple:
             return (
-                f"the {layout.name!r} layout needs an even number of local tokens per rank, "
-                f"got {length} for {name}; shard with ringattn.shard, which pads as needed"
+                f"the {layout.name!r} layout needs a multiple of {multiple} local tokens per "
+                f"rank, got {length} for {name}; shard with ringattn.shard, which pads as needed"
             )
+        problem = layout_problem(layout, world_size, length)
+        if problem:
+            return problem
     if world_size > 1:
         device_type = q.device.type
         if backend is None:
@@ -226,8 +230,17 @@ def needs_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
 
 
+def _layout_fingerprint(layout: Layout, world_size: int, seq_local: int) -> float:
+    """Equal on two ranks when their layouts have the same name and, for layouts that are not
+    built in, put the same positions on every rank."""
+    data = layout.name.encode()
+    if layout not in LAYOUTS.values():
+        data += global_order(layout, world_size, seq_local * world_size).numpy().tobytes()
+    return float(int.from_bytes(hashlib.blake2b(data, digest_size=6).digest(), "little"))
+
+
 def _signature(
-    q, k, v, causal, layout, scale, masks: MaskArgs, tile_size, granularity, rotation
+    q, k, v, causal, layout, scale, masks: MaskArgs, tile_size, granularity, rotation, world_size
 ) -> list[float]:
     return [
         q.shape[0],
@@ -239,7 +252,7 @@ def _signature(
         _DTYPES.index(q.dtype),
         0 if q.device.type == "cpu" else 1,
         float(causal),
-        ("contiguous", "zigzag", "striped").index(layout.name),
+        _layout_fingerprint(layout, world_size, k.shape[1]),
         scale,
         *masks.signature(),
         tile_size,
@@ -318,6 +331,7 @@ def check_inputs(
             tile_size,
             granularity,
             _ROTATIONS.index(rotation),
+            world_size,
         )
     )
     local = torch.tensor([float(problem is not None), *signature], dtype=torch.float64)

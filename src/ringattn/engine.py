@@ -38,7 +38,7 @@ import torch
 from .comm import RingComm
 from .kernels import AttentionKernel
 from .layout import Layout, Segment, SubBlock, sub_blocks
-from .masks import MaskSpec, Tile, bound_tiles, plan_tiles
+from .masks import MaskSpec, Tile, bound_tiles, one_stride, plan_tiles
 from .merge import merge_partial
 from .trace import StepTimer, current_observers, observed_by
 
@@ -179,7 +179,7 @@ class RingPlan:
         k_segments = self.part_segments(k_part, False)
         max_rows = self.band(queries=True) if q_part[1] is None else self.seq_q_local
         max_cols = self.band(queries=False) if k_part[1] is None else self.seq_kv_local
-        if self.mask.only_causal:
+        if self.mask.only_causal and one_stride(q_segments, k_segments):
             return _causal_tiles(q_segments, k_segments, self.mask.causal, max_rows, max_cols)
         key = ("tiles", q_part, k_part)
         if key not in self._cache:

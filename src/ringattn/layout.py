@@ -16,6 +16,7 @@ striped        tokens ``r, r+p, r+2p, ...``             causal, balanced; every 
 
 from __future__ import annotations
 
+import abc
 import functools
 from dataclasses import dataclass
 from typing import Literal
@@ -37,23 +38,34 @@ class Segment:
         return range(self.start, self.start + self.stride * self.length, self.stride)
 
 
-@dataclass(frozen=True)
-class Layout:
-    """A sharding strategy of the sequence dimension, named by one of :data:`LAYOUTS`."""
+class Layout(abc.ABC):
+    """How the sequence is split over the ranks: the one thing the engine asks of a layout is
+    :meth:`segments`, the global positions a rank holds as arithmetic progressions.
 
-    name: str
+    The built-in layouts are in :data:`LAYOUTS`; to define your own, subclass and implement
+    :meth:`segments` (and :meth:`local_multiple` when a shard's length must be a multiple of
+    something), e.g. ``class Reversed(ringattn.Layout)`` with ``name = "reversed"`` and
+    ``segments`` returning ``(Segment((world_size - 1 - rank) * seq_local, 1, seq_local),)``.
+    The ranks' segments must together cover ``0 .. world_size * seq_local - 1`` exactly once
+    (:func:`ringattn.ring_attention` checks this). Causal tiling is arithmetic between segments of
+    equal stride; other pairs are classified tile by tile (``tile_size``), so every mask works.
+    """
+
+    name: str = "custom"
+    """Shown in messages; every rank of a ring must use a layout of the same name and positions."""
+
+    @abc.abstractmethod
+    def segments(self, rank: int, world_size: int, seq_local: int) -> tuple[Segment, ...]:
+        """The global positions held by ``rank`` (of ``world_size``, ``seq_local`` tokens each),
+        in local order."""
+
+    def local_multiple(self, world_size: int) -> int:
+        """The per-rank sequence length must be a multiple of this."""
+        return 1
 
     def seq_multiple(self, world_size: int) -> int:
         """The total sequence length must be a multiple of this."""
         return world_size * self.local_multiple(world_size)
-
-    def local_multiple(self, world_size: int) -> int:
-        """The per-rank sequence length must be a multiple of this."""
-        return 2 if self.name == "zigzag" and world_size > 1 else 1
-
-    def segments(self, rank: int, world_size: int, seq_local: int) -> tuple[Segment, ...]:
-        """The global positions held by ``rank``, in local order."""
-        return _segments(self.name, rank, world_size, seq_local)
 
     def positions(self, rank: int, world_size: int, seq_local: int) -> torch.Tensor:
         """Global positions (int64, shape ``(seq_local,)``) of the tokens held by ``rank``."""
@@ -73,18 +85,45 @@ class Layout:
                 f"another length"
             )
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
 
-@functools.lru_cache(maxsize=4096)
-def _segments(name: str, rank: int, world_size: int, seq_local: int) -> tuple[Segment, ...]:
-    if name == "contiguous" or world_size == 1:  # a world of one holds the sequence in order
+
+class Contiguous(Layout):
+    """Rank ``r`` of ``p`` holds chunk ``r`` of ``p``."""
+
+    name = "contiguous"
+
+    def segments(self, rank: int, world_size: int, seq_local: int) -> tuple[Segment, ...]:
         return (Segment(rank * seq_local, 1, seq_local),)
-    if name == "zigzag":
+
+
+class Zigzag(Layout):
+    """Rank ``r`` of ``p`` holds chunks ``r`` and ``2p - 1 - r`` of ``2p``: every rank gets the
+    same causal work."""
+
+    name = "zigzag"
+
+    def local_multiple(self, world_size: int) -> int:
+        return 2 if world_size > 1 else 1
+
+    def segments(self, rank: int, world_size: int, seq_local: int) -> tuple[Segment, ...]:
+        if world_size == 1:  # a world of one holds the sequence in order
+            return (Segment(0, 1, seq_local),)
         half = seq_local // 2
         return (
             Segment(rank * half, 1, half),
             Segment((2 * world_size - 1 - rank) * half, 1, seq_local - half),
         )
-    return (Segment(rank, world_size, seq_local),)
+
+
+class Striped(Layout):
+    """Rank ``r`` of ``p`` holds tokens ``r, r + p, r + 2p, ...``."""
+
+    name = "striped"
+
+    def segments(self, rank: int, world_size: int, seq_local: int) -> tuple[Segment, ...]:
+        return (Segment(rank, world_size, seq_local),)
 
 
 @dataclass(frozen=True)
@@ -127,21 +166,56 @@ def sub_blocks(segments: tuple[Segment, ...], count: int) -> tuple[SubBlock, ...
     return tuple(blocks)
 
 
-LAYOUTS: dict[str, Layout] = {name: Layout(name) for name in ("contiguous", "zigzag", "striped")}
+LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (Contiguous(), Zigzag(), Striped())}
+"""The built-in layouts by name."""
 
 
 def get_layout(layout: str | Layout) -> Layout:
-    """Return the :class:`Layout` named ``layout`` (or ``layout`` itself)."""
+    """Return the built-in :class:`Layout` named ``layout``, or ``layout`` itself."""
     if isinstance(layout, Layout):
         return layout
     if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; choose one of {sorted(LAYOUTS)}")
+        raise ValueError(
+            f"unknown layout {layout!r}; choose one of {sorted(LAYOUTS)} or pass a ringattn.Layout"
+        )
     return LAYOUTS[layout]
 
 
 @functools.lru_cache(maxsize=256)
-def global_order(layout_name: str, world_size: int, seq_len: int) -> torch.Tensor:
+def global_order(layout: Layout, world_size: int, seq_len: int) -> torch.Tensor:
     """Global positions of all ranks' shards concatenated in rank order, shape ``(seq_len,)``."""
-    layout = LAYOUTS[layout_name]
     seq_local = seq_len // world_size
     return torch.cat([layout.positions(r, world_size, seq_local) for r in range(world_size)])
+
+
+@functools.lru_cache(maxsize=256)
+def layout_problem(layout: Layout, world_size: int, seq_local: int) -> str | None:
+    """What is wrong with ``layout``'s shards of ``seq_local`` tokens on ``world_size`` ranks
+    (each rank must hold ``seq_local`` positions, all ranks every position once), or ``None``.
+    The built-in layouts are right by construction and not checked."""
+    if layout in LAYOUTS.values():
+        return None
+    for rank in range(world_size):
+        segments = layout.segments(rank, world_size, seq_local)
+        if not all(isinstance(seg, Segment) for seg in segments):
+            return f"layout {layout.name!r}: segments() must return Segments, got {segments!r}"
+        held = sum(seg.length for seg in segments)
+        if held != seq_local:
+            name = layout.name
+            return f"layout {name!r}: rank {rank}'s segments hold {held} positions, not {seq_local}"
+    order = global_order(layout, world_size, seq_local * world_size)
+    if not torch.equal(order.sort().values, torch.arange(order.numel())):
+        return (
+            f"layout {layout.name!r}: the ranks' segments must cover positions "
+            f"0..{order.numel() - 1} once each"
+        )
+    return None
+
+
+def checked_layout(layout: str | Layout, world_size: int, seq_local: int) -> Layout:
+    """:func:`get_layout`, raising a ``ValueError`` when :func:`layout_problem` finds one."""
+    chosen = get_layout(layout)
+    problem = layout_problem(chosen, world_size, seq_local)
+    if problem:
+        raise ValueError(problem)
+    return chosen

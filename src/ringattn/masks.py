@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .layout import LAYOUTS, Segment
+from .layout import Layout, Segment, get_layout
 
 
 @dataclass(frozen=True)
@@ -179,17 +179,30 @@ def bound_tiles(tiles: tuple[Tile, ...], max_rows: int, max_cols: int) -> tuple[
     )
 
 
+def one_stride(*segment_groups: tuple[Segment, ...]) -> bool:
+    """Whether every segment has the same stride: then causal tiling is pure arithmetic
+    (:func:`plan_tiles`); otherwise :meth:`MaskSpec.plan` classifies tile by tile."""
+    return len({seg.stride for group in segment_groups for seg in group}) <= 1
+
+
 @functools.lru_cache(maxsize=4096)
 def ring_tiles(
-    layout_name: str, world_size: int, q_rank: int, k_rank: int, seq_local: int, causal: bool
+    layout: str | Layout,
+    world_size: int,
+    q_rank: int,
+    k_rank: int,
+    seq_local: int,
+    causal: bool,
+    tile_size: int = 512,
 ) -> tuple[Tile, ...]:
-    """Tiles for rank ``q_rank``'s queries against rank ``k_rank``'s keys under a layout."""
-    layout = LAYOUTS[layout_name]
-    return plan_tiles(
-        layout.segments(q_rank, world_size, seq_local),
-        layout.segments(k_rank, world_size, seq_local),
-        causal,
-    )
+    """Tiles for rank ``q_rank``'s queries against rank ``k_rank``'s keys under a layout (causal
+    tiles of segments with different strides are classified in tiles of ``tile_size``)."""
+    chosen = get_layout(layout)
+    q_segments = chosen.segments(q_rank, world_size, seq_local)
+    k_segments = chosen.segments(k_rank, world_size, seq_local)
+    if not causal or one_stride(q_segments, k_segments):
+        return plan_tiles(q_segments, k_segments, causal)
+    return MaskSpec(causal=True, tile_size=tile_size).plan(q_segments, k_segments)
 
 
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -350,7 +363,7 @@ class MaskSpec:
             if self.causal and q_hi < k_lo:
                 continue
             causal_cuts = self.causal and q_lo < k_hi
-            if states[i, j] == _PARTIAL:
+            if states[i, j] == _PARTIAL or (causal_cuts and qb.stride != kb.stride):
                 tiles.append(Tile(q0, q0 + qb.length, k0, k0 + kb.length, masked=True))
             elif causal_cuts:
                 for t in split_shifted_causal(qb.length, kb.length, causal_shift(qb, kb)):
@@ -407,7 +420,7 @@ def _split(segments: tuple[Segment, ...], tile: int) -> tuple[list[Segment], lis
 
 
 def rank_work(
-    layout_name: str,
+    layout: str | Layout,
     world_size: int,
     seq_local: int,
     causal: bool,
@@ -420,15 +433,15 @@ def rank_work(
     kernel computes them in full. ``diagonal_block`` adds the work a fused kernel spends on the
     diagonal of a causal tile, whose blocks of that many tokens it computes in full.
     """
-    layout = LAYOUTS[layout_name]
+    chosen = get_layout(layout)
 
     def tiles(rank: int, k_rank: int) -> tuple[Tile, ...]:
         if mask is None or mask.only_causal:
             is_causal = causal if mask is None else mask.causal
-            return ring_tiles(layout_name, world_size, rank, k_rank, seq_local, is_causal)
+            return ring_tiles(chosen, world_size, rank, k_rank, seq_local, is_causal)
         return mask.plan(
-            layout.segments(rank, world_size, seq_local),
-            layout.segments(k_rank, world_size, seq_local),
+            chosen.segments(rank, world_size, seq_local),
+            chosen.segments(k_rank, world_size, seq_local),
         )
 
     def work(t: Tile) -> int:
