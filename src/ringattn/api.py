@@ -147,8 +147,7 @@ def _mask_spec(q, k, causal, masks: MaskArgs, layout, group, world_size, tile_si
     batch, seq_local, heads = q.shape[0], k.shape[1], q.shape[2]
     total = seq_local * world_size
     device = q.device
-    window = (masks.window, 0) if isinstance(masks.window, int) else masks.window
-    window = None if window is None else tuple(window)
+    window = masks.window_sides
     doc_ids = valid = None
     real_len = masks.seq_len
     if masks.cu_seqlens is not None:

@@ -68,16 +68,23 @@ class MaskArgs:
     mask_mod: object = None
     score_mod: object = None
 
+    @property
+    def window_sides(self) -> tuple[object, object] | None:
+        """``window`` as ``(left, right)`` (an int ``w`` is ``(w, 0)``), ``None`` for none."""
+        window = self.window
+        if window is None:
+            return None
+        return (window, 0) if isinstance(window, int) else tuple(window)
+
     def problem(self, q: torch.Tensor, k: torch.Tensor, world_size: int) -> str | None:
         """What is wrong with the mask arguments for this rank's ``q``/``k``, or ``None``."""
         batch, seq_local = k.shape[0], k.shape[1]
         total = seq_local * world_size
         window = self.window
         if window is not None:
-            sides = (window, 0) if isinstance(window, int) else window
             if (
-                not isinstance(sides, tuple | list)
-                or len(sides) != 2
+                not isinstance(window, int | tuple | list)
+                or len(sides := self.window_sides) != 2
                 or not all(s is None or (isinstance(s, int) and s >= 0) for s in sides)
             ):
                 return f"window must be an int >= 0 or a (left, right) pair of them, got {window!r}"
@@ -127,11 +134,10 @@ class MaskArgs:
         return None
 
     def signature(self) -> list[float]:
-        window = self.window
-        if window is None:
+        if self.window_sides is None:
             left = right = _ABSENT
         else:
-            left_side, right_side = (window, 0) if isinstance(window, int) else window
+            left_side, right_side = self.window_sides
             left = _UNBOUNDED if left_side is None else float(left_side)
             right = _UNBOUNDED if right_side is None else float(right_side)
         documents = (

@@ -37,9 +37,9 @@ import torch
 
 from .comm import RingComm
 from .kernels import AttentionKernel
-from .layout import Layout, Segment, SubBlock, sub_blocks
+from .layout import Layout, Segment, SubBlock, segment_positions, sub_blocks
 from .masks import MaskSpec, Tile, bound_tiles, one_stride, plan_tiles
-from .merge import merge_partial
+from .merge import accumulator_dtype, empty_partial, merge_partial
 from .trace import StepTimer, current_observers, observed_by
 
 Rotation = Literal["kv", "q"]
@@ -47,11 +47,6 @@ _TRAVEL_TAG, _RETURN_TAG = 0, 16
 
 Part = tuple[int, int | None]
 """``(rank, sub-block index)``: a rank's whole shard (index ``None``) or one of its sub-blocks."""
-
-
-def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Merges and gradient sums run in float32, or float64 for float64 inputs."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @dataclass(frozen=True)
@@ -164,12 +159,7 @@ class RingPlan:
     def _positions(self, part: Part, queries: bool, device: torch.device) -> torch.Tensor:
         key = ("pos", part, queries)
         if key not in self._cache:
-            self._cache[key] = torch.cat(
-                [
-                    torch.arange(s.start, s.start + s.stride * s.length, s.stride)
-                    for s in self.part_segments(part, queries)
-                ]
-            ).to(device)
+            self._cache[key] = segment_positions(self.part_segments(part, queries)).to(device)
         return self._cache[key]
 
     def tiles(self, q_part: Part, k_part: Part) -> tuple[Tile, ...]:
@@ -302,15 +292,6 @@ Output = tuple[torch.Tensor, torch.Tensor]
 """Running ``(out (b, s, h, d), lse (b, h, s))`` of a block of query rows, accumulator dtype."""
 
 
-def _new_output(q: torch.Tensor) -> Output:
-    """Empty accumulators: out 0 ``(b, s, h, d)`` and lse ``-inf`` ``(b, h, s)``."""
-    dtype = accumulator_dtype(q.dtype)
-    batch, seq, heads, _ = q.shape
-    out = torch.zeros(q.shape, dtype=dtype, device=q.device)
-    lse = torch.full((batch, heads, seq), float("-inf"), dtype=dtype, device=q.device)
-    return out, lse
-
-
 def _covers(index: slice, like: torch.Tensor) -> bool:
     return index.start == 0 and index.stop == like.shape[1]
 
@@ -333,7 +314,7 @@ def _attend(plan, q_part: Part, k_part: Part, q, k, v, acc: Output | None) -> Ou
             acc = out_t.to(dtype), lse_t.to(dtype).contiguous()
             continue
         if acc is None:
-            acc = _new_output(q)
+            acc = empty_partial(q)
         merge_partial(acc[0][:, rows], acc[1][:, :, rows], out_t, lse_t)
         del out_t, lse_t  # before the next call allocates its own
     return acc
@@ -469,13 +450,13 @@ def ring_forward(
             acc = _attend(plan, (rank, None), (plan.source(step), j), q, *kv, acc)
 
         _ring_loop(plan, "forward", (k, v), (1, 1), attend_block)
-        out, lse = acc if acc is not None else _new_output(q)
+        out, lse = acc if acc is not None else empty_partial(q)
         return out.to(q.dtype).contiguous(), lse
 
     def visit(step, j, block):
         (q_b,) = block
         found = _attend(plan, (plan.source(step), j), (rank, None), q_b, k, v, None)
-        return found or _new_output(q_b)
+        return found or empty_partial(q_b)
 
     batch, seq, heads, _ = q.shape
     returned = _Assembly(

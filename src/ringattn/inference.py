@@ -20,9 +20,9 @@ import torch.distributed as dist
 from .api import positions as layout_positions
 from .api import ring_attention
 from .comm import GroupLike, group_rank_and_size, resolve_group
-from .engine import accumulator_dtype
 from .kernels import masked_kernel_for, select_kernel
 from .layout import LayoutName
+from .merge import accumulator_dtype, empty_partial
 
 _EMPTY_SLOT = -1
 
@@ -175,17 +175,10 @@ class KVCache:
     def _local_attention(q, k, v, visible):
         kernel = masked_kernel_for(select_kernel("auto", q), needs_score_mod=False)
         if k.shape[1] == 0:
-            return _empty_partial(q)
+            return empty_partial(q)
         out, lse = kernel.forward(q, k, v, causal=False, scale=q.shape[-1] ** -0.5, mask=visible)
         lse = lse.to(accumulator_dtype(q.dtype)).masked_fill(~visible.any(-1), float("-inf"))
         return out.to(lse.dtype), lse
-
-
-def _empty_partial(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    dtype = accumulator_dtype(q.dtype)
-    batch, seq, heads, _ = q.shape
-    lse = torch.full((batch, heads, seq), float("-inf"), dtype=dtype, device=q.device)
-    return torch.zeros(q.shape, dtype=dtype, device=q.device), lse
 
 
 def merge_across_ranks(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -36,6 +37,15 @@ class Segment:
 
     def positions(self) -> range:
         return range(self.start, self.start + self.stride * self.length, self.stride)
+
+
+def segment_positions(segments: Sequence[Segment]) -> torch.Tensor:
+    """Global positions (int64, ``(total length,)``) of ``segments``, concatenated in order."""
+    parts = [
+        torch.arange(s.start, s.start + s.stride * s.length, s.stride, dtype=torch.long)
+        for s in segments
+    ]
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
 
 
 class Layout(abc.ABC):
@@ -69,10 +79,7 @@ class Layout(abc.ABC):
 
     def positions(self, rank: int, world_size: int, seq_local: int) -> torch.Tensor:
         """Global positions (int64, shape ``(seq_local,)``) of the tokens held by ``rank``."""
-        return torch.tensor(
-            [pos for seg in self.segments(rank, world_size, seq_local) for pos in seg.positions()],
-            dtype=torch.long,
-        )
+        return segment_positions(self.segments(rank, world_size, seq_local))
 
     def check_seq_len(self, seq_len: int, world_size: int) -> None:
         """Raise a ``ValueError`` that says what to do when ``seq_len`` cannot be sharded."""

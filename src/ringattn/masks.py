@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .layout import Layout, Segment, get_layout
+from .layout import Layout, Segment, get_layout, segment_positions
 
 
 @dataclass(frozen=True)
@@ -106,6 +106,7 @@ def _coalesce(tiles: list[Tile]) -> list[Tile]:
     return special + _join_runs(_join_runs(full, rows_fixed=True), rows_fixed=False)
 
 
+@functools.lru_cache(maxsize=4096)
 def plan_tiles(
     q_segments: tuple[Segment, ...], k_segments: tuple[Segment, ...], causal: bool
 ) -> tuple[Tile, ...]:
@@ -185,7 +186,6 @@ def one_stride(*segment_groups: tuple[Segment, ...]) -> bool:
     return len({seg.stride for group in segment_groups for seg in group}) <= 1
 
 
-@functools.lru_cache(maxsize=4096)
 def ring_tiles(
     layout: str | Layout,
     world_size: int,
@@ -334,11 +334,11 @@ class MaskSpec:
             _combine(state, empty_rows.all(0), full_rows.all(0))
         if self.mask_mod is not None:
             for i, qb in enumerate(q_blocks):
-                q_pos = _arange(qb).to(self.device)
+                q_pos = segment_positions((qb,)).to(self.device)
                 for j, kb in enumerate(k_blocks):
                     if state[i, j] == _EMPTY:
                         continue
-                    dense = self._mask_mod_dense(q_pos, _arange(kb).to(self.device))
+                    dense = self._mask_mod_dense(q_pos, segment_positions((kb,)).to(self.device))
                     if not dense.any():
                         state[i, j] = _EMPTY
                     elif not dense.all():
@@ -382,10 +382,6 @@ def _combine(state: torch.Tensor, empty: torch.Tensor, full: torch.Tensor) -> No
     state[empty] = _EMPTY
 
 
-def _arange(seg: Segment) -> torch.Tensor:
-    return torch.arange(seg.start, seg.start + seg.stride * seg.length, seg.stride)
-
-
 def _bounds(blocks: list[Segment]) -> tuple[torch.Tensor, torch.Tensor]:
     lo = torch.tensor([b.start for b in blocks])
     hi = torch.tensor([b.start + b.stride * (b.length - 1) for b in blocks])
@@ -397,7 +393,7 @@ def _block_stats(per_token: torch.Tensor, blocks: list[Segment]):
     (any, all) of bool validity."""
     firsts, seconds = [], []
     for block in blocks:
-        values = per_token[:, _arange(block)]
+        values = per_token[:, segment_positions((block,))]
         if values.dtype == torch.bool:
             firsts.append(values.any(1))
             seconds.append(values.all(1))

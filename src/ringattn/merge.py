@@ -13,6 +13,21 @@ from __future__ import annotations
 import torch
 
 
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Merges and gradient sums run in float32, or float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def empty_partial(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The result of seeing no key, in the accumulator dtype: out 0 ``(b, s, h, d)`` and lse
+    ``-inf`` ``(b, h, s)`` for queries ``q`` ``(b, s, h, d)``."""
+    dtype = accumulator_dtype(q.dtype)
+    batch, seq, heads, _ = q.shape
+    out = torch.zeros(q.shape, dtype=dtype, device=q.device)
+    lse = torch.full((batch, heads, seq), float("-inf"), dtype=dtype, device=q.device)
+    return out, lse
+
+
 def merge_partial(
     out_acc: torch.Tensor, lse_acc: torch.Tensor, out_block: torch.Tensor, lse_block: torch.Tensor
 ) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..merge import accumulator_dtype
 from .base import AttentionKernel
 
 
@@ -37,14 +38,10 @@ class ReferenceKernel(AttentionKernel):
     supports_mask = True
     supports_score_mod = True
 
-    @staticmethod
-    def _compute_dtype(q: torch.Tensor) -> torch.dtype:
-        return torch.float64 if q.dtype == torch.float64 else torch.float32
-
     def _scores(self, q, k, scale, score_fn, visible):
         """Raw scaled scores, and the modified + masked scores used by the softmax. With a
         ``score_fn`` the raw scores require grad, so its derivative can be taken later."""
-        dtype = self._compute_dtype(q)
+        dtype = accumulator_dtype(q.dtype)
         raw = torch.einsum("bqhd,bkhd->bhqk", q.to(dtype), k.to(dtype)) * scale
         if score_fn is not None:
             raw.requires_grad_(True)
@@ -55,7 +52,7 @@ class ReferenceKernel(AttentionKernel):
         return raw, scores
 
     def forward(self, q, k, v, *, causal, scale, mask=None, score_fn=None):
-        dtype = self._compute_dtype(q)
+        dtype = accumulator_dtype(q.dtype)
         k, v = _expand_heads(k, q.shape[2]), _expand_heads(v, q.shape[2])
         _, scores = self._scores(q, k, scale, score_fn, _visible(q, k, causal, mask))
         scores = scores.detach()
@@ -66,7 +63,7 @@ class ReferenceKernel(AttentionKernel):
         return out.to(q.dtype), lse
 
     def backward(self, dout, q, k, v, out, lse, *, causal, scale, mask=None, score_fn=None):
-        dtype = self._compute_dtype(q)
+        dtype = accumulator_dtype(q.dtype)
         heads, heads_kv = q.shape[2], k.shape[2]
         k_e, v_e = _expand_heads(k, heads).to(dtype), _expand_heads(v, heads).to(dtype)
         q_c, dout, out = q.to(dtype), dout.to(dtype), out.to(dtype)
