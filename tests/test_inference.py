@@ -72,7 +72,23 @@ def test_chunked_extend_other_layouts(pools, layout):
     pools(3).run(_decode_job, layout, 4, 5)
 
 
-def test_merge_across_ranks_without_group_is_identity():
-    out = torch.randn(1, 3, 2, 4)
-    lse = torch.randn(1, 2, 3)
-    assert torch.equal(ringattn.merge_across_ranks(out, lse), out)
+def _merge_job(rank, world):
+    """Each rank attends the same queries to its own slice of the keys (some slices see
+    nothing for some rows); the merge of the partial results equals attention over all keys."""
+    gen = torch.Generator().manual_seed(4)
+    q = _rand(gen, 2, 5, 4, 8)
+    k, v = _rand(gen, 2, 6 * world, 2, 8), _rand(gen, 2, 6 * world, 2, 8)
+    allowed = torch.ones(1, 1, 5, 6 * world, dtype=torch.bool)
+    allowed[..., 0, 6:] = False  # row 0 sees rank 0's keys only: -inf lse on the others
+    ref, ref_lse = masked_reference(q, k, v, allowed)
+    mine = slice(6 * rank, 6 * rank + 6)
+    out, lse = masked_reference(q, k[:, mine], v[:, mine], allowed[..., mine])
+    merged, merged_lse = ringattn.merge_across_ranks(out, lse, return_lse=True)
+    return (merged - ref).abs().max().item(), (merged_lse - ref_lse).abs().max().item()
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_merge_across_ranks_equals_attention_over_all_keys(pools, world):
+    results = [_merge_job(0, 1)] if world == 1 else pools(world).run(_merge_job)
+    for out_error, lse_error in results:
+        assert out_error < 1e-12 and lse_error < 1e-12

@@ -86,7 +86,7 @@ CASES = (
 )
 
 
-def _check_case(name, layout, seq_len, tile_size, seed, device="cpu"):
+def _check_case(name, layout, seq_len, tile_size, seed, device="cpu", rotation="auto"):
     granularity = ringattn.Granularity(sub_blocks=3 if tile_size < 8 else 2, min_tokens=1)
     kwargs, allowed, score_mod, to_shard = _case(name, seq_len)
     q, k, v, dout = random_qkv(BATCH, seq_len, HEADS_Q, HEADS_KV, DIM, seed)
@@ -105,11 +105,12 @@ def _check_case(name, layout, seq_len, tile_size, seed, device="cpu"):
         tile_size=tile_size,
         granularity=granularity,
         return_lse=True,
+        rotation=rotation,
         **kwargs,
     )
     grads = torch.autograd.grad(out, local, ringattn.shard(dout, layout).to(device, torch.float32))
     out, lse, grads = out.cpu(), lse.cpu(), [g.cpu() for g in grads]
-    label = f"{name} n={seq_len} tile={tile_size}"
+    label = f"{name} n={seq_len} tile={tile_size} rotation={rotation}"
     assert_close(f"{label} out", out, ringattn.shard(ref_out, layout), FP32_TOL)
     for got, ref, g in zip(grads, ref_grads, "qkv", strict=True):
         assert torch.isfinite(got).all(), f"{label} d{g} not finite"
@@ -125,17 +126,24 @@ def _check_case(name, layout, seq_len, tile_size, seed, device="cpu"):
     assert_close(f"{label} unshard", full_out, ref_out, FP32_TOL)
 
 
-def _masks_job(rank, world, layout, seq_lens, device="cpu"):
+def _masks_job(rank, world, layout, seq_lens, device="cpu", rotation="auto"):
     for seed, name in enumerate(CASES):
         for seq_len in seq_lens:
             for tile_size in (4, 512):
-                _check_case(name, layout, seq_len, tile_size, seed, device)
+                _check_case(name, layout, seq_len, tile_size, seed, device, rotation)
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag", "striped"])
 def test_masks_match_dense_reference(pools, world, layout):
     pools(world).run(_masks_job, layout, (37, 48))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("layout", ["zigzag", "striped"])
+def test_masks_under_pass_q(pools, world, layout):
+    """Every mask with queries travelling (rotation "q"), forward and backward."""
+    pools(world).run(_masks_job, layout, (37,), "cpu", "q")
 
 
 @pytest.mark.parametrize("world", [2, 3])

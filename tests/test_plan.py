@@ -161,13 +161,6 @@ def test_memory_sizes_parse():
             memory_size(bad)
 
 
-def test_memory_falls_as_one_over_p():
-    hw = PROFILES["h100-nvlink"]
-    one = predict(Config(seq_len=1 << 20, devices=8), hw).memory_bytes
-    two = predict(Config(seq_len=1 << 20, devices=16), hw).memory_bytes
-    assert one == pytest.approx(2 * two)
-
-
 def test_validate_compares_bench_rows():
     row = {
         "workload": {
