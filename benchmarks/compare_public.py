@@ -24,8 +24,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import ringattn
-from ringattn.cli import parse_tokens
-from ringattn.launch import cpu_threads_per_rank, init_worker, run_on_ranks
+from ringattn.tools.cli import parse_tokens
+from ringattn.tools.launch import cpu_threads_per_rank, init_worker, run_on_ranks
 
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -1,7 +1,7 @@
 """Where a rank's memory goes: peak above the inputs in the forward and the backward pass.
 
 Each world size runs ring attention forward + backward (after a short warm-up) and reports, per
-rank, the peak memory (tensor storage, :mod:`ringattn.memory`) of the forward pass
+rank, the peak memory (tensor storage, :mod:`ringattn.tools.memory`) of the forward pass
 and of the backward pass above what existed when each began, in MiB and in units of the rank's
 query shard (``seq_local x heads x head_dim x 4`` bytes). One process then runs the same kernel
 over the whole sequence for comparison (forward and backward in one measurement).
@@ -17,11 +17,11 @@ import torch
 import torch.distributed as dist
 
 from ringattn import Granularity
-from ringattn.cli import parse_tokens
-from ringattn.launch import init_worker, run_on_ranks
 from ringattn.layout import get_layout
-from ringattn.memory import MIB
-from ringattn.workload import (
+from ringattn.tools.cli import parse_tokens
+from ringattn.tools.launch import init_worker, run_on_ranks
+from ringattn.tools.memory import MIB
+from ringattn.tools.workload import (
     Workload,
     context_scaling,
     measure_ring_memory,

@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 
 import ringattn
-from ringattn.cli import parse_tokens
-from ringattn.launch import cpu_threads_per_rank, init_worker, run_on_ranks
+from ringattn.tools.cli import parse_tokens
+from ringattn.tools.launch import cpu_threads_per_rank, init_worker, run_on_ranks
 
 HEADS, KV_HEADS, DIM = 8, 2, 64
 RATIOS = (1 / 64, 1 / 16, 1 / 4, 1 / 2, 1)

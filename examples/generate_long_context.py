@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import ringattn
-from ringattn.launch import cpu_threads_per_rank, init_worker, run_on_ranks
+from ringattn.tools.launch import cpu_threads_per_rank, init_worker, run_on_ranks
 
 
 class TinyDecoder(nn.Module):

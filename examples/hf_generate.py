@@ -18,7 +18,7 @@ import torch.distributed as dist
 import transformers
 
 from ringattn.integrations import hf
-from ringattn.launch import cpu_threads_per_rank, init_worker, run_on_ranks
+from ringattn.tools.launch import cpu_threads_per_rank, init_worker, run_on_ranks
 
 
 def build_model() -> transformers.LlamaForCausalLM:

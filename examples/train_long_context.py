@@ -42,9 +42,9 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
 import ringattn
-from ringattn.cli import parse_tokens
 from ringattn.integrations.hf import cp_loss
-from ringattn.launch import cpu_threads_per_rank, init_worker, run_on_ranks
+from ringattn.tools.cli import parse_tokens
+from ringattn.tools.launch import cpu_threads_per_rank, init_worker, run_on_ranks
 
 VOCAB = 512
 KEYS = range(256, 384)  # key tokens; values are in 384..511, filler in 0..255

@@ -33,7 +33,7 @@ def _worker(rank: int, world_size: int, device: str, store_path: str, jobs, resu
     import torch
     import torch.distributed as dist
 
-    from ringattn.launch import cuda_backend
+    from ringattn.tools.launch import cuda_backend
 
     torch.set_num_threads(1)
     backend = "gloo"

@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from ringattn.cli import build_parser, parse_tokens
+from ringattn.tools.cli import build_parser, parse_tokens
 
 
 def _ringattn(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -50,7 +50,7 @@ def test_no_verify_still_means_none():
 
 
 def test_auto_verification_samples_when_one_process_is_too_slow_or_too_big():
-    from ringattn.demo import DemoConfig, choose_verification, single_process_bytes
+    from ringattn.tools.demo import DemoConfig, choose_verification, single_process_bytes
 
     cfg = DemoConfig(seq_len=1024**2, heads=1, kv_heads=1, forward_only=True)
     assert single_process_bytes(cfg.workload, False) == 1024**2 * (4 * 64 * 4 + 4)
@@ -163,8 +163,8 @@ def test_bench_runs_a_tiny_grid_and_writes_reports(tmp_path):
 
 def test_bench_efficiency_counts_gpus_but_not_shared_cores():
     """On CPU the ranks share the single process's cores; on CUDA each rank adds a GPU."""
-    from ringattn.bench import _row
-    from ringattn.workload import Workload
+    from ringattn.tools.bench import _row
+    from ringattn.tools.workload import Workload
 
     ranks = [
         {"forward_s": 1.0, "backward_s": 2.0, "compute_s": 3.0, "wait_s": 0.0, "peak_bytes": 1}
@@ -196,7 +196,7 @@ def test_bench_help_describes_max_context():
     ],
 )
 def test_bench_refuses_flags_that_do_not_apply(capsys, args, message):
-    from ringattn.cli import main
+    from ringattn.tools.cli import main
 
     assert main(["bench", *args]) == 2
     assert message in capsys.readouterr().err
@@ -204,8 +204,8 @@ def test_bench_refuses_flags_that_do_not_apply(capsys, args, message):
 
 def test_bench_max_context_parses_its_flags(monkeypatch, tmp_path):
     """The flags reach the search unchanged; the run itself is tested in test_max_context.py."""
-    import ringattn.max_context as max_context
-    from ringattn.cli import main
+    import ringattn.tools.max_context as max_context
+    from ringattn.tools.cli import main
 
     seen = {}
 
@@ -239,7 +239,7 @@ def test_bench_on_cuda_without_a_gpu_says_so():
 
 
 def test_plan_prints_prediction_and_best_configuration(capsys):
-    from ringattn.cli import main
+    from ringattn.tools.cli import main
 
     assert main(["plan", "--seq-len", "1M", "--devices", "64", "--hardware", "h100-nvlink"]) == 0
     out = capsys.readouterr().out
@@ -249,8 +249,8 @@ def test_plan_prints_prediction_and_best_configuration(capsys):
 
 
 def test_plan_memory_overrides_the_profile(capsys):
-    from ringattn.cli import main
-    from ringattn.plan import Config, longest_sequence
+    from ringattn.tools.cli import main
+    from ringattn.tools.plan import Config, longest_sequence
 
     args = ["plan", "--hardware", "cpu-2core", "--devices", "4", "--seq-len", "32K"]
     args += ["--heads", "4", "--kv-heads", "2", "--head-dim", "64", "--dtype", "float32"]
@@ -263,7 +263,7 @@ def test_plan_memory_overrides_the_profile(capsys):
 
 
 def test_plan_refuses_unknown_hardware(capsys):
-    from ringattn.cli import main
+    from ringattn.tools.cli import main
 
     assert main(["plan", "--hardware", "tpu-v9"]) == 2
     assert "unknown hardware 'tpu-v9'" in capsys.readouterr().err

@@ -25,7 +25,7 @@ from helpers import assert_close
 import ringattn
 from ringattn.comm import backend_for, transfer_device
 from ringattn.kernels import KERNELS, select_kernel
-from ringattn.launch import cuda_backend
+from ringattn.tools.launch import cuda_backend
 
 CUDA_KERNELS = ("cuda_flash", "cuda_efficient", "cuda_cudnn")
 LAYOUTS = ("contiguous", "zigzag", "striped")

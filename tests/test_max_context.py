@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from ringattn.max_context import MaxContextSearch, find_longest, run_max_context
-from ringattn.memory import MIB
+from ringattn.tools.max_context import MaxContextSearch, find_longest, run_max_context
+from ringattn.tools.memory import MIB
 
 
 def _assert_contract(result, measure, budget: int, multiple: int, resolution: float) -> None:

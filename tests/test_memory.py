@@ -2,8 +2,9 @@
 
 Per-rank peak above the inputs (``measure_ring_memory``): the high-water mark of tensor storage
 allocated during the call, counted by a dispatch hook exactly to the byte
-(:class:`ringattn.memory.PeakMemory`), so the figure is the same on every run and machine and no
-timing or allocator state can make it flaky; it is what CUDA's allocator peak reports on a GPU.
+(:class:`ringattn.tools.memory.PeakMemory`), so the figure is the same on every run and machine
+and no timing or allocator state can make it flaky; it is what CUDA's allocator peak reports on
+a GPU.
 The inherent set is out, lse, dq, dk, dv; what the ring adds on top (travelling and returning
 sub-blocks, kernel outputs of a band) must stay under 2.5 query-shards with the default
 granularity (measured: 0.84 at p=2 with 8 sub-blocks; 1.78 at p=4, whose 2,048-token zigzag
@@ -23,8 +24,8 @@ from helpers import random_qkv
 import ringattn
 from ringattn.kernels.cpu_flash import CpuFlashKernel
 from ringattn.layout import get_layout
-from ringattn.memory import PeakMemory
-from ringattn.workload import Workload, measure_ring_memory
+from ringattn.tools.memory import PeakMemory
+from ringattn.tools.workload import Workload, measure_ring_memory
 
 LIMIT_Q_SHARDS = 2.5
 ALLOWANCE = 64 * 2**10  # bytes: small tensors (log-sum-exp copies, masks of a tile)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ringattn import Granularity
-from ringattn.plan import (
+from ringattn.tools.plan import (
     PROFILES,
     Config,
     Hardware,

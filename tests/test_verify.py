@@ -1,4 +1,4 @@
-"""Sampled verification (ringattn.verify) on real gloo groups of 2 and 3 ranks.
+"""Sampled verification (ringattn.tools.verify) on real gloo groups of 2 and 3 ranks.
 
 Its float64 reference equals dense float64 attention, it passes on the ring's results, and it
 fails when a single sampled row of out, lse or dq, or a single sampled column of dk or dv, on a
@@ -16,8 +16,8 @@ from helpers import reference_attention
 
 from ringattn import verify
 from ringattn.layout import get_layout
-from ringattn.verify import sample_positions, verify_sampled
-from ringattn.workload import OUTPUT_NAMES, Workload, time_ring
+from ringattn.tools.verify import sample_positions, verify_sampled
+from ringattn.tools.workload import OUTPUT_NAMES, Workload, time_ring
 
 SAMPLES = 48  # more than the cut positions, so some are random
 SMALL_TILES = 48  # scores per tile: blocks of a few rows and keys

@@ -33,11 +33,11 @@ from dataclasses import dataclass, replace
 import torch
 import torch.distributed as dist
 
-from .comm import GroupLike, group_rank_and_size, resolve_group
-from .inference import merge_across_ranks
-from .kernels import masked_kernel_for, select_kernel
-from .layout import get_layout, sub_blocks
-from .trace import progress_text
+from ..comm import GroupLike, group_rank_and_size, resolve_group
+from ..inference import merge_across_ranks
+from ..kernels import masked_kernel_for, select_kernel
+from ..layout import get_layout, sub_blocks
+from ..trace import progress_text
 from .workload import Workload
 
 TOLERANCE = {"float64": 1e-10, "float32": 1e-5}

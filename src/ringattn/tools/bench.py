@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .engine import Granularity
+from ..engine import Granularity
+from ..layout import get_layout
 from .launch import init_worker, run_on_ranks
-from .layout import get_layout
 from .memory import MIB
 from .workload import Workload, context_scaling, time_ring, time_single_process
 
@@ -204,7 +204,7 @@ def run_bench(grid: BenchGrid, out_dir: Path) -> list[dict]:
     """Run the grid, write ``bench.json``, ``bench.md`` and plots to ``out_dir``; return rows.
 
     Every point runs once measuring memory, then ``repeats`` timed runs (see
-    :func:`ringattn.workload.time_ring`)."""
+    :func:`ringattn.tools.workload.time_ring`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     threads = grid.total_threads()
     workloads = grid.workloads()

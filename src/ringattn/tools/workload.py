@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .api import ring_attention
-from .comm import GroupLike
-from .engine import Granularity
-from .kernels import select_kernel
+from ..api import ring_attention
+from ..comm import GroupLike
+from ..engine import Granularity
+from ..kernels import select_kernel
+from ..trace import RingTrace, record_ring
 from .memory import PeakMemory
-from .trace import RingTrace, record_ring
 
 _BLOCK = 1024  # tokens generated together from one seed
 OUTPUT_NAMES = ("out", "lse", "dq", "dk", "dv")

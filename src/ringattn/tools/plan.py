@@ -38,11 +38,11 @@ from pathlib import Path
 
 import torch
 
-from .engine import Granularity
-from .layout import LAYOUTS
-from .masks import rank_work
+from ..engine import Granularity
+from ..layout import LAYOUTS
+from ..masks import rank_work
+from ..rotation import rotation_bytes
 from .memory import format_bytes
-from .rotation import rotation_bytes
 
 CALIBRATION_PATH = Path(os.environ.get("RINGATTN_PROFILE", "~/.cache/ringattn/local.json"))
 
@@ -426,7 +426,7 @@ def _calibration_worker(seq_len: int, repeats: int) -> dict | None:
 
     import torch.distributed as dist
 
-    from .comm import RingComm
+    from ..comm import RingComm
     from .launch import cpu_threads_per_rank, init_worker
     from .workload import Workload, time_ring
 

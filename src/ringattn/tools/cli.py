@@ -7,7 +7,7 @@ import json
 import sys
 from dataclasses import asdict
 
-from .layout import LAYOUTS
+from ..layout import LAYOUTS
 
 
 def parse_tokens(text: str) -> int:

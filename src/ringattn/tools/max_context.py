@@ -2,9 +2,9 @@
 
 For every world size ``p`` the search runs real probes — forward+backward (forward only for
 inference) at a chosen total length, on ``p`` real ranks — and measures each rank's peak memory
-*including its inputs* (:attr:`ringattn.workload.Timing.total_peak_bytes`: the high-water mark
-of tensor storage, see :mod:`ringattn.memory`). ``p = 1`` is one process running the same
-kernel over the whole sequence (:func:`ringattn.workload.time_single_process`), the baseline:
+*including its inputs* (:attr:`ringattn.tools.workload.Timing.total_peak_bytes`: the high-water mark
+of tensor storage, see :mod:`ringattn.tools.memory`). ``p = 1`` is one process running the same
+kernel over the whole sequence (:func:`ringattn.tools.workload.time_single_process`), the baseline:
 what a user without the ring would run. The budget is what the attention itself costs, inputs
 included.
 
@@ -33,9 +33,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..layout import get_layout
 from .bench import machine_description, usable_world_sizes
 from .launch import init_worker, run_on_ranks
-from .layout import get_layout
 from .memory import MIB, format_bytes, measurement_method
 from .plan import Config, longest_sequence
 from .workload import Workload, time_ring, time_single_process

@@ -8,7 +8,7 @@ are verified, by one of:
 * ``full``: rank 0 computes the single-process result with the same kernel over the whole
   sequence using all the threads the ranks shared, and sends each rank its slice of it;
 * ``sampled``: every rank checks sampled rows of out/lse/dq and columns of dk/dv against a float64
-  reference that no rank computes over the whole sequence at once (:mod:`ringattn.verify`);
+  reference that no rank computes over the whole sequence at once (:mod:`ringattn.tools.verify`);
 * ``auto`` (default): ``full`` unless one process would take more than
   :data:`SINGLE_PROCESS_LIMIT_S` seconds or more than :data:`MEMORY_SHARE` of the available
   memory, then ``sampled``.
@@ -25,12 +25,12 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.distributed as dist
 
-from .comm import transfer_device
+from ..comm import transfer_device
+from ..layout import get_layout
+from ..trace import RingProgress, report_progress
 from .launch import cpu_threads_per_rank, init_worker
-from .layout import get_layout
 from .memory import MIB, format_bytes
 from .plan import Config, device_memory
-from .trace import RingProgress, report_progress
 from .verify import (
     LOW_PRECISION,
     LOW_PRECISION_FLOOR,
@@ -102,7 +102,7 @@ class DemoConfig:
 def single_process_bytes(workload: Workload, with_backward: bool) -> int:
     """Bytes one process must hold to attend over the whole sequence: its inputs ``q, k, v``
     (and ``dout``) and outputs ``out, lse`` (and ``dq, dk, dv``) — a lower bound on its peak
-    (:func:`ringattn.plan.device_memory` of one device)."""
+    (:func:`ringattn.tools.plan.device_memory` of one device)."""
     config = Config(
         seq_len=workload.seq_len,
         devices=1,
@@ -471,7 +471,8 @@ def _memory_lines(report: dict) -> list[str]:
         f"times the context of one process (ideal {world})"
     )
     first = report["ranks"][0]
-    lines.append(f"  memory: {first['memory_method']}, plus the inputs; measured in an untimed run")
+    when = "in the timed run (--repeats 0)" if report["config"]["repeats"] == 0 else "untimed"
+    lines.append(f"  memory: {first['memory_method']}, plus the inputs; measured {when}")
     return lines
 
 
