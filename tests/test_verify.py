@@ -14,8 +14,8 @@ import pytest
 import torch
 from helpers import reference_attention
 
-from ringattn import verify
 from ringattn.layout import get_layout
+from ringattn.tools import verify
 from ringattn.tools.verify import sample_positions, verify_sampled
 from ringattn.tools.workload import OUTPUT_NAMES, Workload, time_ring
 

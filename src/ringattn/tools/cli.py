@@ -183,7 +183,7 @@ def _bench_parser(sub) -> None:
         epilog=(
             "examples:\n"
             "  ringattn bench --quick                  # under 3 minutes on 2 cores\n"
-            f"  ringattn bench --max-context            # {budget} per rank, p = 1, 2, 4: about 5 "
+            f"  ringattn bench --max-context            # {budget} per rank, p = 1, 2, 4: about 3 "
             "minutes on 2 cores\n"
             "  ringattn bench --max-context --memory 256MiB --world-sizes 1,2 --inference"
         ),
@@ -195,7 +195,7 @@ def _bench_parser(sub) -> None:
         action="store_true",
         help="find the longest sequence that fits --memory per rank at each world size, by "
         "real forward+backward runs (p=1: one process over the whole sequence); the default "
-        f"run ({budget}, heads 4:2, d=64, float32, causal zigzag, p=1,2,4) takes about 5 "
+        f"run ({budget}, heads 4:2, d=64, float32, causal zigzag, p=1,2,4) takes about 3 "
         "minutes on 2 cores (longer when other jobs share them), most of it in the p=4 probes",
     )
     p.add_argument(

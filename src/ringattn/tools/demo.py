@@ -471,7 +471,8 @@ def _memory_lines(report: dict) -> list[str]:
         f"times the context of one process (ideal {world})"
     )
     first = report["ranks"][0]
-    when = "in the timed run (--repeats 0)" if report["config"]["repeats"] == 0 else "untimed"
+    timed_too = report["config"]["repeats"] == 0
+    when = "in the timed run (--repeats 0)" if timed_too else "in an untimed run"
     lines.append(f"  memory: {first['memory_method']}, plus the inputs; measured {when}")
     return lines
 
