@@ -6,6 +6,7 @@ World size 1 runs in-process (no process group); larger worlds run on the gloo p
 from __future__ import annotations
 
 import itertools
+import pickle
 import random
 
 import pytest
@@ -392,3 +393,29 @@ def test_tiles_of_segments_with_different_strides_paint_the_causal_mask():
                             )
                             grid[i][j] += int(visible)
                 assert grid == [[int(kp <= qp) for kp in k_pos] for qp in q_pos]
+
+
+class _BackwardsLayout(ringattn.Layout):
+    """Broken: a negative stride (causal tiling assumes positions rise within a segment)."""
+
+    name = "backwards"
+
+    def segments(self, rank, world_size, seq_local):
+        return (ringattn.Segment((rank + 1) * seq_local - 1, -1, seq_local),)
+
+
+def test_segments_must_rise_and_come_as_a_tuple():
+    with pytest.raises(ValueError, match="segments need stride >= 1 and length >= 0"):
+        ringattn.shard(torch.zeros(1, 4), _BackwardsLayout())
+    with pytest.raises(ringattn.RingInputError, match="segments need stride >= 1"):
+        q = torch.zeros(1, 4, 1, 8)
+        ringattn.ring_attention(q, q, q, causal=True, layout=_BackwardsLayout())
+
+
+def test_built_in_layouts_are_the_same_after_pickling():
+    """Another process's copy of a built-in layout is that built-in layout (so ranks agree)."""
+    for name, layout in LAYOUTS.items():
+        copy = pickle.loads(pickle.dumps(layout))
+        assert copy is layout and type(layout)() == layout and hash(type(layout)()) == hash(layout)
+        assert ringattn.layout.layout_problem(copy, 3, 6) is None
+        assert ringattn.layout.get_layout(name) is layout

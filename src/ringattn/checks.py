@@ -7,7 +7,9 @@ or shards that differ between ranks, is raised everywhere with the same message.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -156,9 +158,10 @@ class MaskArgs:
         ]
 
 
-def _fingerprint(values: torch.Tensor) -> float:
+def _fingerprint(values: torch.Tensor, prefix: bytes = b"") -> float:
     """A 48-bit hash of an integer tensor's values (exact in float64), whatever its dtype."""
-    data = values.detach().to("cpu", torch.int64).contiguous().numpy().tobytes()
+    numbers = values.detach().to("cpu", torch.int64).tolist()
+    data = prefix + struct.pack(f"<{len(numbers)}q", *numbers)
     return float(int.from_bytes(hashlib.blake2b(data, digest_size=6).digest(), "little"))
 
 
@@ -236,13 +239,14 @@ def needs_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
 
 
+@functools.lru_cache(maxsize=64)
 def _layout_fingerprint(layout: Layout, world_size: int, seq_local: int) -> float:
     """Equal on two ranks when their layouts have the same name and, for layouts that are not
     built in, put the same positions on every rank."""
-    data = layout.name.encode()
-    if layout not in LAYOUTS.values():
-        data += global_order(layout, world_size, seq_local * world_size).numpy().tobytes()
-    return float(int.from_bytes(hashlib.blake2b(data, digest_size=6).digest(), "little"))
+    if layout in LAYOUTS.values():
+        return _fingerprint(torch.empty(0, dtype=torch.long), layout.name.encode())
+    order = global_order(layout, world_size, seq_local * world_size)
+    return _fingerprint(order, layout.name.encode())
 
 
 def _signature(

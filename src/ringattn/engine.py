@@ -122,7 +122,7 @@ class RingPlan:
     def _segments(self, rank: int, queries: bool) -> tuple[Segment, ...]:
         world = self.comm.world_size
         if not queries:
-            return self.layout.segments(rank, world, self.seq_kv_local)
+            return tuple(self.layout.segments(rank, world, self.seq_kv_local))
         return tuple(
             Segment(s.start + self.q_offset, s.stride, s.length)
             for s in self.layout.segments(rank, world, self.seq_q_local)
@@ -169,7 +169,7 @@ class RingPlan:
         k_segments = self.part_segments(k_part, False)
         max_rows = self.band(queries=True) if q_part[1] is None else self.seq_q_local
         max_cols = self.band(queries=False) if k_part[1] is None else self.seq_kv_local
-        if self.mask.only_causal and one_stride(q_segments, k_segments):
+        if self.mask.only_causal and (not self.mask.causal or one_stride(q_segments, k_segments)):
             return _causal_tiles(q_segments, k_segments, self.mask.causal, max_rows, max_cols)
         key = ("tiles", q_part, k_part)
         if key not in self._cache:

@@ -56,8 +56,10 @@ class Layout(abc.ABC):
     :meth:`segments` (and :meth:`local_multiple` when a shard's length must be a multiple of
     something), e.g. ``class Reversed(ringattn.Layout)`` with ``name = "reversed"`` and
     ``segments`` returning ``(Segment((world_size - 1 - rank) * seq_local, 1, seq_local),)``.
-    The ranks' segments must together cover ``0 .. world_size * seq_local - 1`` exactly once
-    (:func:`ringattn.ring_attention` checks this). Causal tiling is arithmetic between segments of
+    ``segments`` returns a tuple; strides are at least 1. The ranks' segments must together cover
+    ``0 .. world_size * seq_local - 1`` exactly once (:func:`ringattn.ring_attention` checks
+    this). A layout must be hashable (plain classes are; a dataclass needs ``frozen=True``): plans
+    are cached per layout. Causal tiling is arithmetic between segments of
     equal stride; other pairs are classified tile by tile (``tile_size``), so every mask works.
     """
 
@@ -96,7 +98,21 @@ class Layout(abc.ABC):
         return f"{type(self).__name__}(name={self.name!r})"
 
 
-class Contiguous(Layout):
+class _BuiltIn(Layout):
+    """A built-in layout: equal to every instance of its class, and unpickled as the one in
+    :data:`LAYOUTS`, so that copies made by other processes are recognised as built in."""
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other)
+
+    def __hash__(self) -> int:
+        return hash(type(self))
+
+    def __reduce__(self) -> tuple:
+        return get_layout, (self.name,)
+
+
+class Contiguous(_BuiltIn):
     """Rank ``r`` of ``p`` holds chunk ``r`` of ``p``."""
 
     name = "contiguous"
@@ -105,7 +121,7 @@ class Contiguous(Layout):
         return (Segment(rank * seq_local, 1, seq_local),)
 
 
-class Zigzag(Layout):
+class Zigzag(_BuiltIn):
     """Rank ``r`` of ``p`` holds chunks ``r`` and ``2p - 1 - r`` of ``2p``: every rank gets the
     same causal work."""
 
@@ -124,7 +140,7 @@ class Zigzag(Layout):
         )
 
 
-class Striped(Layout):
+class Striped(_BuiltIn):
     """Rank ``r`` of ``p`` holds tokens ``r, r + p, r + 2p, ...``."""
 
     name = "striped"
@@ -202,13 +218,15 @@ def layout_problem(layout: Layout, world_size: int, seq_local: int) -> str | Non
     The built-in layouts are right by construction and not checked."""
     if layout in LAYOUTS.values():
         return None
+    name = layout.name
     for rank in range(world_size):
         segments = layout.segments(rank, world_size, seq_local)
-        if not all(isinstance(seg, Segment) for seg in segments):
-            return f"layout {layout.name!r}: segments() must return Segments, got {segments!r}"
+        if not isinstance(segments, tuple) or not all(isinstance(s, Segment) for s in segments):
+            return f"layout {name!r}: segments() must return a tuple of Segments, got {segments!r}"
+        if any(seg.stride < 1 or seg.length < 0 for seg in segments):
+            return f"layout {name!r}: segments need stride >= 1 and length >= 0, got {segments!r}"
         held = sum(seg.length for seg in segments)
         if held != seq_local:
-            name = layout.name
             return f"layout {name!r}: rank {rank}'s segments hold {held} positions, not {seq_local}"
     order = global_order(layout, world_size, seq_local * world_size)
     if not torch.equal(order.sort().values, torch.arange(order.numel())):
