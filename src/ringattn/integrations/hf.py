@@ -41,6 +41,7 @@ None)``. The mask function registered for the same name never builds a dense mas
 from __future__ import annotations
 
 import contextvars
+import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -447,8 +448,13 @@ def generate_greedy(
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    try:
+        count = operator.index(max_new_tokens)  # int, numpy or torch integers
+    except TypeError:
+        count = -1
+    if count < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    max_new_tokens = count
     batch, prompt_len = input_ids.shape
     if max_new_tokens == 0:
         return input_ids.new_empty((batch, 0), dtype=torch.long)
