@@ -65,17 +65,7 @@ def test_contiguous_causal_is_predicted_slower_than_zigzag():
 
 
 def _config(workload: dict, world: int, seq_len: int, backward: bool = True) -> Config:
-    return Config(
-        seq_len=seq_len,
-        devices=world,
-        heads=workload["heads"],
-        kv_heads=workload["kv_heads"],
-        head_dim=workload["head_dim"],
-        dtype=workload["dtype"],
-        causal=workload["causal"],
-        layout=workload["layout"],
-        backward=backward,
-    )
+    return Config.for_workload(workload, world, seq_len=seq_len, backward=backward)
 
 
 def test_longest_sequence_matches_measured_max_context():

@@ -122,7 +122,7 @@ class RingPlan:
     def _segments(self, rank: int, queries: bool) -> tuple[Segment, ...]:
         world = self.comm.world_size
         if not queries:
-            return tuple(self.layout.segments(rank, world, self.seq_kv_local))
+            return self.layout.segments(rank, world, self.seq_kv_local)
         return tuple(
             Segment(s.start + self.q_offset, s.stride, s.length)
             for s in self.layout.segments(rank, world, self.seq_q_local)

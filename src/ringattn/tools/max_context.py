@@ -176,17 +176,7 @@ class MaxContextSearch:
 
     def plan_config(self, workload: Workload, world: int) -> Config:
         """``ringattn plan``'s view of ``workload`` on ``world`` devices."""
-        return Config(
-            seq_len=workload.seq_len,
-            devices=world,
-            heads=workload.heads,
-            kv_heads=workload.kv_heads,
-            head_dim=workload.head_dim,
-            dtype=workload.dtype,
-            causal=workload.causal,
-            layout=workload.layout,
-            backward=not self.inference,
-        )
+        return Config.for_workload(asdict(workload), world, backward=not self.inference)
 
 
 def probe_peak(workload: Workload, inference: bool, device: torch.device, threads: int) -> int:

@@ -33,8 +33,10 @@ import math
 import os
 import re
 import statistics
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -167,6 +169,25 @@ class Config:
     rotation: str = "kv"
     backward: bool = True
     granularity: Granularity = field(default_factory=Granularity)  # the engine's sub-blocks
+
+    @classmethod
+    def for_workload(cls, workload: Mapping[str, Any], devices: int, **changes: Any) -> Config:
+        """The problem of a bench/demo workload (the fields of a ``Workload``, or those of its
+        shape that are given) on ``devices`` devices, with ``changes`` on top."""
+        given = {name: workload[name] for name in _WORKLOAD_FIELDS if name in workload}
+        return cls(**{"devices": devices, **given, **changes})
+
+
+_WORKLOAD_FIELDS = (
+    "seq_len",
+    "heads",
+    "kv_heads",
+    "head_dim",
+    "batch",
+    "dtype",
+    "causal",
+    "layout",
+)
 
 
 @dataclass(frozen=True)
@@ -526,19 +547,7 @@ def validate(bench_rows: list[dict], hardware: Hardware) -> list[dict]:
     """Predicted against measured forward+backward time for ``ringattn bench`` rows."""
     table = []
     for row in bench_rows:
-        w = row["workload"]
-        config = Config(
-            seq_len=w["seq_len"],
-            devices=row["world_size"],
-            heads=w["heads"],
-            kv_heads=w["kv_heads"],
-            head_dim=w["head_dim"],
-            batch=w["batch"],
-            dtype=w["dtype"],
-            causal=w["causal"],
-            layout=w["layout"],
-            rotation="kv",
-        )
+        config = Config.for_workload(row["workload"], row["world_size"], rotation="kv")
         predicted = predict(config, hardware).total_s
         measured = row["ring_total_s"]
         table.append(
