@@ -72,9 +72,12 @@ def answer_labels(tokens: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
     return labels
 
 
-def ring_attention_fn(cp_group, layout: str):
+def ring_attention_fn(mask: ringattn.RingMask):
+    """Every layer's attention: the ring, with the mask planned once (causal only here, so one
+    mask serves every batch; a batch with documents or padding would plan its own)."""
+
     def attend(layer, q, k, v):
-        return ringattn.ring_attention(q, k, v, causal=True, layout=layout, group=cp_group)
+        return ringattn.ring_attention(q, k, v, mask=mask)
 
     return attend
 
@@ -126,7 +129,9 @@ def train(
         progress = [state.get("step"), state.get("losses"), state.get("grad_norms")]
         dist.broadcast_object_list(progress, src=0)
         start_step, losses, grad_norms = progress
-    attend = ring_attention_fn(cp_group, layout)
+    padded = ringattn.padded_length(seq_len, layout, cp)
+    mask = ringattn.create_ring_mask(padded, causal=True, layout=layout, group=cp_group)
+    attend = ring_attention_fn(mask)
     started = time.perf_counter()
     for step in range(start_step, steps):
         tokens, answers = make_batch(batch * dp, seq_len, step)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+import torch.distributed as dist
 
 import ringattn
 
@@ -110,3 +113,50 @@ class OverlappingLayout(ringattn.Layout):
 
     def segments(self, rank, world_size, seq_local):
         return (ringattn.Segment(0, 1, seq_local),)
+
+
+COLLECTIVES = (
+    "all_gather",
+    "all_gather_object",
+    "all_gather_into_tensor",
+    "all_reduce",
+    "all_to_all",
+    "all_to_all_single",
+    "barrier",
+    "broadcast",
+    "broadcast_object_list",
+    "gather",
+    "reduce",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "scatter",
+)
+HOST_SYNCS = ("item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__int__", "__float__")
+
+
+@contextlib.contextmanager
+def counting(counts: dict[str, int]):
+    """Count calls of ``torch.distributed`` collectives and of tensor methods that copy a value
+    to the host (on a GPU each would stall the stream) while the block runs."""
+    originals = []
+
+    def wrap(owner, name, key):
+        original = getattr(owner, name)
+
+        def counted(*args, **kwargs):
+            counts[key] = counts.get(key, 0) + 1
+            return original(*args, **kwargs)
+
+        originals.append((owner, name, original))
+        setattr(owner, name, counted)
+
+    for name in COLLECTIVES:
+        if hasattr(dist, name):
+            wrap(dist, name, f"collective {name}")
+    for name in HOST_SYNCS:
+        wrap(torch.Tensor, name, f"host sync {name}")
+    try:
+        yield counts
+    finally:
+        for owner, name, original in reversed(originals):
+            setattr(owner, name, original)

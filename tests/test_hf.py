@@ -18,6 +18,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import torch.distributed as dist  # noqa: E402
+from helpers import counting  # noqa: E402
 
 import ringattn  # noqa: E402
 from ringattn.integrations import hf  # noqa: E402
@@ -145,6 +146,41 @@ def test_model_matches_single_process(pools, world_size, kind, padding, layout):
 @pytest.mark.parametrize(("kind", "padding", "layout"), [CASES[1], CASES[2]])
 def test_model_matches_single_process_4_ranks(pools, kind, padding, layout):
     pools(4).run(_cp_matches_single_process, kind, padding, layout)
+
+
+def _collectives_per_forward_job(rank, world_size, kind):
+    """Collectives of one forward+backward of a 6-layer model with a padded batch."""
+    name = hf.register("ring_counted")
+    config = transformers.LlamaConfig(**{**SMALL, "num_hidden_layers": 6})
+    if kind == "qwen2_window":  # layers 0-2 full attention, 3-5 a sliding window
+        config = transformers.Qwen2Config(
+            **{**SMALL, "num_hidden_layers": 6},
+            use_sliding_window=True,
+            sliding_window=16,
+            max_window_layers=3,
+        )
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).float()
+    _set_attention(model, name)
+    input_ids, attention_mask = _batch(padding=True)
+    local = hf.shard_batch({"input_ids": input_ids, "attention_mask": attention_mask})
+    with counting({}) as counts:
+        logits = model(
+            input_ids=local["input_ids"],
+            attention_mask=local["attention_mask"],
+            position_ids=local["position_ids"],
+            use_cache=False,
+        ).logits
+        logits.sum().backward()
+    return {name: n for name, n in counts.items() if name.startswith("collective")}
+
+
+@pytest.mark.parametrize(("kind", "kinds_of_layer"), [("llama", 1), ("qwen2_window", 2)])
+def test_checks_cost_one_collective_per_forward_not_per_layer(pools, kind, kinds_of_layer):
+    """Per kind of attention layer and forward: one check across ranks and one all-gather of
+    the padding mask, whatever the number of layers."""
+    for counts in pools(2).run(_collectives_per_forward_job, kind):
+        assert counts == {"collective all_gather": 2 * kinds_of_layer}, counts
 
 
 def test_sliding_window_convention():

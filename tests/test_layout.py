@@ -342,12 +342,11 @@ def _custom_layout_job(rank, world):
             ref_out, _ = reference_attention(*full, causal)
             ref_grads = torch.autograd.grad(ref_out, full, dout)
             shards = [ringattn.shard(t, layout).float().requires_grad_() for t in (q, k, v)]
+            mask = ringattn.create_ring_mask(seq_len, causal=causal, layout=layout, tile_size=4)
             out = ringattn.ring_attention(
                 *shards,
-                causal=causal,
-                layout=layout,
+                mask=mask,
                 rotation=rotation,
-                tile_size=4,
                 granularity=ringattn.Granularity(sub_blocks=2, min_tokens=1),
             )
             grads = torch.autograd.grad(out, shards, ringattn.shard(dout, layout).float())

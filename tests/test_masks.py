@@ -86,9 +86,12 @@ CASES = (
 )
 
 
-def _check_case(name, layout, seq_len, tile_size, seed, device="cpu", rotation="auto"):
+def _check_case(name, layout, seq_len, tile_size, seed, world, device="cpu", rotation="auto"):
+    """Tiles of 4 go through a RingMask built by create_ring_mask, tiles of 512 through the
+    keywords of ring_attention (which build one inside)."""
     granularity = ringattn.Granularity(sub_blocks=3 if tile_size < 8 else 2, min_tokens=1)
     kwargs, allowed, score_mod, to_shard = _case(name, seq_len)
+    kwargs.pop("score_mod", None)
     q, k, v, dout = random_qkv(BATCH, seq_len, HEADS_Q, HEADS_KV, DIM, seed)
     full = [t.clone().requires_grad_() for t in (q, k, v)]
     ref_out, ref_lse = masked_reference(*full, allowed, score_mod)
@@ -98,16 +101,22 @@ def _check_case(name, layout, seq_len, tile_size, seed, device="cpu", rotation="
     ]
     for key, (tensor, dim) in to_shard.items():
         kwargs[key] = ringattn.shard(tensor, layout, dim=dim).to(device)
-    out, lse = ringattn.ring_attention(
-        *local,
-        layout=layout,
-        seq_len=seq_len,
-        tile_size=tile_size,
-        granularity=granularity,
-        return_lse=True,
-        rotation=rotation,
-        **kwargs,
-    )
+    call = {"granularity": granularity, "return_lse": True, "rotation": rotation}
+    call["score_mod"] = score_mod
+    if tile_size == 512:
+        out, lse = ringattn.ring_attention(*local, layout=layout, seq_len=seq_len, **call, **kwargs)
+    else:
+        mask = ringattn.create_ring_mask(
+            local[0].shape[1] * world,
+            layout=layout,
+            seq_len=seq_len,
+            tile_size=tile_size,
+            batch=BATCH,
+            heads=HEADS_Q,
+            device=device,
+            **kwargs,
+        )
+        out, lse = ringattn.ring_attention(*local, mask=mask, **call)
     grads = torch.autograd.grad(out, local, ringattn.shard(dout, layout).to(device, torch.float32))
     out, lse, grads = out.cpu(), lse.cpu(), [g.cpu() for g in grads]
     label = f"{name} n={seq_len} tile={tile_size} rotation={rotation}"
@@ -130,7 +139,7 @@ def _masks_job(rank, world, layout, seq_lens, device="cpu", rotation="auto"):
     for seed, name in enumerate(CASES):
         for seq_len in seq_lens:
             for tile_size in (4, 512):
-                _check_case(name, layout, seq_len, tile_size, seed, device, rotation)
+                _check_case(name, layout, seq_len, tile_size, seed, world, device, rotation)
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
@@ -218,10 +227,19 @@ def test_packed_documents_balance_best_striped():
         ({"seq_len": 9}, r"seq_len must be an int in 1\.\.8"),
         ({"mask_mod": 3}, r"mask_mod must be callable"),
         ({"rotation": "sideways"}, r"rotation must be one of"),
-        ({"tile_size": 0}, r"tile_size must be a positive int"),
     ],
 )
 def test_bad_mask_arguments_say_what_is_wrong(kwargs, message):
     q, k, v, _ = random_qkv(2, 8, 2, 2, 8, 0)
     with pytest.raises(ringattn.RingInputError, match=message):
         ringattn.ring_attention(q, k, v, **kwargs)
+    if "rotation" not in kwargs:  # the same mistakes, made while creating a RingMask
+        with pytest.raises(ringattn.RingInputError, match="^create_ring_mask: .*" + message):
+            ringattn.create_ring_mask(8, batch=2, **kwargs)
+
+
+def test_tile_size_belongs_to_the_mask():
+    with pytest.raises(ringattn.RingInputError, match="tile_size must be a positive int"):
+        ringattn.create_ring_mask(8, tile_size=0)
+    with pytest.raises(TypeError, match="tile_size"):
+        ringattn.ring_attention(*random_qkv(1, 8, 2, 2, 8, 0)[:3], tile_size=4)

@@ -52,14 +52,14 @@ def _rotation_job(rank, world, layout, rotation, device="cpu"):
         local = [
             ringattn.shard(t, layout).to(device, torch.float32).requires_grad_() for t in (q, k, v)
         ]
+        mask = ringattn.create_ring_mask(
+            nq * world, nkv * world, causal=causal, window=window, layout=layout, tile_size=4
+        )
         out, lse = ringattn.ring_attention(
             *local,
-            causal=causal,
-            window=window,
-            layout=layout,
+            mask=mask,
             rotation=rotation,
             return_lse=True,
-            tile_size=4,
             granularity=ringattn.Granularity(sub_blocks=3, min_tokens=1) if seed % 2 else None,
         )
         grads = torch.autograd.grad(out, local, ringattn.shard(dout, layout).to(device).float())

@@ -1,7 +1,9 @@
 """ringattn: exact ring attention (context parallelism) for PyTorch, on CPU and CUDA.
 
 import ringattn
-out = ringattn.ring_attention(q, k, v, causal=True)          # q, k, v: this rank's shard
+mask = ringattn.create_ring_mask(seq_len, causal=True)       # once per batch
+out = ringattn.ring_attention(q, k, v, mask=mask)             # every layer; q, k, v: this shard
+out = ringattn.ring_attention(q, k, v, causal=True)          # one call: keywords build the mask
 local = ringattn.shard(x, layout="zigzag")                    # full -> this rank's shard
 full = ringattn.unshard(local, layout="zigzag")               # inverse, differentiable
 pos = ringattn.positions(seq_len, layout="zigzag")            # global positions, for RoPE
@@ -15,6 +17,7 @@ from .kernels import KERNELS, AttentionKernel
 from .layout import LAYOUTS, Layout, Segment
 from .masks import MaskSpec, rank_work
 from .mods import alibi, alibi_slopes, prefix_lm, softcap
+from .ring_mask import RingMask, create_ring_mask
 from .rotation import choose_rotation
 from .trace import RingProgress, RingTrace, record_ring, report_progress
 
@@ -29,12 +32,14 @@ __all__ = [
     "Layout",
     "MaskSpec",
     "RingInputError",
+    "RingMask",
     "RingProgress",
     "RingTrace",
     "Segment",
     "alibi",
     "alibi_slopes",
     "choose_rotation",
+    "create_ring_mask",
     "merge_across_ranks",
     "padded_length",
     "positions",

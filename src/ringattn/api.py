@@ -7,12 +7,20 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
-from .checks import MaskArgs, check_inputs, needs_grad
-from .comm import GroupLike, RingComm, group_rank_and_size, resolve_group, transfer_device
+from .checks import (
+    MaskArgs,
+    call_signature,
+    call_values_problem,
+    local_problem,
+    mask_signature,
+    needs_grad,
+)
+from .comm import GroupLike, gather_sequence, group_rank_and_size, resolve_group
 from .engine import Granularity, RingAttentionFunction, RingPlan
 from .kernels import AttentionKernel, masked_kernel_for, select_kernel
-from .layout import Layout, LayoutName, checked_layout, get_layout, global_order
-from .masks import MaskMod, MaskSpec, ScoreMod
+from .layout import Layout, LayoutName, checked_layout, get_layout
+from .masks import MaskMod, ScoreMod
+from .ring_mask import RingMask, agree_call, build_ring_mask
 from .rotation import choose_rotation
 
 
@@ -22,51 +30,71 @@ def ring_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     *,
-    causal: bool = False,
-    layout: LayoutName | Layout = "zigzag",
+    mask: RingMask | None = None,
     scale: float | None = None,
-    group: GroupLike = None,
+    score_mod: ScoreMod | None = None,
     return_lse: bool = False,
     rotation: Literal["kv", "q", "auto"] = "auto",
+    kernel: str | AttentionKernel = "auto",
+    granularity: Granularity | None = None,
+    check_across_ranks: bool = True,
+    causal: bool = False,
+    layout: LayoutName | Layout | None = None,
+    group: GroupLike = None,
     window: int | tuple[int | None, int | None] | None = None,
     cu_seqlens: torch.Tensor | None = None,
     document_ids: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
     seq_len: int | None = None,
     mask_mod: MaskMod | None = None,
-    score_mod: ScoreMod | None = None,
-    kernel: str | AttentionKernel = "auto",
-    tile_size: int = 512,
-    granularity: Granularity | None = None,
-    check_across_ranks: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Exact attention of this rank's queries against the keys/values of every rank in ``group``.
+    """Exact attention of this rank's queries against the keys/values of every rank in the group.
 
-    Every rank passes its own shard of the sequence, in ``layout`` order (see :func:`shard`).
+    Every rank passes its own shard of the sequence, in the layout's order (see :func:`shard`).
     Keys/values travel around the ring (pass-KV) while each rank keeps its queries; results are
     merged with an fp32 online softmax, so the output equals single-device attention over the
     whole sequence. All masks use *global* token positions. Inside ``torch.compile`` the call is a
     graph break: it runs eagerly (its communication cannot be traced) and the rest compiles.
 
+    The masks come either as ``mask``, a :class:`ringattn.RingMask` that
+    :func:`ringattn.create_ring_mask` built once for the batch (the way to call it from every
+    layer of a model: no collective, no host sync, no planning per call), or, for a single call,
+    as the keywords from ``causal`` on, which build one inside.
+
     Args:
         q: ``(batch, seq_q_local, heads_q, head_dim)``.
         k, v: ``(batch, seq_kv_local, heads_kv, head_dim)`` with ``heads_q % heads_kv == 0``
             (MHA, GQA, MQA). Only the ``heads_kv`` heads travel. Queries and keys may differ in
-            length (cross-attention, chunked prefill); each is sharded in ``layout`` over its own
+            length (cross-attention, chunked prefill); each is sharded in the layout over its own
             length, and the queries are the *last* ``seq_q`` positions of the key sequence
             (bottom-right alignment, as in flash-attn) for ``causal`` and the other masks.
-        causal: mask keys at later global positions than the query.
-        layout: "contiguous", "zigzag" (balanced causal work) or "striped".
+        mask: the batch's :class:`ringattn.RingMask`; then leave the mask keywords, ``layout``
+            and ``group`` out (they are the mask's).
         scale: score scale; default ``head_dim ** -0.5``.
-        group: a ProcessGroup, a 1-D DeviceMesh, or ``None`` for the default group (a world of
-            one when ``torch.distributed`` is not initialised: plain attention).
+        score_mod: FlexAttention's ``score_mod(score, b, h, q_idx, kv_idx) -> score``, e.g.
+            :func:`ringattn.softcap` or :func:`ringattn.alibi`. Gradients flow through it to
+            q and k (not to tensors it captures).
         return_lse: also return the log-sum-exp ``(batch, heads_q, seq_local)`` in float32,
             float64 for float64 inputs (natural log, ``-inf`` for a row that sees no key).
             It carries no gradient.
         rotation: "kv" moves keys/values around the ring (training, full prefill), "q" moves
             queries and returns partial outputs (few queries against many keys); "auto" picks
-            the one that moves fewer bytes, see :func:`ringattn.choose_rotation`. Both are exact,
-            forward and backward.
+            the one that moves fewer bytes, see :func:`ringattn.choose_rotation`, from values
+            every rank has agreed on. Both are exact, forward and backward.
+        kernel: "auto", "cpu_flash", "cuda_flash", "cuda_efficient", "cuda_cudnn", "reference",
+            or an :class:`~ringattn.kernels.AttentionKernel`.
+        granularity: how finely blocks are pipelined through the ring (memory against kernel-call
+            size); the default :class:`ringattn.Granularity` cuts each block into up to 8
+            sub-blocks of at least 512 tokens.
+        check_across_ranks: compare shapes, dtypes and flags across ranks with one small
+            all-gather before the ring starts, so mismatches raise everywhere instead of hanging.
+            With a ``mask`` this happens once per distinct call (once per batch in a model);
+            with keywords, on every call.
+        causal: mask keys at later global positions than the query.
+        layout: "contiguous", "zigzag" (the default; balanced causal work), "striped", or a
+            :class:`ringattn.Layout`.
+        group: a ProcessGroup, a 1-D DeviceMesh, or ``None`` for the default group (a world of
+            one when ``torch.distributed`` is not initialised: plain attention).
         window: ``(left, right)``: query ``i`` sees keys ``i - left <= j <= i + right`` (a side
             may be ``None``: unbounded); an int ``w`` means ``(w, 0)``, a causal left window.
         cu_seqlens: packed documents as global cumulative lengths ``[0, l1, l1 + l2, ...]``
@@ -81,19 +109,6 @@ def ring_attention(
             past it are padding.
         mask_mod: FlexAttention's ``mask_mod(b, h, q_idx, kv_idx) -> bool`` over global
             indices, called with broadcastable index tensors.
-        score_mod: FlexAttention's ``score_mod(score, b, h, q_idx, kv_idx) -> score``, e.g.
-            :func:`ringattn.softcap` or :func:`ringattn.alibi`. Gradients flow through it to
-            q and k (not to tensors it captures).
-        kernel: "auto", "cpu_flash", "cuda_flash", "cuda_efficient", "cuda_cudnn", "reference",
-            or an :class:`~ringattn.kernels.AttentionKernel`.
-        tile_size: tokens per tile side when masks other than causal are classified; partial
-            tiles cost ``O(batch * heads * tile_size**2)`` memory for their dense mask.
-        granularity: how finely blocks are pipelined through the ring (memory against kernel-call
-            size); the default :class:`ringattn.Granularity` cuts each block into up to 8
-            sub-blocks of at least 512 tokens.
-        check_across_ranks: compare shapes/dtypes/flags across ranks with one small all-gather
-            before the ring starts, so mismatches raise everywhere instead of hanging. Turn it off
-            only once your shapes are known to agree (it costs one collective per call).
 
     Returns:
         ``out`` ``(batch, seq_local, heads_q, head_dim)`` in ``q.dtype``, and ``lse`` if asked.
@@ -101,84 +116,117 @@ def ring_attention(
     Raises:
         RingInputError: (a ``ValueError``) on every rank when any rank's inputs cannot work.
     """
-    process_group = resolve_group(group)
-    _, world_size = group_rank_and_size(process_group)
-    masks = MaskArgs(window, cu_seqlens, document_ids, attention_mask, seq_len, mask_mod, score_mod)
-    chosen_layout = check_inputs(
-        q,
-        k,
-        v,
-        causal=causal,
-        layout=layout,
-        scale=scale,
-        group=process_group,
-        world_size=world_size,
-        masks=masks,
-        tile_size=tile_size,
-        granularity=granularity,
-        rotation=rotation,
-        across_ranks=check_across_ranks,
-    )
-    spec = _mask_spec(q, k, causal, masks, chosen_layout, process_group, world_size, tile_size)
+    granularity = Granularity() if granularity is None else granularity
+    keywords = MaskArgs(causal, window, cu_seqlens, document_ids, attention_mask, seq_len, mask_mod)
+    if mask is None:
+        mask = mask_for_call(
+            q,
+            k,
+            v,
+            keywords,
+            layout,
+            group,
+            scale,
+            score_mod,
+            granularity,
+            rotation,
+            check_across_ranks,
+        )
+    else:
+        problem = _mask_problem_of_call(mask, keywords, layout, group)
+        if not isinstance(mask, RingMask):  # raise on every rank of the group named
+            process_group = resolve_group(group)
+            _, world_size = group_rank_and_size(process_group)
+            agree_call(problem, None, None, process_group, world_size, check_across_ranks, set())
+        if problem is None:
+            problem = local_problem(q, k, v, mask.layout, mask.world_size, mask.group)
+        problem = problem or mask.call_problem(q, k)
+        problem = problem or call_values_problem(scale, rotation, granularity)
+        signature = None
+        if problem is None:
+            signature = call_signature(q, k, v, _scale(q, scale), score_mod, granularity, rotation)
+        mask.agree_call(problem, signature, check_across_ranks)
     main_kernel = select_kernel(kernel, q)
     if rotation == "auto":  # from values the check above found equal on every rank
         rotation = choose_rotation(
             q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3], q.dtype, needs_grad(q, k, v)
         )
     plan = RingPlan(
-        comm=RingComm(process_group),
-        layout=chosen_layout,
+        mask=mask,
         kernel=main_kernel,
         masked_kernel=masked_kernel_for(main_kernel, score_mod is not None),
-        mask=spec,
-        scale=q.shape[-1] ** -0.5 if scale is None else float(scale),
+        scale=_scale(q, scale),
         rotation=rotation,
-        seq_q_local=q.shape[1],
-        seq_kv_local=k.shape[1],
-        granularity=Granularity() if granularity is None else granularity,
+        granularity=granularity,
+        score_mod=score_mod,
+        batch=q.shape[0],
+        heads=q.shape[2],
     )
     out, lse = RingAttentionFunction.apply(q, k, v, plan)
     return (out, lse) if return_lse else out
 
 
-def _mask_spec(q, k, causal, masks: MaskArgs, layout, group, world_size, tile_size) -> MaskSpec:
-    """Turn the user's mask arguments into global per-position tensors (one all-gather each
-    for per-shard ids and padding masks)."""
-    batch, seq_local, heads = q.shape[0], k.shape[1], q.shape[2]
-    total = seq_local * world_size
-    device = q.device
-    window = masks.window_sides
-    doc_ids = valid = None
-    real_len = masks.seq_len
-    if masks.cu_seqlens is not None:
-        bounds = masks.cu_seqlens.to(device=device, dtype=torch.long)
-        doc_ids = torch.searchsorted(bounds[1:], torch.arange(total, device=device), right=True)
-        doc_ids = doc_ids[None]
-        end = int(bounds[-1])
-        real_len = end if real_len is None else min(real_len, end)
-    if masks.document_ids is not None:
-        local_ids = masks.document_ids.to(device=device, dtype=torch.long)
-        # (seq,) and (batch, seq) may differ between ranks: gather the same (batch, seq) shape
-        local_ids = local_ids.reshape(-1, seq_local).expand(batch, -1)
-        doc_ids = gather_sequence(local_ids, layout, 1, group, world_size)
-    if masks.attention_mask is not None:
-        local_valid = masks.attention_mask.to(device=device).bool().to(torch.uint8)
-        valid = gather_sequence(local_valid, layout, 1, group, world_size).bool()
-    if real_len is not None and real_len < total:
-        in_range = (torch.arange(total, device=device) < real_len)[None]
-        valid = in_range if valid is None else valid & in_range
-    return MaskSpec(
-        causal=causal,
-        window=window,
-        doc_ids=doc_ids,
-        valid=valid,
-        mask_mod=masks.mask_mod,
-        score_mod=masks.score_mod,
-        batch=batch,
-        heads=heads,
-        tile_size=tile_size,
-        device=device,
-    )
+def _scale(q: torch.Tensor, scale: float | None) -> float:
+    return q.shape[-1] ** -0.5 if scale is None else float(scale)
+
+
+def _mask_problem_of_call(
+    mask: object, keywords: MaskArgs, layout: object, group: GroupLike
+) -> str | None:
+    """What is wrong with passing ``mask`` together with these keywords, or ``None``."""
+    if not isinstance(mask, RingMask):
+        return f"mask must be a ringattn.RingMask (see create_ring_mask), got {type(mask).__name__}"
+    given = [
+        name
+        for name, value in vars(keywords).items()
+        if name != "tile_size" and value is not (False if name == "causal" else None)
+    ]
+    if layout is not None and _layout_or_none(layout) != mask.layout:
+        given.append("layout")
+    if group is not None and resolve_group(group) is not mask.group:
+        given.append("group")
+    if given:
+        return (
+            "pass the masks either as a RingMask or as keywords, not both: got mask= and "
+            f"{', '.join(name + '=' for name in given)} (the mask already holds them)"
+        )
+    return None
+
+
+def _layout_or_none(layout: object) -> Layout | None:
+    try:
+        return get_layout(layout)
+    except ValueError:
+        return None
+
+
+def mask_for_call(
+    q, k, v, masks: MaskArgs, layout, group, scale, score_mod, granularity, rotation, across_ranks
+) -> RingMask:
+    """The :class:`RingMask` of a call that passes its masks as keywords, after one check of
+    the call and the mask together across ranks (the only collective besides the gathers of
+    per-token masks). The mask remembers the call as agreed: reused by calls with the same
+    signature (the other layers of a model), it costs no further check."""
+    process_group = resolve_group(group)
+    _, world_size = group_rank_and_size(process_group)
+    try:
+        chosen = get_layout("zigzag" if layout is None else layout)
+    except ValueError as exc:
+        chosen, problem = None, str(exc)
+    else:
+        problem = local_problem(q, k, v, chosen, world_size, process_group)
+    if problem is None:
+        problem = masks.problem(q.shape[0], q.shape[1], k.shape[1], world_size)
+    problem = problem or call_values_problem(scale, rotation, granularity)
+    call = mask_values = None
+    if problem is None:
+        call = call_signature(q, k, v, _scale(q, scale), score_mod, granularity, rotation)
+        shape = (q.shape[1] * world_size, k.shape[1] * world_size, q.shape[0], q.shape[2])
+        mask_values = mask_signature(masks, chosen, world_size, *shape)
+    agree_call(problem, call, mask_values, process_group, world_size, across_ranks, set())
+    mask = build_ring_mask(masks, chosen, process_group, *shape, q.device, mask_values)
+    mask.agreed_calls.add(call)
+    return mask
 
 
 def padded_length(seq_len: int, layout: LayoutName | Layout, world_size: int) -> int:
@@ -259,20 +307,6 @@ def unshard(
     checked_layout(chosen, world_size, local.shape[dim])
     full = local if world_size == 1 else _Unshard.apply(local, chosen, dim, process_group)
     return full if seq_len is None else full.narrow(dim, 0, seq_len)
-
-
-def gather_sequence(
-    local: torch.Tensor, layout: Layout, dim: int, group, world_size: int
-) -> torch.Tensor:
-    """All ranks' shards of ``local`` along ``dim``, put back in global order (no autograd)."""
-    if world_size == 1:
-        return local
-    sent = local.to(transfer_device(group, local.device)).contiguous()
-    parts = [torch.empty_like(sent) for _ in range(world_size)]
-    dist.all_gather(parts, sent, group=group)
-    stacked = torch.cat(parts, dim).to(local.device)
-    order = global_order(layout, world_size, stacked.shape[dim]).to(local.device)
-    return torch.empty_like(stacked).index_copy_(dim, order, stacked)
 
 
 class _Unshard(torch.autograd.Function):

@@ -1,8 +1,15 @@
 """Input validation that fails on every rank before any ring step can hang.
 
-Each rank first checks its own inputs. Then one small all-gather compares a numeric signature of
-the call across ranks (and carries a "this rank has a problem" flag), so a mistake on a single rank,
-or shards that differ between ranks, is raised everywhere with the same message.
+Each rank first checks its own inputs. Then one small all-gather compares a numeric signature
+across ranks (and carries a "this rank has a problem" flag), so a mistake on a single rank, or
+shards that differ between ranks, is raised everywhere with the same message.
+
+There are two signatures. The *mask signature* describes a :class:`ringattn.RingMask`: lengths,
+layout, causality, window, a hash of the global document boundaries, which per-token masks and
+mods exist. It is agreed once, when the mask is created. The *call signature* describes one
+``ring_attention`` call: shapes, dtype, scale, rotation, granularity and whether gradients flow —
+everything ``rotation="auto"`` depends on. A mask remembers the call signatures already agreed,
+so the layers of a model that share one cost a single check per batch, not one per layer.
 """
 
 from __future__ import annotations
@@ -16,13 +23,19 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .comm import backend_for
+from .comm import backend_for, host_timeout, wait_bounded
 from .engine import Granularity
-from .layout import LAYOUTS, Layout, get_layout, global_order, layout_problem
+from .layout import LAYOUTS, Layout, global_order, layout_problem
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# Signature fields compared across ranks, with the advice given when they differ.
-_FIELDS = (
+_ROTATIONS = ("kv", "q", "auto")
+_ABSENT = -2.0
+_UNBOUNDED = -1.0
+
+Fields = tuple[tuple[str, str], ...]
+"""Signature fields compared across ranks, with the advice given when they differ."""
+
+CALL_FIELDS: Fields = (
     ("batch", "every rank must pass the same batch size"),
     ("seq_local", "every rank must hold an equal shard of the sequence; use ringattn.shard"),
     ("heads_q", "every rank must pass the same number of query heads"),
@@ -31,19 +44,8 @@ _FIELDS = (
     ("heads_kv", "every rank must pass the same number of key/value heads"),
     ("dtype", "every rank must use the same dtype"),
     ("device_type", "every rank must use the same device type"),
-    ("causal", "every rank must pass the same causal flag"),
-    ("layout", "every rank must pass the same layout"),
     ("scale", "every rank must pass the same scale"),
-    ("window_left", "every rank must pass the same window"),
-    ("window_right", "every rank must pass the same window"),
-    ("documents", "every rank must pass the same kind of document description"),
-    ("cu_seqlens_end", "every rank must pass the same cu_seqlens"),
-    ("cu_seqlens", "every rank must pass the same cu_seqlens (global document boundaries)"),
-    ("attention_mask", "every rank must pass an attention_mask, or none"),
-    ("seq_len", "every rank must pass the same seq_len"),
-    ("mask_mod", "every rank must pass a mask_mod, or none"),
     ("score_mod", "every rank must pass a score_mod, or none"),
-    ("tile_size", "every rank must pass the same tile_size"),
     ("sub_blocks", "every rank must pass the same granularity"),
     ("min_tokens", "every rank must pass the same granularity"),
     ("rotation", "every rank must pass the same rotation"),
@@ -53,22 +55,41 @@ _FIELDS = (
         "mode): the backward pass and rotation='auto' involve every rank",
     ),
 )
-_ROTATIONS = ("kv", "q", "auto")
-_ABSENT = -2.0
-_UNBOUNDED = -1.0
+MASK_FIELDS: Fields = (
+    ("layout", "every rank must pass the same layout"),
+    ("q_len", "every rank must pass the same q_len"),
+    ("kv_len", "every rank must pass the same kv_len"),
+    ("batch", "every rank must pass the same batch size"),
+    ("heads", "every rank must pass the same heads"),
+    ("causal", "every rank must pass the same causal flag"),
+    ("window_left", "every rank must pass the same window"),
+    ("window_right", "every rank must pass the same window"),
+    ("documents", "every rank must pass the same kind of document description"),
+    ("cu_seqlens_end", "every rank must pass the same cu_seqlens"),
+    ("cu_seqlens", "every rank must pass the same cu_seqlens (global document boundaries)"),
+    ("attention_mask", "every rank must pass an attention_mask, or none"),
+    ("seq_len", "every rank must pass the same seq_len"),
+    ("mask_mod", "every rank must pass a mask_mod, or none"),
+    ("tile_size", "every rank must pass the same tile_size"),
+)
+
+
+class RingInputError(ValueError):
+    """Inputs to a ring call that cannot work, raised on every rank of the group."""
 
 
 @dataclass(frozen=True)
 class MaskArgs:
-    """The mask arguments of :func:`ringattn.ring_attention`, as the user passed them."""
+    """The mask arguments of :func:`ringattn.create_ring_mask`, as the user passed them."""
 
+    causal: object = False
     window: object = None
     cu_seqlens: object = None
     document_ids: object = None
     attention_mask: object = None
     seq_len: object = None
     mask_mod: object = None
-    score_mod: object = None
+    tile_size: object = 512
 
     @property
     def window_sides(self) -> tuple[object, object] | None:
@@ -78,10 +99,14 @@ class MaskArgs:
             return None
         return (window, 0) if isinstance(window, int) else tuple(window)
 
-    def problem(self, q: torch.Tensor, k: torch.Tensor, world_size: int) -> str | None:
-        """What is wrong with the mask arguments for this rank's ``q``/``k``, or ``None``."""
-        batch, seq_local = k.shape[0], k.shape[1]
-        total = seq_local * world_size
+    def problem(
+        self, batch: int | None, seq_q_local: int, seq_kv_local: int, world_size: int
+    ) -> str | None:
+        """What is wrong with the mask arguments for shards of ``seq_q_local`` queries and
+        ``seq_kv_local`` keys (``batch`` rows, ``None``: any), or ``None``."""
+        total = seq_kv_local * world_size
+        if not isinstance(self.causal, bool):
+            return f"causal must be a bool, got {self.causal!r}"
         window = self.window
         if window is not None:
             if (
@@ -101,41 +126,48 @@ class MaskArgs:
             if int(cu[-1]) > total:
                 return (
                     f"cu_seqlens ends at {int(cu[-1])} but the ranks hold only {total} tokens "
-                    f"({world_size} x {seq_local})"
+                    f"({world_size} x {seq_kv_local})"
                 )
+        rows = "batch" if batch is None else batch
         ids = self.document_ids
         if ids is not None and (
             not isinstance(ids, torch.Tensor)
             or ids.is_floating_point()
-            or tuple(ids.shape) not in ((seq_local,), (batch, seq_local))
+            or ids.shape[-1:] != (seq_kv_local,)
+            or ids.dim() not in (1, 2)
+            or (ids.dim() == 2 and batch is not None and ids.shape[0] != batch)
         ):
             shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
             return (
-                f"document_ids must be an integer tensor of shape ({seq_local},) or "
-                f"({batch}, {seq_local}) for this rank's shard, got {shape}"
+                f"document_ids must be an integer tensor of shape ({seq_kv_local},) or "
+                f"({rows}, {seq_kv_local}) for this rank's shard, got {shape}"
             )
         mask = self.attention_mask
         if mask is not None and (
-            not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (batch, seq_local)
+            not isinstance(mask, torch.Tensor)
+            or mask.dim() != 2
+            or mask.shape[1] != seq_kv_local
+            or (batch is not None and mask.shape[0] != batch)
         ):
             shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
             return (
-                f"attention_mask must have shape (batch, seq_local) = ({batch}, {seq_local}) "
+                f"attention_mask must have shape (batch, seq_local) = ({rows}, {seq_kv_local}) "
                 f"for this rank's shard, got {shape}"
             )
-        if self.seq_len is not None and q.shape[1] != k.shape[1]:
+        if self.seq_len is not None and seq_q_local != seq_kv_local:
             return "seq_len (padding) needs queries and keys of the same length"
         if self.seq_len is not None and (
             not isinstance(self.seq_len, int) or not 0 < self.seq_len <= total
         ):
             return f"seq_len must be an int in 1..{total} (the padded total), got {self.seq_len!r}"
-        for name in ("mask_mod", "score_mod"):
-            mod = getattr(self, name)
-            if mod is not None and not isinstance(mod, Callable):
-                return f"{name} must be callable, got {type(mod).__name__}"
+        if self.mask_mod is not None and not isinstance(self.mask_mod, Callable):
+            return f"mask_mod must be callable, got {type(self.mask_mod).__name__}"
+        if not isinstance(self.tile_size, int) or self.tile_size < 1:
+            return f"tile_size must be a positive int, got {self.tile_size!r}"
         return None
 
     def signature(self) -> list[float]:
+        """The fields of :data:`MASK_FIELDS` from ``causal`` on."""
         if self.window_sides is None:
             left = right = _ABSENT
         else:
@@ -146,6 +178,7 @@ class MaskArgs:
             1.0 if self.cu_seqlens is not None else 2.0 if self.document_ids is not None else 0.0
         )
         return [
+            float(self.causal),
             left,
             right,
             documents,
@@ -154,8 +187,28 @@ class MaskArgs:
             float(self.attention_mask is not None),
             float(self.seq_len) if self.seq_len is not None else _ABSENT,
             float(self.mask_mod is not None),
-            float(self.score_mod is not None),
+            float(self.tile_size),
         ]
+
+
+def mask_signature(
+    masks: MaskArgs,
+    layout: Layout,
+    world_size: int,
+    q_len: int,
+    kv_len: int,
+    batch: int | None,
+    heads: int | None,
+) -> list[float]:
+    """The values of :data:`MASK_FIELDS` for a mask (valid arguments only)."""
+    return [
+        _layout_fingerprint(layout, world_size, kv_len // world_size),
+        q_len,
+        kv_len,
+        _ABSENT if batch is None else batch,
+        _ABSENT if heads is None else heads,
+        *masks.signature(),
+    ]
 
 
 def _fingerprint(values: torch.Tensor, prefix: bytes = b"") -> float:
@@ -165,8 +218,14 @@ def _fingerprint(values: torch.Tensor, prefix: bytes = b"") -> float:
     return float(int.from_bytes(hashlib.blake2b(data, digest_size=6).digest(), "little"))
 
 
-class RingInputError(ValueError):
-    """Inputs to a ring call that cannot work, raised on every rank of the group."""
+@functools.lru_cache(maxsize=64)
+def _layout_fingerprint(layout: Layout, world_size: int, seq_local: int) -> float:
+    """Equal on two ranks when their layouts have the same name and, for layouts that are not
+    built in, put the same positions on every rank."""
+    if layout in LAYOUTS.values():
+        return _fingerprint(torch.empty(0, dtype=torch.long), layout.name.encode())
+    order = global_order(layout, world_size, seq_local * world_size)
+    return _fingerprint(order, layout.name.encode())
 
 
 def local_problem(
@@ -175,10 +234,9 @@ def local_problem(
     v: object,
     layout: Layout,
     world_size: int,
-    backend: str | None,
+    group: dist.ProcessGroup | None,
 ) -> str | None:
-    """What is wrong with this rank's inputs, or ``None``. ``backend`` is the group's backend for
-    the inputs' device (``None`` if it has none or there is no group, a world of one)."""
+    """What is wrong with this rank's ``q``, ``k``, ``v`` on their own, or ``None``."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             return f"{name} must be a torch.Tensor, got {type(t).__name__}"
@@ -210,7 +268,17 @@ def local_problem(
             f"q has {q.shape[1]} local tokens but k/v only {k.shape[1]}; queries are the last "
             "tokens of the key sequence, so there cannot be more of them"
         )
-    for name, length in (("q", q.shape[1]), ("k/v", k.shape[1])):
+    problem = lengths_problem(layout, world_size, q.shape[1], k.shape[1])
+    if problem is None and world_size > 1:
+        problem = _backend_problem(q.device.type, group)
+    return problem
+
+
+def lengths_problem(
+    layout: Layout, world_size: int, seq_q_local: int, seq_kv_local: int
+) -> str | None:
+    """What is wrong with shards of these local lengths under ``layout``, or ``None``."""
+    for name, length in (("q", seq_q_local), ("k/v", seq_kv_local)):
         multiple = layout.local_multiple(world_size)
         if length % multiple:
             return (
@@ -220,17 +288,31 @@ def local_problem(
         problem = layout_problem(layout, world_size, length)
         if problem:
             return problem
-    if world_size > 1:
-        device_type = q.device.type
-        if backend is None:
-            return f"the process group has no backend for {device_type} tensors"
-        if device_type == "cpu" and backend not in ("gloo", "mpi"):
-            return f"CPU tensors need a gloo process group, but the group's backend is {backend!r}"
-        if device_type == "cuda" and backend not in ("nccl", "gloo"):
-            return (
-                f"CUDA tensors need an NCCL (or gloo) process group, but the group's backend "
-                f"for CUDA is {backend!r}"
-            )
+    return None
+
+
+def _backend_problem(device_type: str, group: dist.ProcessGroup | None) -> str | None:
+    backend = backend_for(group, device_type) if group is not None else None
+    if backend is None:
+        return f"the process group has no backend for {device_type} tensors"
+    if device_type == "cpu" and backend not in ("gloo", "mpi"):
+        return f"CPU tensors need a gloo process group, but the group's backend is {backend!r}"
+    if device_type == "cuda" and backend not in ("nccl", "gloo"):
+        return (
+            f"CUDA tensors need an NCCL (or gloo) process group, but the group's backend "
+            f"for CUDA is {backend!r}"
+        )
+    return None
+
+
+def call_values_problem(scale: object, rotation: object, granularity: object) -> str | None:
+    """What is wrong with the non-tensor arguments of a call, or ``None``."""
+    if scale is not None and (not isinstance(scale, int | float) or scale != scale):
+        return f"scale must be a number, got {scale!r}"
+    if rotation not in _ROTATIONS:
+        return f"rotation must be one of {_ROTATIONS}, got {rotation!r}"
+    if not isinstance(granularity, Granularity):
+        return f"granularity must be a ringattn.Granularity, got {granularity!r}"
     return None
 
 
@@ -239,20 +321,17 @@ def needs_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
 
 
-@functools.lru_cache(maxsize=64)
-def _layout_fingerprint(layout: Layout, world_size: int, seq_local: int) -> float:
-    """Equal on two ranks when their layouts have the same name and, for layouts that are not
-    built in, put the same positions on every rank."""
-    if layout in LAYOUTS.values():
-        return _fingerprint(torch.empty(0, dtype=torch.long), layout.name.encode())
-    order = global_order(layout, world_size, seq_local * world_size)
-    return _fingerprint(order, layout.name.encode())
-
-
-def _signature(
-    q, k, v, causal, layout, scale, masks: MaskArgs, tile_size, granularity, rotation, world_size
-) -> list[float]:
-    return [
+def call_signature(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    score_mod: object,
+    granularity: Granularity,
+    rotation: str,
+) -> tuple[float, ...]:
+    """The values of :data:`CALL_FIELDS` for a call whose inputs have no local problem."""
+    return (
         q.shape[0],
         q.shape[1],
         q.shape[2],
@@ -261,16 +340,13 @@ def _signature(
         k.shape[2],
         _DTYPES.index(q.dtype),
         0 if q.device.type == "cpu" else 1,
-        float(causal),
-        _layout_fingerprint(layout, world_size, k.shape[1]),
         scale,
-        *masks.signature(),
-        tile_size,
+        float(score_mod is not None),
         granularity.sub_blocks,
         granularity.min_tokens,
-        rotation,
+        _ROTATIONS.index(rotation),
         float(needs_grad(q, k, v)),
-    ]
+    )
 
 
 def _collective_device(group: dist.ProcessGroup) -> torch.device:
@@ -282,85 +358,35 @@ def _collective_device(group: dist.ProcessGroup) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def check_inputs(
-    q: object,
-    k: object,
-    v: object,
-    *,
-    causal: bool,
-    layout: str | Layout,
-    scale: float | None,
-    group: dist.ProcessGroup | None,
+def agree(
+    caller: str,
+    problem: str | None,
+    fields: Fields,
+    signature: list[float] | tuple[float, ...],
+    group: dist.ProcessGroup,
     world_size: int,
-    masks: MaskArgs | None = None,
-    tile_size: int = 512,
-    granularity: Granularity | None = None,
-    rotation: str = "auto",
-    across_ranks: bool = True,
-) -> Layout:
-    """Raise :class:`RingInputError` on every rank if any rank's inputs cannot work together;
-    return the resolved layout."""
-    masks = masks or MaskArgs()
-    device_type = q.device.type if isinstance(q, torch.Tensor) else "cpu"
-    backend = backend_for(group, device_type) if group is not None else None
-    try:
-        layout = get_layout(layout)
-    except ValueError as exc:
-        problem = str(exc)
-        layout = LAYOUTS["contiguous"]
-    else:
-        problem = local_problem(q, k, v, layout, world_size, backend)
-    if problem is None and scale is None:
-        scale = q.shape[-1] ** -0.5
-    if problem is None and (not isinstance(scale, int | float) or scale != scale):
-        problem = f"scale must be a number, got {scale!r}"
-    if problem is None:
-        problem = masks.problem(q, k, world_size)
-    if problem is None and rotation not in _ROTATIONS:
-        problem = f"rotation must be one of {_ROTATIONS}, got {rotation!r}"
-    if problem is None and (not isinstance(tile_size, int) or tile_size < 1):
-        problem = f"tile_size must be a positive int, got {tile_size!r}"
-    granularity = Granularity() if granularity is None else granularity
-    if problem is None and not isinstance(granularity, Granularity):
-        problem = f"granularity must be a ringattn.Granularity, got {granularity!r}"
-    if world_size == 1 or not across_ranks:
-        if problem:
-            raise RingInputError(f"ring_attention: {problem}")
-        return layout
-    signature = (
-        [0.0] * len(_FIELDS)
-        if problem
-        else _signature(
-            q,
-            k,
-            v,
-            causal,
-            layout,
-            scale or 0.0,
-            masks,
-            tile_size,
-            granularity,
-            _ROTATIONS.index(rotation),
-            world_size,
-        )
-    )
-    local = torch.tensor([float(problem is not None), *signature], dtype=torch.float64)
+) -> None:
+    """Raise :class:`RingInputError` on every rank of ``group`` if any rank has a ``problem`` or
+    the ranks' ``signature`` s (values of ``fields``) differ; one all-gather, bounded by
+    ``RINGATTN_TIMEOUT`` on the host."""
+    values = [0.0] * len(fields) if problem else list(signature)
+    local = torch.tensor([float(problem is not None), *values], dtype=torch.float64)
     device = _collective_device(group)
     gathered = [torch.empty_like(local, device=device) for _ in range(world_size)]
-    dist.all_gather(gathered, local.to(device), group=group)
+    work = dist.all_gather(gathered, local.to(device), group=group, async_op=True)
+    wait_bounded(work, host_timeout(device), f"{caller}'s check across ranks")
     rows = torch.stack(gathered).cpu()
     if rows[:, 0].any():
         problems: list[str | None] = [None] * world_size
         dist.all_gather_object(problems, problem, group=group)
         listed = "; ".join(f"rank {r}: {p}" for r, p in enumerate(problems) if p)
-        raise RingInputError(f"ring_attention: invalid input on {listed}")
-    for i, (name, advice) in enumerate(_FIELDS, start=1):
-        values = rows[:, i]
-        if not torch.all(values == values[0]):
-            shown = [int(x) if float(x).is_integer() else float(x) for x in values.tolist()]
+        raise RingInputError(f"{caller}: invalid input on {listed}")
+    for i, (name, advice) in enumerate(fields, start=1):
+        column = rows[:, i]
+        if not torch.all(column == column[0]):
+            shown = [int(x) if float(x).is_integer() else float(x) for x in column.tolist()]
             if name == "dtype":
-                shown = [str(_DTYPES[int(x)]) for x in values.tolist()]
+                shown = [str(_DTYPES[int(x)]) for x in column.tolist()]
             raise RingInputError(
-                f"ring_attention: {name} differs between ranks {shown} (by rank); {advice}"
+                f"{caller}: {name} differs between ranks {shown} (by rank); {advice}"
             )
-    return layout

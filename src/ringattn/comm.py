@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Union
 import torch
 import torch.distributed as dist
 
+from .layout import Layout, global_order
 from .trace import current_trace
 
 if TYPE_CHECKING:
@@ -92,23 +93,53 @@ class PendingExchange:
     bytes_sent: int
 
     def wait(self) -> list[torch.Tensor]:
-        message = (
-            f"ring exchange did not complete within {self.timeout}; a peer is dead or stuck "
-            "(set RINGATTN_TIMEOUT in seconds to change the limit)"
-        )
         for work in self.works:
-            if self.timeout is None:
-                work.wait()
-                continue
-            try:
-                completed = work.wait(self.timeout)
-            except RuntimeError as exc:
-                if "timed out" in str(exc).lower() or "timeout" in str(exc).lower():
-                    raise TimeoutError(message) from exc
-                raise
-            if completed is False:
-                raise TimeoutError(message)
+            wait_bounded(work, self.timeout, "ring exchange")
         return [t.to(self.device) for t in self.received]
+
+
+def wait_bounded(work, timeout: timedelta | None, what: str) -> None:
+    """Wait for ``work`` (a posted send, receive or collective), raising :class:`TimeoutError`
+    after ``timeout`` (``None``: the process group's own limit, as NCCL enforces)."""
+    if timeout is None:
+        work.wait()
+        return
+    message = (
+        f"{what} did not complete within {timeout}; a peer is dead or stuck, or skipped the "
+        "call (set RINGATTN_TIMEOUT in seconds to change the limit)"
+    )
+    try:
+        completed = work.wait(timeout)
+    except RuntimeError as exc:
+        if "timed out" in str(exc).lower() or "timeout" in str(exc).lower():
+            raise TimeoutError(message) from exc
+        raise
+    if completed is False:
+        raise TimeoutError(message)
+
+
+def host_timeout(device: torch.device) -> timedelta | None:
+    """The bound on a wait for ``device`` tensors: :func:`default_timeout_s` for host (gloo)
+    transfers, ``None`` on GPUs, where NCCL's watchdog enforces the group's own timeout."""
+    return timedelta(seconds=default_timeout_s()) if device.type == "cpu" else None
+
+
+def gather_sequence(
+    local: torch.Tensor, layout: Layout, dim: int, group: dist.ProcessGroup | None, world_size: int
+) -> torch.Tensor:
+    """All ranks' shards of ``local`` along ``dim``, put back in global order (no autograd)."""
+    if world_size == 1:
+        return local
+    sent = local.to(transfer_device(group, local.device)).contiguous()
+    parts = [torch.empty_like(sent) for _ in range(world_size)]
+    wait_bounded(
+        dist.all_gather(parts, sent, group=group, async_op=True),
+        host_timeout(sent.device),
+        "gathering a per-token mask",
+    )
+    stacked = torch.cat(parts, dim).to(local.device)
+    order = global_order(layout, world_size, stacked.shape[dim]).to(local.device)
+    return torch.empty_like(stacked).index_copy_(dim, order, stacked)
 
 
 class RingComm:

@@ -28,19 +28,21 @@ final ``out`` and ``lse`` of its rows.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from .comm import RingComm
 from .kernels import AttentionKernel
-from .layout import Layout, Segment, SubBlock, segment_positions, sub_blocks
-from .masks import MaskSpec, Tile, bound_tiles, one_stride, plan_tiles
+from .layout import Segment, SubBlock, sub_blocks
+from .masks import ScoreMod, Tile, index_grids
 from .merge import accumulator_dtype, empty_partial, merge_partial
 from .trace import StepTimer, current_observers, observed_by
+
+if TYPE_CHECKING:
+    from .ring_mask import RingMask
 
 Rotation = Literal["kv", "q"]
 _TRAVEL_TAG, _RETURN_TAG = 0, 16
@@ -79,54 +81,42 @@ class Granularity:
         return max(1, -(-sum(s.length for s in segments) // self.count(segments)))
 
 
-@functools.lru_cache(maxsize=4096)
-def _causal_tiles(
-    q_segments: tuple[Segment, ...],
-    k_segments: tuple[Segment, ...],
-    causal: bool,
-    max_rows: int,
-    max_cols: int,
-) -> tuple[Tile, ...]:
-    return bound_tiles(plan_tiles(q_segments, k_segments, causal), max_rows, max_cols)
-
-
 @dataclass(frozen=True, eq=False)
 class RingPlan:
-    """Everything the engine needs besides the tensors.
+    """Everything the engine needs besides the tensors: the batch's :class:`~ringattn.RingMask`
+    (layout, lengths, the ring's communicator, tiles) and this call's choices.
 
     Queries are bottom-right aligned: the ``seq_q`` queries sit at global positions
     ``seq_kv - seq_q .. seq_kv - 1`` (offset 0 for self-attention). ``kernel`` runs unmasked and
-    causal tiles; ``masked_kernel`` runs tiles that need a dense mask or a ``score_mod``.
+    causal tiles; ``masked_kernel`` runs tiles that need a dense mask or a ``score_mod``, which
+    is called with ``b`` in ``range(batch)`` and ``h`` in ``range(heads)``.
     """
 
-    comm: RingComm
-    layout: Layout
+    mask: RingMask
     kernel: AttentionKernel
     masked_kernel: AttentionKernel
-    mask: MaskSpec
     scale: float
     rotation: Rotation
-    seq_q_local: int
-    seq_kv_local: int
     granularity: Granularity = Granularity()
-    _cache: dict = field(default_factory=dict)
+    score_mod: ScoreMod | None = None
+    batch: int = 1
+    heads: int = 1
 
     @property
-    def q_offset(self) -> int:
-        return (self.seq_kv_local - self.seq_q_local) * self.comm.world_size
+    def comm(self) -> RingComm:
+        return self.mask.comm
+
+    @property
+    def seq_q_local(self) -> int:
+        return self.mask.seq_q_local
+
+    @property
+    def seq_kv_local(self) -> int:
+        return self.mask.seq_kv_local
 
     def source(self, step: int) -> int:
         """The rank whose travelling block this rank holds at ``step``."""
         return (self.comm.rank - step) % self.comm.world_size
-
-    def _segments(self, rank: int, queries: bool) -> tuple[Segment, ...]:
-        world = self.comm.world_size
-        if not queries:
-            return self.layout.segments(rank, world, self.seq_kv_local)
-        return tuple(
-            Segment(s.start + self.q_offset, s.stride, s.length)
-            for s in self.layout.segments(rank, world, self.seq_q_local)
-        )
 
     @property
     def _pipelined(self) -> bool:
@@ -135,7 +125,7 @@ class RingPlan:
         return self.comm.world_size > 1
 
     def _sub_blocks(self, rank: int, queries: bool) -> tuple[SubBlock, ...]:
-        segments = self._segments(rank, queries)
+        segments = self.mask.segments(rank, queries)
         count = self.granularity.count(segments) if self._pipelined else 1
         return sub_blocks(segments, count)
 
@@ -143,52 +133,46 @@ class RingPlan:
         """Most rows (``queries``) or columns of a whole shard in one kernel call."""
         if not self._pipelined:
             return self.seq_q_local if queries else self.seq_kv_local
-        return self.granularity.band(self._segments(self.comm.rank, queries))
+        return self.granularity.band(self.mask.segments(self.comm.rank, queries))
 
     @property
     def travel_blocks(self) -> tuple[SubBlock, ...]:
         """Sub-blocks of this rank's travelling block; every rank cuts at the same indices."""
         return self._sub_blocks(self.comm.rank, self.rotation == "q")
 
-    def part_segments(self, part: Part, queries: bool) -> tuple[Segment, ...]:
+    def _block(self, part: Part, queries: bool) -> SubBlock | None:
         rank, sub = part
-        if sub is None:
-            return self._segments(rank, queries)
-        return self._sub_blocks(rank, queries)[sub].segments
+        return None if sub is None else self._sub_blocks(rank, queries)[sub]
 
     def _positions(self, part: Part, queries: bool, device: torch.device) -> torch.Tensor:
-        key = ("pos", part, queries)
-        if key not in self._cache:
-            self._cache[key] = segment_positions(self.part_segments(part, queries)).to(device)
-        return self._cache[key]
+        block = self._block(part, queries)
+        segments = block.segments if block else self.mask.segments(part[0], queries)
+        return self.mask.positions(segments, device)
 
     def tiles(self, q_part: Part, k_part: Part) -> tuple[Tile, ...]:
-        """Tiles of ``q_part``'s queries against ``k_part``'s keys (planned once per call); a
-        whole shard is cut into bands of :meth:`Granularity.band` tokens."""
-        q_segments = self.part_segments(q_part, True)
-        k_segments = self.part_segments(k_part, False)
+        """Tiles of ``q_part``'s queries against ``k_part``'s keys (planned once per mask); a
+        whole shard is cut into bands of :meth:`Granularity.band` tokens, and tiles under a
+        ``score_mod`` (which our dense kernel computes) into ``tile_size`` squares."""
         max_rows = self.band(queries=True) if q_part[1] is None else self.seq_q_local
         max_cols = self.band(queries=False) if k_part[1] is None else self.seq_kv_local
-        if self.mask.only_causal and (not self.mask.causal or one_stride(q_segments, k_segments)):
-            return _causal_tiles(q_segments, k_segments, self.mask.causal, max_rows, max_cols)
-        key = ("tiles", q_part, k_part)
-        if key not in self._cache:
-            planned = self.mask.plan(q_segments, k_segments)
-            self._cache[key] = bound_tiles(planned, max_rows, max_cols)
-        return self._cache[key]
+        if self.score_mod is not None:
+            max_rows = min(max_rows, self.mask.spec.tile_size)
+            max_cols = min(max_cols, self.mask.spec.tile_size)
+        q_block, k_block = self._block(q_part, True), self._block(k_part, False)
+        return self.mask.tiles(q_part[0], q_block, k_part[0], k_block, max_rows, max_cols)
 
     def tile_args(self, tile: Tile, q_part: Part, k_part: Part, device: torch.device) -> dict:
         """Keyword arguments of the kernel call for ``tile`` (mask and score_mod, if any)."""
         args = {"causal": tile.causal, "scale": self.scale}
-        if not tile.masked and self.mask.score_mod is None:
+        if not tile.masked and self.score_mod is None:
             return args
         q_pos = self._positions(q_part, True, device)[tile.q_start : tile.q_end]
         k_pos = self._positions(k_part, False, device)[tile.k_start : tile.k_end]
         if tile.masked:
-            args["mask"] = self.mask.dense(q_pos, k_pos)
-        if self.mask.score_mod is not None:
-            grids = self.mask.index_grids(q_pos, k_pos, device)
-            score_mod = self.mask.score_mod
+            args["mask"] = self.mask.spec.dense(q_pos, k_pos)
+        if self.score_mod is not None:
+            grids = index_grids(self.batch, self.heads, q_pos, k_pos, device)
+            score_mod = self.score_mod
 
             def score_fn(scores: torch.Tensor) -> torch.Tensor:
                 return score_mod(scores, *grids)
@@ -210,7 +194,7 @@ class RingPlan:
         return whole if tiles[0] == whole else None
 
     def kernel_for(self, tile: Tile) -> AttentionKernel:
-        return self.masked_kernel if tile.masked or self.mask.score_mod is not None else self.kernel
+        return self.masked_kernel if tile.masked or self.score_mod is not None else self.kernel
 
 
 def _gather(t: torch.Tensor, block: SubBlock, dim: int) -> torch.Tensor:

@@ -136,6 +136,19 @@ def plan_tiles(
     return tuple(_coalesce(tiles))
 
 
+@functools.lru_cache(maxsize=4096)
+def bounded_causal_tiles(
+    q_segments: tuple[Segment, ...],
+    k_segments: tuple[Segment, ...],
+    causal: bool,
+    max_rows: int,
+    max_cols: int,
+) -> tuple[Tile, ...]:
+    """:func:`plan_tiles` cut by :func:`bound_tiles` into tiles of at most
+    ``max_rows x max_cols``."""
+    return bound_tiles(plan_tiles(q_segments, k_segments, causal), max_rows, max_cols)
+
+
 def _split_rows(tile: Tile, rows: int) -> list[Tile]:
     """``tile`` cut into row bands of at most ``rows``. A band ``[a, b)`` of a causal square sees
     the square's columns before ``a`` in full and is itself a causal square on ``[a, b)``."""
@@ -180,6 +193,49 @@ def bound_tiles(tiles: tuple[Tile, ...], max_rows: int, max_cols: int) -> tuple[
     )
 
 
+def clip_tiles(
+    tiles: tuple[Tile, ...],
+    q_pieces: tuple[tuple[int, int], ...],
+    k_pieces: tuple[tuple[int, int], ...],
+) -> tuple[Tile, ...]:
+    """The part of ``tiles`` (local indices of whole shards) that falls on the rows ``q_pieces``
+    and the columns ``k_pieces`` (``[start, stop)`` ranges, concatenated in order, as a
+    :class:`~ringattn.layout.SubBlock` lists them), in the indices of that part.
+
+    A causal square clipped to a rectangle is the shifted causal mask ``j <= i + shift`` of
+    :func:`split_shifted_causal`, so clipping keeps every tile exact without a dense mask.
+    """
+    q_offsets = _piece_offsets(q_pieces)
+    k_offsets = _piece_offsets(k_pieces)
+    clipped = []
+    for tile in tiles:
+        for (q_lo, q_hi), q_at in zip(q_pieces, q_offsets, strict=True):
+            r0, r1 = max(tile.q_start, q_lo), min(tile.q_end, q_hi)
+            if r0 >= r1:
+                continue
+            for (k_lo, k_hi), k_at in zip(k_pieces, k_offsets, strict=True):
+                c0, c1 = max(tile.k_start, k_lo), min(tile.k_end, k_hi)
+                if c0 >= c1:
+                    continue
+                row, col = r0 - q_lo + q_at, c0 - k_lo + k_at
+                if not tile.causal:
+                    clipped.append(Tile(row, row + r1 - r0, col, col + c1 - c0, masked=tile.masked))
+                    continue
+                shift = (r0 - tile.q_start) - (c0 - tile.k_start)
+                for t in split_shifted_causal(r1 - r0, c1 - c0, shift):
+                    rows, cols = (t.q_start + row, t.q_end + row), (t.k_start + col, t.k_end + col)
+                    clipped.append(Tile(*rows, *cols, t.causal))
+    return tuple(clipped)
+
+
+def _piece_offsets(pieces: tuple[tuple[int, int], ...]) -> list[int]:
+    offsets, at = [], 0
+    for start, stop in pieces:
+        offsets.append(at)
+        at += stop - start
+    return offsets
+
+
 def one_stride(*segment_groups: tuple[Segment, ...]) -> bool:
     """Whether every segment has the same stride: then causal tiling is pure arithmetic
     (:func:`plan_tiles`); otherwise :meth:`MaskSpec.plan` classifies tile by tile."""
@@ -210,6 +266,20 @@ ScoreMod = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor
 ]
 _EMPTY, _FULL, _PARTIAL = 0, 1, 2
+_MASK_MOD_ELEMENTS = 1 << 22  # (query, key) pairs per mask_mod call while tiles are classified
+
+
+def index_grids(
+    batch: int, heads: int, q_pos: torch.Tensor, k_pos: torch.Tensor, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Broadcastable ``(b, h, q_idx, kv_idx)`` index tensors of shape ``(B,1,1,1)``,
+    ``(1,H,1,1)``, ``(1,1,Q,1)``, ``(1,1,1,K)`` for ``mask_mod`` / ``score_mod``."""
+    return (
+        torch.arange(batch, device=device)[:, None, None, None],
+        torch.arange(heads, device=device)[None, :, None, None],
+        q_pos.to(device)[None, None, :, None],
+        k_pos.to(device)[None, None, None, :],
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -226,8 +296,8 @@ class MaskSpec:
             nothing and a padding key is seen by nobody.
         mask_mod: FlexAttention-style ``mask_mod(b, h, q_idx, kv_idx) -> bool``, called with
             broadcastable index tensors.
-        score_mod: FlexAttention-style ``score_mod(score, b, h, q_idx, kv_idx) -> score``.
-        batch, heads: sizes for the ``b`` and ``h`` indices given to ``mask_mod``/``score_mod``.
+        batch, heads: sizes of the ``b`` and ``h`` indices given to ``mask_mod`` (1: it must not
+            depend on that index).
         tile_size: tokens per tile side when tiles are classified.
         device: where ``mask_mod`` is evaluated while tiles are classified (the inputs' device,
             so a ``mask_mod`` may index tensors that live there).
@@ -238,7 +308,6 @@ class MaskSpec:
     doc_ids: torch.Tensor | None = None
     valid: torch.Tensor | None = None
     mask_mod: MaskMod | None = None
-    score_mod: ScoreMod | None = None
     batch: int = 1
     heads: int = 1
     tile_size: int = 512
@@ -252,7 +321,6 @@ class MaskSpec:
             and self.doc_ids is None
             and self.valid is None
             and self.mask_mod is None
-            and self.score_mod is None
         )
 
     def dense(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
@@ -278,18 +346,8 @@ class MaskSpec:
             allowed = allowed & self._mask_mod_dense(q_pos, k_pos)
         return allowed
 
-    def index_grids(self, q_pos: torch.Tensor, k_pos: torch.Tensor, device: torch.device):
-        """Broadcastable ``(b, h, q_idx, kv_idx)`` index tensors of shape ``(B,1,1,1)``,
-        ``(1,H,1,1)``, ``(1,1,Q,1)``, ``(1,1,1,K)`` for ``mask_mod`` / ``score_mod``."""
-        return (
-            torch.arange(self.batch, device=device)[:, None, None, None],
-            torch.arange(self.heads, device=device)[None, :, None, None],
-            q_pos.to(device)[None, None, :, None],
-            k_pos.to(device)[None, None, None, :],
-        )
-
     def _mask_mod_dense(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-        b, h, q, k = self.index_grids(q_pos, k_pos, q_pos.device)
+        b, h, q, k = index_grids(self.batch, self.heads, q_pos, k_pos, q_pos.device)
         out = torch.as_tensor(self.mask_mod(b, h, q, k), dtype=torch.bool, device=q_pos.device)
         return out.expand(-1 if out.shape[0] > 1 else 1, -1, len(q_pos), len(k_pos))
 
@@ -333,17 +391,31 @@ class MaskSpec:
                 full_rows = q_all[:, :, None] & k_all[:, None, :]
             _combine(state, empty_rows.all(0), full_rows.all(0))
         if self.mask_mod is not None:
-            for i, qb in enumerate(q_blocks):
-                q_pos = segment_positions((qb,)).to(self.device)
-                for j, kb in enumerate(k_blocks):
-                    if state[i, j] == _EMPTY:
-                        continue
-                    dense = self._mask_mod_dense(q_pos, segment_positions((kb,)).to(self.device))
-                    if not dense.any():
-                        state[i, j] = _EMPTY
-                    elif not dense.all():
-                        state[i, j] = _PARTIAL
+            _combine(state, *self._mask_mod_states(q_blocks, k_blocks))
         return state
+
+    def _mask_mod_states(
+        self, q_blocks: list[Segment], k_blocks: list[Segment]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per (query block, key block): whether ``mask_mod`` hides every pair, and whether it
+        shows every pair. It is evaluated for a query block against many key blocks at once on
+        :attr:`device`; the counts reach the host in one copy at the end."""
+        k_pos = segment_positions(k_blocks).to(self.device)
+        lengths = torch.tensor([b.length for b in k_blocks])
+        block_of = torch.repeat_interleave(torch.arange(len(k_blocks)), lengths).to(self.device)
+        visible = torch.zeros(len(q_blocks), len(k_blocks), dtype=torch.long, device=self.device)
+        possible = torch.zeros_like(visible)
+        for i, block in enumerate(q_blocks):
+            q_pos = segment_positions((block,)).to(self.device)
+            columns = max(1, _MASK_MOD_ELEMENTS // block.length)
+            for first in range(0, len(k_pos), columns):
+                dense = self._mask_mod_dense(q_pos, k_pos[first : first + columns])
+                seen = dense.sum((0, 1, 2))
+                owner = block_of[first : first + columns]
+                visible[i].index_add_(0, owner, seen)
+                possible[i].index_add_(0, owner, torch.full_like(seen, dense[..., 0].numel()))
+        visible, possible = visible.cpu(), possible.cpu()
+        return visible == 0, visible == possible
 
     def plan(
         self, q_segments: tuple[Segment, ...], k_segments: tuple[Segment, ...]
@@ -372,8 +444,7 @@ class MaskSpec:
                     )
             else:
                 tiles.append(Tile(q0, q0 + qb.length, k0, k0 + kb.length))
-        # score_mod runs on our own dense kernel: keep its tiles at tile_size.
-        return tuple(tiles if self.score_mod is not None else _coalesce(tiles))
+        return tuple(_coalesce(tiles))
 
 
 def _combine(state: torch.Tensor, empty: torch.Tensor, full: torch.Tensor) -> None:

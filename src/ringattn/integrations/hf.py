@@ -51,10 +51,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import ringattn
+from ringattn.api import mask_for_call
+from ringattn.checks import MaskArgs
 from ringattn.comm import GroupLike, group_rank_and_size, resolve_group
+from ringattn.engine import Granularity
 from ringattn.layout import Layout, LayoutName
 
 __all__ = [
+    "ForwardMasks",
     "cp_loss",
     "generate_greedy",
     "make_attention_function",
@@ -67,39 +71,47 @@ __all__ = [
 IGNORE_INDEX = -100
 
 
-def _any_rank_false(flag: bool, device: torch.device, group: GroupLike) -> bool:
-    """True if ``flag`` is False on at least one rank of ``group`` (one tiny all-reduce)."""
-    process_group = resolve_group(group)
-    _, world_size = group_rank_and_size(process_group)
-    if world_size == 1:
-        return not flag
-    value = torch.tensor([0 if flag else 1], dtype=torch.int32, device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=process_group)
-    return bool(value.item())
+class ForwardMasks:
+    """What the mask function hands every attention layer of one forward pass: this rank's 2-D
+    padding mask, and the :class:`ringattn.RingMask` s planned from it — one per kind of
+    attention layer (causality, sliding window, packed documents), built by the first layer of
+    that kind with one check across ranks (plus one all-gather of the padding mask) and reused
+    by the others at no cost."""
+
+    def __init__(self, padding: torch.Tensor | None):
+        self.padding = padding
+        self._planned: list[tuple[tuple, torch.Tensor | None, ringattn.RingMask]] = []
+
+    def find(self, kind: tuple, cu_seqlens: torch.Tensor | None) -> ringattn.RingMask | None:
+        """The mask planned for layers of ``kind`` with these documents, if any."""
+        for known, documents, mask in self._planned:
+            if known == kind and documents is cu_seqlens:
+                return mask
+        return None
+
+    def remember(
+        self, kind: tuple, cu_seqlens: torch.Tensor | None, mask: ringattn.RingMask
+    ) -> None:
+        self._planned.append((kind, cu_seqlens, mask))
 
 
-def make_mask_function(group: GroupLike = None) -> Callable[..., torch.Tensor | None]:
-    """A mask function for ``transformers``' ``AttentionMaskInterface`` that builds no mask.
+def make_mask_function() -> Callable[..., ForwardMasks | torch.Tensor]:
+    """A mask function for ``transformers``' ``AttentionMaskInterface`` that builds no dense mask.
 
-    It returns the 2-D boolean padding mask ``(batch, seq_local)`` of this rank's shard unchanged
-    (the attention function gives it to :func:`ringattn.ring_attention` as ``attention_mask``), or
-    ``None`` when no rank of ``group`` has a padding token — decided collectively, so every rank
-    takes the same (mask-free or masked) path through the ring. Causality, sliding windows and
-    softcapping are applied by the attention function; any other ``mask_function`` pattern (e.g.
-    image-token overlays) is not supported.
+    It returns a :class:`ForwardMasks` holding the 2-D padding mask ``(batch, seq_local)`` of
+    this rank's shard (or ``None``); the attention function plans a :class:`ringattn.RingMask`
+    from it once per forward and kind of layer. Causality, sliding windows and softcapping come
+    from the layers; any other ``mask_function`` pattern (e.g. image-token overlays) is not
+    supported.
     """
 
     def ring_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any):
         # transformers calls mask functions with keyword arguments only, and their names changed
         # between versions (cache_position in 4.53, q_length/q_offset in 5.x): only the 2-D
         # padding mask matters here.
-        if attention_mask is None:
-            return None
-        if attention_mask.dim() != 2:
+        if attention_mask is not None and attention_mask.dim() != 2:
             return attention_mask  # the attention function rejects it with a clear error
-        if not _any_rank_false(bool(attention_mask.all()), attention_mask.device, group):
-            return None
-        return attention_mask
+        return ForwardMasks(attention_mask)
 
     return ring_mask
 
@@ -202,31 +214,38 @@ def make_attention_function(
                 f"{query.shape[2]} queries and {key.shape[2]} keys): a KV cache with past tokens "
                 "is not supported; call the model with use_cache=False"
             )
-        if attention_mask is not None and attention_mask.dim() != 2:
+        planned = attention_mask if isinstance(attention_mask, ForwardMasks) else None
+        padding = planned.padding if planned is not None else attention_mask
+        if padding is not None and padding.dim() != 2:
             raise ValueError(
                 "ring attention takes only a 2-D padding mask (batch, seq_local) of this rank's "
-                f"shard, got a {attention_mask.dim()}-D mask of shape "
-                f"{tuple(attention_mask.shape)}; pass a 2-D attention_mask to the model"
+                f"shard, got a {padding.dim()}-D mask of shape "
+                f"{tuple(padding.shape)}; pass a 2-D attention_mask to the model"
             )
         cu_seqlens = _packed_cu_seqlens(kwargs)
         is_causal = kwargs.get("is_causal")
         if is_causal is None:
             is_causal = getattr(module, "is_causal", True)
         is_causal = bool(is_causal)
+        window = _window(module, kwargs, is_causal)
         softcap = kwargs.get("softcap")
-        out = ringattn.ring_attention(
-            query.transpose(1, 2),
-            key.transpose(1, 2),
-            value.transpose(1, 2),
-            causal=is_causal,
-            layout=layout,
-            group=group,
-            scale=scaling,
-            window=_window(module, kwargs, is_causal),
-            attention_mask=None if attention_mask is None else attention_mask.bool(),
-            cu_seqlens=cu_seqlens,
-            score_mod=None if softcap is None else ringattn.softcap(float(softcap)),
-        )
+        score_mod = None if softcap is None else ringattn.softcap(float(softcap))
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+        kind = (is_causal, window)
+        mask = None if planned is None else planned.find(kind, cu_seqlens)
+        if mask is None:
+            keywords = MaskArgs(
+                causal=is_causal,
+                window=window,
+                cu_seqlens=cu_seqlens,
+                attention_mask=None if padding is None else padding.bool(),
+            )
+            mask = mask_for_call(
+                q, k, v, keywords, layout, group, scaling, score_mod, Granularity(), "auto", True
+            )
+            if planned is not None:
+                planned.remember(kind, cu_seqlens, mask)
+        out = ringattn.ring_attention(q, k, v, mask=mask, scale=scaling, score_mod=score_mod)
         return out, None
 
     return ring_attention_forward
@@ -249,7 +268,7 @@ def register(
     from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(name, make_attention_function(layout=layout, group=group))
-    AttentionMaskInterface.register(name, make_mask_function(group=group))
+    AttentionMaskInterface.register(name, make_mask_function())
     return name
 
 
