@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ringattn-installed
 
-.PHONY: demo test test-slow test-all test-cuda lint bench clean
+.PHONY: demo test test-slow test-all test-cuda fuzz lint bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ test-slow: $(STAMP)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# 10,000 random valid and 10,000 invalid cases against float64 (CI runs a fixed-seed few).
+fuzz: $(STAMP)
+	RINGATTN_FUZZ_EXAMPLES=$${RINGATTN_FUZZ_EXAMPLES:-10000} $(BIN)/python -m pytest tests/test_fuzz.py -q -s --hypothesis-show-statistics
 
 # On a GPU machine: `make TORCH_SPEC=torch test-cuda` (or scripts/device-check.sh without a venv).
 test-cuda: $(STAMP)

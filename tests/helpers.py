@@ -54,26 +54,30 @@ def random_qkv(batch, seq, heads_q, heads_kv, dim, seed, dtype=torch.float64):
     return q, k, v, dout
 
 
-def index_grids(batch: int, heads: int, seq_q: int, seq_k: int):
-    """FlexAttention-style broadcastable (b, h, q_idx, kv_idx) index tensors."""
+def index_grids(batch: int, heads: int, seq_q: int, seq_k: int, q_offset: int = 0):
+    """FlexAttention-style broadcastable (b, h, q_idx, kv_idx) index tensors; queries sit at
+    ``q_offset ..`` (the last ``seq_q`` key positions when ``q_offset = seq_k - seq_q``)."""
     return (
         torch.arange(batch)[:, None, None, None],
         torch.arange(heads)[None, :, None, None],
-        torch.arange(seq_q)[None, None, :, None],
+        torch.arange(q_offset, q_offset + seq_q)[None, None, :, None],
         torch.arange(seq_k)[None, None, None, :],
     )
 
 
 def masked_reference(q, k, v, allowed: torch.Tensor, score_mod=None):
     """Dense float64 attention with a boolean ``allowed`` mask broadcastable to
-    ``(batch, heads, seq, seq)`` and an optional FlexAttention ``score_mod``. Rows that see no
-    key give zero output and ``lse = -inf``. Returns (out, lse), autograd-enabled."""
+    ``(batch, heads, seq_q, seq_k)`` and an optional FlexAttention ``score_mod`` (queries are the
+    last ``seq_q`` key positions). Rows that see no key give zero output and ``lse = -inf``.
+    Returns (out, lse), autograd-enabled."""
     groups = q.shape[2] // k.shape[2]
     k = k.repeat_interleave(groups, dim=2)
     v = v.repeat_interleave(groups, dim=2)
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * q.shape[-1] ** -0.5
     if score_mod is not None:
-        scores = score_mod(scores, *index_grids(q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
+        offset = k.shape[1] - q.shape[1]
+        grids = index_grids(q.shape[0], q.shape[2], q.shape[1], k.shape[1], offset)
+        scores = score_mod(scores, *grids)
     scores = scores.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse.masked_fill(torch.isinf(lse), 0.0).unsqueeze(-1))

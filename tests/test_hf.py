@@ -18,7 +18,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import torch.distributed as dist  # noqa: E402
-from helpers import counting  # noqa: E402
+from helpers import counting, reference_attention  # noqa: E402
 
 import ringattn  # noqa: E402
 from ringattn.integrations import hf  # noqa: E402
@@ -209,6 +209,19 @@ def test_shard_batch_shifts_globally_and_pads():
     loss = hf.cp_loss(logits, out["labels"])
     ref = torch.nn.functional.cross_entropy(logits[0], out["labels"][0], ignore_index=-100)
     torch.testing.assert_close(loss, ref)
+
+
+def test_forward_masks_serve_layers_of_different_shapes():
+    """Layers of one forward may differ in head count: the planned mask serves them all."""
+    attn = hf.make_attention_function()
+    planned = hf.ForwardMasks(torch.ones(1, 8, dtype=torch.bool))
+    for heads in (4, 8, 2):
+        q = torch.randn(1, heads, 8, 16)
+        k, v = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)
+        out, _ = attn(torch.nn.Module(), q, k, v, planned)
+        ref, _ = reference_attention(*(t.transpose(1, 2) for t in (q, k, v)), True)
+        torch.testing.assert_close(out, ref.float())
+    assert len(planned._planned) == 1
 
 
 def test_rejects_dense_masks_and_caches():

@@ -221,10 +221,12 @@ def mask_for_call(
     call = mask_values = None
     if problem is None:
         call = call_signature(q, k, v, _scale(q, scale), score_mod, granularity, rotation)
-        shape = (q.shape[1] * world_size, k.shape[1] * world_size, q.shape[0], q.shape[2])
+        # heads matter only to a mask_mod: without one the mask serves any head count
+        heads = q.shape[2] if masks.mask_mod is not None else None
+        shape = (q.shape[1] * world_size, k.shape[1] * world_size, q.shape[0], heads, q.device)
         mask_values = mask_signature(masks, chosen, world_size, *shape)
     agree_call(problem, call, mask_values, process_group, world_size, across_ranks, set())
-    mask = build_ring_mask(masks, chosen, process_group, *shape, q.device, mask_values)
+    mask = build_ring_mask(masks, chosen, process_group, *shape, mask_values)
     mask.agreed_calls.add(call)
     return mask
 

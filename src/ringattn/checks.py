@@ -71,6 +71,7 @@ MASK_FIELDS: Fields = (
     ("seq_len", "every rank must pass the same seq_len"),
     ("mask_mod", "every rank must pass a mask_mod, or none"),
     ("tile_size", "every rank must pass the same tile_size"),
+    ("device_type", "every rank must build its mask on the same device type"),
 )
 
 
@@ -199,6 +200,7 @@ def mask_signature(
     kv_len: int,
     batch: int | None,
     heads: int | None,
+    device: torch.device,
 ) -> list[float]:
     """The values of :data:`MASK_FIELDS` for a mask (valid arguments only)."""
     return [
@@ -208,6 +210,7 @@ def mask_signature(
         _ABSENT if batch is None else batch,
         _ABSENT if heads is None else heads,
         *masks.signature(),
+        0 if device.type == "cpu" else 1,
     ]
 
 
@@ -270,7 +273,7 @@ def local_problem(
         )
     problem = lengths_problem(layout, world_size, q.shape[1], k.shape[1])
     if problem is None and world_size > 1:
-        problem = _backend_problem(q.device.type, group)
+        problem = backend_problem(q.device.type, group)
     return problem
 
 
@@ -291,7 +294,8 @@ def lengths_problem(
     return None
 
 
-def _backend_problem(device_type: str, group: dist.ProcessGroup | None) -> str | None:
+def backend_problem(device_type: str, group: dist.ProcessGroup | None) -> str | None:
+    """What keeps ``group`` from moving ``device_type`` tensors, or ``None``."""
     backend = backend_for(group, device_type) if group is not None else None
     if backend is None:
         return f"the process group has no backend for {device_type} tensors"
@@ -358,33 +362,52 @@ def _collective_device(group: dist.ProcessGroup) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
+_CALLERS = ("ring_attention", "create_ring_mask")
+
+
 def agree(
     caller: str,
     problem: str | None,
     fields: Fields,
-    signature: list[float] | tuple[float, ...],
+    signature: list[float] | tuple[float, ...] | None,
     group: dist.ProcessGroup,
     world_size: int,
 ) -> None:
     """Raise :class:`RingInputError` on every rank of ``group`` if any rank has a ``problem`` or
     the ranks' ``signature`` s (values of ``fields``) differ; one all-gather, bounded by
-    ``RINGATTN_TIMEOUT`` on the host."""
+    ``RINGATTN_TIMEOUT`` on the host.
+
+    Every check gathers the same number of values, tagged with its ``caller``, so ranks that
+    are in different checks (one creating a mask, another calling ``ring_attention``) learn it
+    from each other instead of mismatching the collective."""
+    width = len(CALL_FIELDS) + len(MASK_FIELDS)
     values = [0.0] * len(fields) if problem else list(signature)
-    local = torch.tensor([float(problem is not None), *values], dtype=torch.float64)
+    values += [0.0] * (width - len(values))
+    tag = float(_CALLERS.index(caller))
+    local = torch.tensor([float(problem is not None), tag, *values], dtype=torch.float64)
     device = _collective_device(group)
     gathered = [torch.empty_like(local, device=device) for _ in range(world_size)]
     work = dist.all_gather(gathered, local.to(device), group=group, async_op=True)
     wait_bounded(work, host_timeout(device), f"{caller}'s check across ranks")
     rows = torch.stack(gathered).cpu()
+    callers = [_CALLERS[int(x)] for x in rows[:, 1].tolist()]
+    if len(set(callers)) > 1:
+        raise RingInputError(
+            f"ringattn: the ranks are in different calls {callers} (by rank); every rank of the "
+            "group must call create_ring_mask and ring_attention together, in the same order"
+        )
     if rows[:, 0].any():
         problems: list[str | None] = [None] * world_size
         dist.all_gather_object(problems, problem, group=group)
         listed = "; ".join(f"rank {r}: {p}" for r, p in enumerate(problems) if p)
         raise RingInputError(f"{caller}: invalid input on {listed}")
-    for i, (name, advice) in enumerate(fields, start=1):
+    for i, (name, advice) in enumerate(fields, start=2):
         column = rows[:, i]
         if not torch.all(column == column[0]):
-            shown = [int(x) if float(x).is_integer() else float(x) for x in column.tolist()]
+            shown = [
+                None if x == _ABSENT else int(x) if float(x).is_integer() else float(x)
+                for x in column.tolist()
+            ]
             if name == "dtype":
                 shown = [str(_DTYPES[int(x)]) for x in column.tolist()]
             raise RingInputError(

@@ -146,9 +146,10 @@ class RingComm:
     """Sends to the next rank and receives from the previous one in ``group``."""
 
     def __init__(self, group: dist.ProcessGroup | None, timeout_s: float | None = None):
+        """``timeout_s``: how long a wait may take; default ``RINGATTN_TIMEOUT`` at the time."""
         self.group = group
         self.rank, self.world_size = group_rank_and_size(group)
-        self.timeout_s = default_timeout_s() if timeout_s is None else timeout_s
+        self._timeout_s = timeout_s
         self._staging: dict[torch.device, torch.device] = {}  # transfer_device, per device
         if self.world_size > 1:
             self.next_peer = dist.get_global_rank(group, (self.rank + 1) % self.world_size)
@@ -174,5 +175,6 @@ class RingComm:
             trace.bytes_sent += sent
         # NCCL enforces the process group's own timeout (its watchdog aborts the communicator).
         on_cpu = staging.type == "cpu"
-        timeout = timedelta(seconds=self.timeout_s) if on_cpu else None
+        seconds = default_timeout_s() if self._timeout_s is None else self._timeout_s
+        timeout = timedelta(seconds=seconds) if on_cpu else None
         return PendingExchange(works, received, timeout, device, sent)

@@ -99,7 +99,7 @@ def _join_runs(tiles: list[Tile], rows_fixed: bool) -> list[Tile]:
     return joined
 
 
-def _coalesce(tiles: list[Tile]) -> list[Tile]:
+def coalesce(tiles: list[Tile]) -> list[Tile]:
     """Join fully visible tiles that share rows (or columns) and touch, so kernels run bigger."""
     special = [t for t in tiles if t.causal or t.masked]
     full = [t for t in tiles if not (t.causal or t.masked)]
@@ -133,7 +133,7 @@ def plan_tiles(
                 )
             k_offset += k_seg.length
         q_offset += q_seg.length
-    return tuple(_coalesce(tiles))
+    return tuple(coalesce(tiles))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -266,7 +266,7 @@ ScoreMod = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor
 ]
 _EMPTY, _FULL, _PARTIAL = 0, 1, 2
-_MASK_MOD_ELEMENTS = 1 << 22  # (query, key) pairs per mask_mod call while tiles are classified
+_MASK_MOD_ELEMENTS = 1 << 24  # mask_mod values (batch x heads x queries x keys) per call
 
 
 def index_grids(
@@ -391,31 +391,37 @@ class MaskSpec:
                 full_rows = q_all[:, :, None] & k_all[:, None, :]
             _combine(state, empty_rows.all(0), full_rows.all(0))
         if self.mask_mod is not None:
-            _combine(state, *self._mask_mod_states(q_blocks, k_blocks))
+            if self.causal:  # pairs causality hides need no mask_mod call
+                state[q_hi < k_lo] = _EMPTY
+            _combine(state, *self._mask_mod_states(q_blocks, k_blocks, state != _EMPTY))
         return state
 
     def _mask_mod_states(
-        self, q_blocks: list[Segment], k_blocks: list[Segment]
+        self, q_blocks: list[Segment], k_blocks: list[Segment], pending: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per (query block, key block): whether ``mask_mod`` hides every pair, and whether it
-        shows every pair. It is evaluated for a query block against many key blocks at once on
-        :attr:`device`; the counts reach the host in one copy at the end."""
-        k_pos = segment_positions(k_blocks).to(self.device)
+        shows every pair, evaluated where ``pending`` (a CPU bool matrix) is set. A query
+        block is evaluated against many key blocks at once on :attr:`device`, at most
+        :data:`_MASK_MOD_ELEMENTS` values per call; the counts reach the host in one copy."""
         lengths = torch.tensor([b.length for b in k_blocks])
-        block_of = torch.repeat_interleave(torch.arange(len(k_blocks)), lengths).to(self.device)
         visible = torch.zeros(len(q_blocks), len(k_blocks), dtype=torch.long, device=self.device)
         possible = torch.zeros_like(visible)
         for i, block in enumerate(q_blocks):
+            wanted = pending[i].nonzero().flatten()
+            if not len(wanted):
+                continue
+            columns = segment_positions([k_blocks[j] for j in wanted.tolist()]).to(self.device)
+            owner = torch.repeat_interleave(wanted, lengths[wanted]).to(self.device)
             q_pos = segment_positions((block,)).to(self.device)
-            columns = max(1, _MASK_MOD_ELEMENTS // block.length)
-            for first in range(0, len(k_pos), columns):
-                dense = self._mask_mod_dense(q_pos, k_pos[first : first + columns])
+            step = max(1, _MASK_MOD_ELEMENTS // (block.length * self.batch * self.heads))
+            for first in range(0, len(columns), step):
+                dense = self._mask_mod_dense(q_pos, columns[first : first + step])
                 seen = dense.sum((0, 1, 2))
-                owner = block_of[first : first + columns]
-                visible[i].index_add_(0, owner, seen)
-                possible[i].index_add_(0, owner, torch.full_like(seen, dense[..., 0].numel()))
+                part = owner[first : first + step]
+                visible[i].index_add_(0, part, seen)
+                possible[i].index_add_(0, part, torch.full_like(seen, dense[..., 0].numel()))
         visible, possible = visible.cpu(), possible.cpu()
-        return visible == 0, visible == possible
+        return pending & (visible == 0), ~pending | (visible == possible)
 
     def plan(
         self, q_segments: tuple[Segment, ...], k_segments: tuple[Segment, ...]
@@ -444,7 +450,7 @@ class MaskSpec:
                     )
             else:
                 tiles.append(Tile(q0, q0 + qb.length, k0, k0 + kb.length))
-        return tuple(_coalesce(tiles))
+        return tuple(coalesce(tiles))
 
 
 def _combine(state: torch.Tensor, empty: torch.Tensor, full: torch.Tensor) -> None:

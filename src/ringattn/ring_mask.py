@@ -22,6 +22,7 @@ from .checks import (
     MaskArgs,
     RingInputError,
     agree,
+    backend_problem,
     lengths_problem,
     mask_signature,
 )
@@ -34,6 +35,7 @@ from .masks import (
     bound_tiles,
     bounded_causal_tiles,
     clip_tiles,
+    coalesce,
     one_stride,
 )
 
@@ -154,7 +156,7 @@ class RingMask:
             q_pieces = q_block.pieces if q_block else ((0, self.seq_q_local),)
             k_pieces = k_block.pieces if k_block else ((0, self.seq_kv_local),)
             clipped = clip_tiles(self.pair_tiles(q_rank, k_rank), q_pieces, k_pieces)
-            found = bound_tiles(clipped, max_rows, max_cols)
+            found = bound_tiles(coalesce(clipped), max_rows, max_cols)
         self._tiles[key] = found
         return found
 
@@ -184,7 +186,7 @@ class RingMask:
             return f"q has {q.shape[2]} heads but the RingMask was built for heads={self.heads}"
         spec = self.spec
         holds_data = spec.doc_ids is not None or spec.valid is not None or spec.mask_mod
-        if holds_data and torch.device(spec.device) != q.device:
+        if holds_data and spec.device != q.device:
             return (
                 f"q is on {q.device} but the RingMask's masks are on {spec.device}; pass "
                 "device= to create_ring_mask"
@@ -294,27 +296,39 @@ def create_ring_mask(
     for t in (attention_mask, document_ids):
         if batch is None and isinstance(t, torch.Tensor) and t.dim() == 2:
             batch = t.shape[0]
+    if device is None:
+        tensors = (attention_mask, document_ids, cu_seqlens)
+        device = next((t.device for t in tensors if isinstance(t, torch.Tensor)), "cpu")
     try:
         chosen = get_layout(layout)
-    except ValueError as exc:
+        where = resolved_device(device)
+    except (ValueError, RuntimeError) as exc:
         chosen, problem = None, str(exc)
     else:
         problem = _mask_problem(masks, chosen, world_size, q_len, kv_len, batch, heads)
+        if problem is None and world_size > 1:
+            problem = backend_problem(where.type, process_group)
     signature = None
     if problem is None:
-        signature = mask_signature(masks, chosen, world_size, q_len, kv_len, batch, heads)
+        shape = (q_len, kv_len, batch, heads, where)
+        signature = mask_signature(masks, chosen, world_size, *shape)
     if world_size > 1 and check_across_ranks:
         agree("create_ring_mask", problem, MASK_FIELDS, signature, process_group, world_size)
     elif problem:
         raise RingInputError(f"create_ring_mask: {problem}")
-    if device is None:
-        tensors = (attention_mask, document_ids, cu_seqlens)
-        device = next((t.device for t in tensors if isinstance(t, torch.Tensor)), "cpu")
     mask = build_ring_mask(
-        masks, chosen, process_group, q_len, kv_len, batch, heads, torch.device(device), signature
+        masks, chosen, process_group, q_len, kv_len, batch, heads, where, signature
     )
     mask.classify()
     return mask
+
+
+def resolved_device(device: torch.device | str) -> torch.device:
+    """``device`` with its index: ``"cuda"`` is the current GPU, as a tensor's device says."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _mask_problem(
@@ -366,7 +380,7 @@ def build_ring_mask(
         real_len = end if real_len is None else min(real_len, end)
     if masks.document_ids is not None:
         local_ids = masks.document_ids.to(device=device, dtype=torch.long)
-        # (seq,) and (batch, seq) may differ between ranks: gather the same (batch, seq) shape
+        # (seq,) ids serve every row: gather the same (batch, seq) shape on every rank
         local_ids = local_ids.reshape(-1, seq_local).expand(batch or 1, -1)
         doc_ids = gather_sequence(local_ids, layout, 1, group, world_size)
     if masks.attention_mask is not None:

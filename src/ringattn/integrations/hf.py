@@ -231,7 +231,7 @@ def make_attention_function(
         softcap = kwargs.get("softcap")
         score_mod = None if softcap is None else ringattn.softcap(float(softcap))
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-        kind = (is_causal, window)
+        kind = (is_causal, window, q.device)
         mask = None if planned is None else planned.find(kind, cu_seqlens)
         if mask is None:
             keywords = MaskArgs(
