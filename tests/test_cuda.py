@@ -1,9 +1,10 @@
 """The CUDA path.
 
-Everywhere (CI included): each CUDA kernel runs its aten ops on the ``meta`` device, which checks
-argument order, the ``(batch, seq, heads, dim)`` <-> ``(batch, heads, seq, dim)`` plumbing, GQA
-folding and log-sum-exp shapes without a GPU; and the backend routing that lets ranks share a GPU
-over gloo is checked on real gloo groups.
+Everywhere (CI included): each CUDA kernel runs with its fused aten op replaced by float64 math on
+the CPU that keeps the op's signature and layouts, and must return exact attention, log-sum-exp and
+gradients — which checks argument order, the ``(batch, seq, heads, dim)`` <-> ``(batch, heads,
+seq, dim)`` plumbing, GQA and the log-sum-exp layout each op hands back, without a GPU; and the
+backend routing that lets ranks share a GPU over gloo is checked on real gloo groups.
 
 With a GPU (marker ``cuda``; ``make test-cuda`` or ``scripts/device-check.sh``): every CUDA kernel
 against an fp64 reference, then the same exactness jobs the CPU suite runs (all layouts, masks,
@@ -20,7 +21,7 @@ import test_ring_exact
 import test_rotation
 import torch
 import torch.distributed as dist
-from helpers import assert_close
+from helpers import assert_close, reference_attention
 
 import ringattn
 from ringattn.comm import backend_for, transfer_device
@@ -37,26 +38,120 @@ def _fresh(name: str):
     return type(KERNELS[name])()
 
 
+def _math_attention(q, k, v, causal, scale):
+    """Attention in the ops' ``(batch, heads, seq, dim)`` layout; fewer KV heads are grouped
+    (query head ``h`` reads KV head ``h // group``); causal is top-left, as the fused ops do."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    if causal:
+        hidden = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).triu(1)
+        scores = scores.masked_fill(hidden, float("-inf"))
+    lse = torch.logsumexp(scores, -1)
+    return torch.softmax(scores, -1) @ v, lse
+
+
+def _math_grads(dout, q, k, v, causal, scale):
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    with torch.enable_grad():
+        out, _ = _math_attention(*leaves, causal, scale)
+        return torch.autograd.grad(out, leaves, dout)
+
+
+class _FakeOps:
+    """Stand-ins for the fused aten ops with their documented signatures and layouts, computed
+    in float64 math on the CPU; each records what it was given, so the kernels' plumbing
+    (transposes, GQA, scale, causality, the log-sum-exp layout each op returns and takes back)
+    is checked against attention itself, without a GPU."""
+
+    def __init__(self):
+        self.calls = []
+
+    def flash(self, q, k, v, dropout, causal, debug, *, scale):
+        self.calls.append(("flash", q.shape, k.shape, causal, scale))
+        out, lse = _math_attention(q, k, v, causal, scale)
+        return out, lse, None, None, q.shape[2], k.shape[2], "rng", "unused", None
+
+    def flash_backward(self, dout, q, k, v, out, lse, cq, ck, mq, mk, p, causal, rng, u, *, scale):
+        assert (rng, u, mq, mk) == ("rng", "unused", q.shape[2], k.shape[2])
+        assert lse.shape == q.shape[:3]
+        return _math_grads(dout, q, k, v, causal, scale)
+
+    def efficient(self, q, k, v, bias, compute_lse, dropout, causal, *, scale):
+        self.calls.append(("efficient", q.shape, k.shape, causal, scale))
+        out, lse = _math_attention(q, k, v, causal, scale)
+        padded = torch.nn.functional.pad(lse, (0, -lse.shape[-1] % 32), value=float("nan"))
+        return out, padded, "seed", "offset"
+
+    def efficient_backward(
+        self, dout, q, k, v, bias, out, lse, seed, offset, p, mask, causal, *, scale
+    ):
+        assert (seed, offset) == ("seed", "offset") and lse.shape[-1] % 32 == 0
+        return (*_math_grads(dout, q, k, v, causal, scale), None)
+
+    def cudnn(self, q, k, v, bias, compute_lse, dropout, causal, debug, *, scale):
+        self.calls.append(("cudnn", q.shape, k.shape, causal, scale))
+        out, lse = _math_attention(q, k, v, causal, scale)
+        return out, lse[..., None], None, None, q.shape[2], k.shape[2], "seed", "offset", None
+
+    def cudnn_backward(
+        self, dout, q, k, v, out, lse, seed, offset, bias, cq, ck, mq, mk, p, causal, *, scale
+    ):
+        assert lse.shape == (*q.shape[:3], 1)
+        return _math_grads(dout, q, k, v, causal, scale)
+
+
+@pytest.fixture
+def fake_ops(monkeypatch):
+    ops = _FakeOps()
+    names = {
+        "_scaled_dot_product_flash_attention": ops.flash,
+        "_scaled_dot_product_flash_attention_backward": ops.flash_backward,
+        "_scaled_dot_product_efficient_attention": ops.efficient,
+        "_scaled_dot_product_efficient_attention_backward": ops.efficient_backward,
+        "_scaled_dot_product_cudnn_attention": ops.cudnn,
+        "_scaled_dot_product_cudnn_attention_backward": ops.cudnn_backward,
+    }
+    for name, fake in names.items():
+        monkeypatch.setattr(torch.ops.aten, name, fake)
+    return ops
+
+
 @pytest.mark.parametrize("name", CUDA_KERNELS)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_kernel_contract_on_meta(name, causal):
-    batch, heads_q, heads_kv, dim = 2, 8, 2, 64
-    seq_q, seq_k = (40, 40) if causal else (40, 24)
-    dtype, scale = torch.bfloat16, 0.125
+def test_kernel_plumbing_against_attention(fake_ops, name, causal):
+    """Each CUDA kernel, its fused op replaced by float64 math on the CPU with the op's own
+    layout, returns exact attention, log-sum-exp and gradients for strided (batch, seq, heads,
+    dim) slices with GQA, also when its backward runs before any forward."""
+    batch, heads_q, heads_kv, dim = 2, 6, 2, 8
+    seq_q, seq_k = (7, 7) if causal else (5, 9)
+    scale = 0.3
 
-    def strided(seq, heads):  # a slice along the sequence, as the engine passes tiles
-        return torch.empty(batch, seq + 5, heads, dim, device="meta", dtype=dtype)[:, 3 : 3 + seq]
+    def strided(seq, heads, seed):  # a slice along the sequence, as the engine passes tiles
+        gen = torch.Generator().manual_seed(seed)
+        full = torch.randn(batch, seq + 5, heads, dim, generator=gen, dtype=torch.float64)
+        return full[:, 3 : 3 + seq]
 
-    q, dout = strided(seq_q, heads_q), strided(seq_q, heads_q)
-    k, v = strided(seq_k, heads_kv), strided(seq_k, heads_kv)
+    q, dout = strided(seq_q, heads_q, 0), strided(seq_q, heads_q, 1)
+    k, v = strided(seq_k, heads_kv, 2), strided(seq_k, heads_kv, 3)
+    full = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref_out, ref_lse = reference_attention(*full, causal, scale)
+    ref_grads = torch.autograd.grad(ref_out, full, dout)
     kernel = _fresh(name)
     out, lse = kernel.forward(q, k, v, causal=causal, scale=scale)
-    assert out.shape == q.shape and out.dtype == dtype
-    assert lse.shape == (batch, heads_q, seq_q) and lse.dtype == torch.float32
+    assert_close(f"{name} out", out, ref_out, 1e-12)
+    assert_close(f"{name} lse", lse, ref_lse, 1e-12)
+    op, q_shape, k_shape, op_causal, op_scale = fake_ops.calls[-1]
+    assert name.endswith(op) and (op_causal, op_scale) == (causal, scale)
+    native_gqa = name == "cuda_flash"
+    assert q_shape == (batch, heads_q, seq_q, dim)
+    assert k_shape == (batch, heads_kv if native_gqa else heads_q, seq_k, dim)
     for backward_first in (False, True):  # a backward before any forward makes its own state
         kernel = _fresh(name) if backward_first else kernel
-        dq, dk, dv = kernel.backward(dout, q, k, v, out, lse, causal=causal, scale=scale)
-        assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+        grads = kernel.backward(dout, q, k, v, out, lse, causal=causal, scale=scale)
+        for got, ref, label in zip(grads, ref_grads, ("dq", "dk", "dv"), strict=True):
+            assert got.shape == ref.shape, f"{name} {label}: {got.shape}"
+            assert_close(f"{name} {label}", got, ref, 1e-12)
 
 
 @pytest.mark.parametrize("name", CUDA_KERNELS)

@@ -7,6 +7,7 @@ import torch
 from helpers import assert_close, masked_reference
 
 import ringattn
+import ringattn.inference
 from ringattn.inference import KVCache
 
 TOL = 1e-5
@@ -16,7 +17,9 @@ def _rand(gen, *shape):
     return torch.randn(*shape, generator=gen, dtype=torch.float64)
 
 
-def _decode_job(rank, world, layout, steps, chunk, device="cpu"):
+def _decode_job(rank, world, layout, steps, chunk, device="cpu", tile=None):
+    if tile is not None:  # extend in tiles of tile x tile pairs, or one query x tile**2 keys
+        ringattn.inference.EXTEND_TILE = tile
     batch, heads_q, heads_kv, dim = 2, 4, 2, 16
     prompt_len = 10 * world  # padded prompt, divisible by every layout
     lengths = torch.tensor([prompt_len, prompt_len - 7])  # uneven sequences
@@ -70,6 +73,21 @@ def test_prefill_then_50_decode_steps(pools, world):
 @pytest.mark.parametrize("layout", ["contiguous", "striped"])
 def test_chunked_extend_other_layouts(pools, layout):
     pools(3).run(_decode_job, layout, 4, 5)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_long_chunks_extend_in_bounded_tiles(pools, world):
+    """Chunks of 7 new tokens against a cache attended 3 queries x 3 keys per kernel call."""
+    pool = pools(world)
+    try:
+        pool.run(_decode_job, "zigzag", 3, 7, "cpu", 3)
+        pool.run(_decode_job, "zigzag", 4, 1, "cpu", 2)  # decode: 1 query x 4 keys per call
+    finally:
+        pool.run(_restore_extend_tile)
+
+
+def _restore_extend_tile(rank, world):
+    ringattn.inference.EXTEND_TILE = 1024
 
 
 def _merge_job(rank, world):

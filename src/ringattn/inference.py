@@ -22,7 +22,7 @@ from .api import ring_attention
 from .comm import GroupLike, group_rank_and_size, resolve_group
 from .kernels import masked_kernel_for, select_kernel
 from .layout import LayoutName
-from .merge import accumulator_dtype, empty_partial
+from .merge import empty_partial, merge_partial
 
 _EMPTY_SLOT = -1
 
@@ -163,22 +163,56 @@ class KVCache:
             cache.append(row, k[row, mine], v[row, mine], q_pos[row, mine].to(cache.pos.device))
         self.lengths[layer] = start + new
         used = int(cache.filled.max())
-        keys_pos = cache.pos[:, :used]
-        visible = (keys_pos[:, None, :] >= 0) & (
-            keys_pos[:, None, :] <= q_pos.to(keys_pos.device)[:, :, None]
+        q_pos = q_pos.to(cache.pos.device)
+        out, lse = _cached_attention(
+            q, cache.k[:, :used], cache.v[:, :used], cache.pos[:, :used], q_pos
         )
-        visible = visible[:, None]  # (batch, 1, new, used)
-        out, lse = self._local_attention(q, cache.k[:, :used], cache.v[:, :used], visible)
         return merge_across_ranks(out, lse, self.group).to(q.dtype)
 
-    @staticmethod
-    def _local_attention(q, k, v, visible):
-        kernel = masked_kernel_for(select_kernel("auto", q), needs_score_mod=False)
-        if k.shape[1] == 0:
-            return empty_partial(q)
-        out, lse = kernel.forward(q, k, v, causal=False, scale=q.shape[-1] ** -0.5, mask=visible)
-        lse = lse.to(accumulator_dtype(q.dtype)).masked_fill(~visible.any(-1), float("-inf"))
-        return out.to(lse.dtype), lse
+
+EXTEND_TILE = 1024
+""":meth:`KVCache.extend` attends at most ``EXTEND_TILE ** 2`` (query, key) pairs per kernel
+call: ``EXTEND_TILE`` queries against as many keys, or a single decode query against up to a
+million. A call whose keys are not all visible builds a boolean mask of that many pairs per
+sequence and, on a kernel without mask support (the reference kernel), float32 scores per
+sequence and head: 4 MiB each."""
+
+
+def _cached_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    keys_pos: torch.Tensor,
+    q_pos: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of ``q`` ``(batch, new, heads_q, head_dim)`` at global positions
+    ``q_pos`` ``(batch, new)`` over this rank's cached ``k``/``v`` ``(batch, used, heads_kv,
+    head_dim)`` at ``keys_pos`` ``(batch, used)`` (``-1``: empty slot), in tiles of at most
+    ``EXTEND_TILE ** 2`` pairs. Returns ``(out, lse)`` in the accumulator dtype."""
+    out, lse = empty_partial(q)
+    new, used = q.shape[1], k.shape[1]
+    main = select_kernel("auto", q)
+    masked = masked_kernel_for(main, needs_score_mod=False)
+    rows_per_call = min(new, EXTEND_TILE)
+    cols_per_call = max(EXTEND_TILE, EXTEND_TILE**2 // max(rows_per_call, 1))
+    scale = q.shape[-1] ** -0.5
+    for q0 in range(0, new, rows_per_call):
+        rows = slice(q0, min(new, q0 + rows_per_call))
+        for k0 in range(0, used, cols_per_call):
+            cols = slice(k0, min(used, k0 + cols_per_call))
+            slots = keys_pos[:, None, cols]
+            visible = (slots >= 0) & (slots <= q_pos[:, rows, None])  # (batch, rows, cols)
+            if not visible.any():
+                continue
+            args = (q[:, rows], k[:, cols], v[:, cols])
+            if visible.all():
+                out_t, lse_t = main.forward(*args, causal=False, scale=scale)
+            else:
+                mask = visible[:, None]
+                out_t, lse_t = masked.forward(*args, causal=False, scale=scale, mask=mask)
+                lse_t = lse_t.masked_fill(~mask.any(-1), float("-inf"))
+            merge_partial(out[:, rows], lse[:, :, rows], out_t, lse_t)
+    return out, lse
 
 
 def merge_across_ranks(
