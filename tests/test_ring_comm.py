@@ -208,6 +208,48 @@ def test_dead_peer_times_out(pools):
     assert 1.5 <= elapsed <= 10
 
 
+def _stalled_peer_job(rank, world, where):
+    """Rank 1 stays alive but never makes the call; rank 0 must raise within the timeout."""
+    if rank == 1:
+        time.sleep(6)
+        return None
+    previous = os.environ.get("RINGATTN_TIMEOUT")
+    os.environ["RINGATTN_TIMEOUT"] = "2"
+    q, k, v, _ = random_qkv(1, 4, 2, 1, 8, seed=0)
+    start = time.monotonic()
+    try:
+        if where == "check":
+            ringattn.ring_attention(q, k, v, causal=True)
+        elif where == "create_ring_mask":
+            ringattn.create_ring_mask(8, causal=True)
+        elif where == "decode":
+            ringattn.merge_across_ranks(q.float(), torch.zeros(1, 2, 4))
+        else:
+            ringattn.unshard(q.requires_grad_()).sum().backward()
+    except Exception as exc:  # reported to the test
+        return type(exc).__name__, str(exc), time.monotonic() - start
+    finally:
+        if previous is None:
+            del os.environ["RINGATTN_TIMEOUT"]
+        else:
+            os.environ["RINGATTN_TIMEOUT"] = previous
+    return None, "", time.monotonic() - start
+
+
+@pytest.mark.parametrize("where", ["check", "create_ring_mask", "decode", "unshard"])
+def test_a_stalled_peer_ends_in_a_timeout(pools, where):
+    """Every collective the package issues is bounded by RINGATTN_TIMEOUT, not only the ring's
+    transfers: the check across ranks, the gathers, the KV cache's merge, unshard."""
+    try:
+        results = pools(2).run(_stalled_peer_job, where, timeout=60)
+    finally:
+        pools(2).close()  # rank 0 left an operation pending: the next test gets a fresh group
+    type_name, message, elapsed = results[0]
+    assert type_name == "TimeoutError", message
+    assert "did not complete within 0:00:02" in message and "destroy it" in message
+    assert 1.5 <= elapsed <= 10
+
+
 def _strided_kv_job(rank, world):
     """k and v as transposed views of (batch, heads, seq, dim) buffers, a common layout."""
     q, k, v, dout = random_qkv(1, SEQ_LOCAL * world, 4, 2, 8, seed=4)

@@ -11,6 +11,7 @@ pos = ringattn.positions(seq_len, layout="zigzag")            # global positions
 
 from .api import padded_length, positions, ring_attention, shard, unshard
 from .checks import RingInputError
+from .comm import RingPeerError
 from .engine import Granularity
 from .inference import KVCache, merge_across_ranks
 from .kernels import KERNELS, AttentionKernel
@@ -33,6 +34,7 @@ __all__ = [
     "MaskSpec",
     "RingInputError",
     "RingMask",
+    "RingPeerError",
     "RingProgress",
     "RingTrace",
     "Segment",

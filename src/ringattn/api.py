@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 
 from .checks import (
     MaskArgs,
@@ -15,7 +14,13 @@ from .checks import (
     mask_signature,
     needs_grad,
 )
-from .comm import GroupLike, gather_sequence, group_rank_and_size, resolve_group
+from .comm import (
+    GroupLike,
+    all_reduce_bounded,
+    gather_sequence,
+    group_rank_and_size,
+    resolve_group,
+)
 from .engine import Granularity, RingAttentionFunction, RingPlan
 from .kernels import AttentionKernel, masked_kernel_for, select_kernel
 from .layout import Layout, LayoutName, checked_layout, get_layout
@@ -322,7 +327,7 @@ class _Unshard(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_full):
         grad_full = grad_full.clone(memory_format=torch.contiguous_format)  # reduced in place
-        dist.all_reduce(grad_full, group=ctx.group)
+        all_reduce_bounded(grad_full, ctx.group, "summing unshard's gradients")
         seq_local = grad_full.shape[ctx.dim] // ctx.world_size
         index = ctx.layout.positions(ctx.rank, ctx.world_size, seq_local).to(grad_full.device)
         return grad_full.index_select(ctx.dim, index), None, None, None

@@ -8,6 +8,7 @@ compute. Waits are bounded by a timeout so a dead peer ends in an error, not a h
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -98,24 +99,51 @@ class PendingExchange:
         return [t.to(self.device) for t in self.received]
 
 
+class RingPeerError(RuntimeError):
+    """A transfer or collective failed because a peer died or closed its connection."""
+
+
 def wait_bounded(work, timeout: timedelta | None, what: str) -> None:
-    """Wait for ``work`` (a posted send, receive or collective), raising :class:`TimeoutError`
-    after ``timeout`` (``None``: the process group's own limit, as NCCL enforces)."""
+    """Wait for ``work`` (a posted send, receive or collective).
+
+    Raises :class:`TimeoutError` when it has not completed after ``timeout`` (``None``: the
+    process group's own limit, as NCCL enforces) — told by the time waited, not by the
+    backend's message — and :class:`RingPeerError` when the backend reports a failure before
+    that (a peer's process died and gloo saw its connection close).
+    """
     if timeout is None:
         work.wait()
         return
     message = (
         f"{what} did not complete within {timeout}; a peer is dead or stuck, or skipped the "
-        "call (set RINGATTN_TIMEOUT in seconds to change the limit)"
+        "call (set RINGATTN_TIMEOUT in seconds to change the limit). The process group now "
+        "holds posted operations that will never complete: destroy it and start again (under "
+        "torchrun, let the job fail so that elastic restarts it)"
     )
+    started = time.monotonic()
     try:
         completed = work.wait(timeout)
     except RuntimeError as exc:
-        if "timed out" in str(exc).lower() or "timeout" in str(exc).lower():
+        waited = time.monotonic() - started
+        if waited >= 0.9 * timeout.total_seconds():  # gloo fails a timed-out wait alike
             raise TimeoutError(message) from exc
-        raise
+        raise RingPeerError(
+            f"{what} failed after {waited:.1f} s: a peer died or closed its connection "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
     if completed is False:
         raise TimeoutError(message)
+
+
+def all_reduce_bounded(
+    tensor: torch.Tensor,
+    group: dist.ProcessGroup | None,
+    what: str,
+    op: dist.ReduceOp = dist.ReduceOp.SUM,
+) -> None:
+    """``dist.all_reduce`` in place, bounded by :func:`wait_bounded`."""
+    work = dist.all_reduce(tensor, op=op, group=group, async_op=True)
+    wait_bounded(work, host_timeout(tensor.device), what)
 
 
 def host_timeout(device: torch.device) -> timedelta | None:

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from .api import positions as layout_positions
 from .api import ring_attention
-from .comm import GroupLike, group_rank_and_size, resolve_group
+from .comm import GroupLike, all_reduce_bounded, group_rank_and_size, resolve_group
 from .kernels import masked_kernel_for, select_kernel
 from .layout import LayoutName
 from .merge import empty_partial, merge_partial
@@ -234,12 +234,12 @@ def merge_across_ranks(
     if world_size == 1:
         return (out, lse) if return_lse else out
     top = lse.clone()
-    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=process_group)
+    all_reduce_bounded(top, process_group, "merging the ranks' attention", dist.ReduceOp.MAX)
     reference = top.masked_fill(torch.isinf(top), 0.0)
     weight = torch.exp(lse - reference)  # 0 for ranks that saw nothing
     weighted = out * weight.transpose(1, 2).unsqueeze(-1)
     packed = torch.cat([weighted.flatten(), weight.flatten()])
-    dist.all_reduce(packed, group=process_group)
+    all_reduce_bounded(packed, process_group, "merging the ranks' attention")
     numerator = packed[: weighted.numel()].view_as(weighted)
     total = packed[weighted.numel() :].view_as(weight)
     denominator = total.transpose(1, 2).unsqueeze(-1)

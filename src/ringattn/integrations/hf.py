@@ -47,13 +47,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 import ringattn
 from ringattn.api import mask_for_call
 from ringattn.checks import MaskArgs
-from ringattn.comm import GroupLike, group_rank_and_size, resolve_group
+from ringattn.comm import GroupLike, all_reduce_bounded, group_rank_and_size, resolve_group
 from ringattn.engine import Granularity
 from ringattn.layout import Layout, LayoutName
 
@@ -402,7 +401,7 @@ def cp_loss(
     process_group = resolve_group(group)
     _, world_size = group_rank_and_size(process_group)
     if world_size > 1:
-        dist.all_reduce(stats, group=process_group)
+        all_reduce_bounded(stats, process_group, "summing the loss over the ranks")
     total, count = stats[0], stats[1].clamp_min(1.0)
     return (local_sum + (total - local_sum.detach())) / count
 
@@ -507,7 +506,8 @@ def generate_greedy(
             last = logits[:, int(owner[0])].clone()
         process_group = resolve_group(group)
         if group_rank_and_size(process_group)[1] > 1:
-            dist.all_reduce(last, group=process_group)  # only the owner's row is non-zero
+            # only the owner's row is non-zero
+            all_reduce_bounded(last, process_group, "sharing the last prompt token's logits")
         tokens = [last.argmax(-1)]
         generation.prefilling = False
         for step in range(max_new_tokens - 1):
