@@ -148,8 +148,9 @@ def test_model_matches_single_process_4_ranks(pools, kind, padding, layout):
     pools(4).run(_cp_matches_single_process, kind, padding, layout)
 
 
-def _collectives_per_forward_job(rank, world_size, kind):
-    """Collectives of one forward+backward of a 6-layer model with a padded batch."""
+def _collectives_per_forward_job(rank, world_size, kind, padding):
+    """Collectives of one forward+backward of a 6-layer model (its batch always carries an
+    attention_mask, padded or all ones)."""
     name = hf.register("ring_counted")
     config = transformers.LlamaConfig(**{**SMALL, "num_hidden_layers": 6})
     if kind == "qwen2_window":  # layers 0-2 full attention, 3-5 a sliding window
@@ -162,7 +163,7 @@ def _collectives_per_forward_job(rank, world_size, kind):
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).float()
     _set_attention(model, name)
-    input_ids, attention_mask = _batch(padding=True)
+    input_ids, attention_mask = _batch(padding=padding)
     local = hf.shard_batch({"input_ids": input_ids, "attention_mask": attention_mask})
     with counting({}) as counts:
         logits = model(
@@ -175,12 +176,14 @@ def _collectives_per_forward_job(rank, world_size, kind):
     return {name: n for name, n in counts.items() if name.startswith("collective")}
 
 
+@pytest.mark.parametrize("padding", [False, True], ids=["all_ones", "padded"])
 @pytest.mark.parametrize(("kind", "kinds_of_layer"), [("llama", 1), ("qwen2_window", 2)])
-def test_checks_cost_one_collective_per_forward_not_per_layer(pools, kind, kinds_of_layer):
-    """Per kind of attention layer and forward: one check across ranks and one all-gather of
-    the padding mask, whatever the number of layers."""
-    for counts in pools(2).run(_collectives_per_forward_job, kind):
-        assert counts == {"collective all_gather": 2 * kinds_of_layer}, counts
+def test_checks_cost_one_collective_per_forward_not_per_layer(pools, kind, kinds_of_layer, padding):
+    """Per kind of attention layer and forward: one check across ranks, plus one all-gather
+    of the padding mask when some rank has padding, whatever the number of layers."""
+    for counts in pools(2).run(_collectives_per_forward_job, kind, padding):
+        expected = (2 if padding else 1) * kinds_of_layer
+        assert counts == {"collective all_gather": expected}, counts
 
 
 def test_sliding_window_convention():

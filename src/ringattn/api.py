@@ -25,7 +25,7 @@ from .engine import Granularity, RingAttentionFunction, RingPlan
 from .kernels import AttentionKernel, masked_kernel_for, select_kernel
 from .layout import Layout, LayoutName, checked_layout, get_layout
 from .masks import MaskMod, ScoreMod
-from .ring_mask import RingMask, agree_call, build_ring_mask
+from .ring_mask import RingMask, agree_call, build_ring_mask, padding_anywhere
 from .rotation import choose_rotation
 
 
@@ -230,8 +230,9 @@ def mask_for_call(
         heads = q.shape[2] if masks.mask_mod is not None else None
         shape = (q.shape[1] * world_size, k.shape[1] * world_size, q.shape[0], heads, q.device)
         mask_values = mask_signature(masks, chosen, world_size, *shape)
-    agree_call(problem, call, mask_values, process_group, world_size, across_ranks, set())
-    mask = build_ring_mask(masks, chosen, process_group, *shape, mask_values)
+    shared = agree_call(problem, call, mask_values, process_group, world_size, across_ranks, set())
+    padding = padding_anywhere(shared, masks)
+    mask = build_ring_mask(masks, chosen, process_group, *shape, mask_values, padding)
     mask.agreed_calls.add(call)
     return mask
 

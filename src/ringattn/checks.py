@@ -32,8 +32,9 @@ _ROTATIONS = ("kv", "q", "auto")
 _ABSENT = -2.0
 _UNBOUNDED = -1.0
 
-Fields = tuple[tuple[str, str], ...]
-"""Signature fields compared across ranks, with the advice given when they differ."""
+Fields = tuple[tuple[str, str | None], ...]
+"""Signature fields compared across ranks, with the advice given when they differ; a field
+without advice is not compared but shared: :func:`agree` returns every rank's value."""
 
 CALL_FIELDS: Fields = (
     ("batch", "every rank must pass the same batch size"),
@@ -72,6 +73,7 @@ MASK_FIELDS: Fields = (
     ("mask_mod", "every rank must pass a mask_mod, or none"),
     ("tile_size", "every rank must pass the same tile_size"),
     ("device_type", "every rank must build its mask on the same device type"),
+    ("padding", None),  # whether this rank's attention_mask hides any token
 )
 
 
@@ -211,6 +213,7 @@ def mask_signature(
         _ABSENT if heads is None else heads,
         *masks.signature(),
         0 if device.type == "cpu" else 1,
+        float(masks.attention_mask is not None and not bool(masks.attention_mask.all())),
     ]
 
 
@@ -372,10 +375,11 @@ def agree(
     signature: list[float] | tuple[float, ...] | None,
     group: dist.ProcessGroup,
     world_size: int,
-) -> None:
+) -> dict[str, list[float]]:
     """Raise :class:`RingInputError` on every rank of ``group`` if any rank has a ``problem`` or
     the ranks' ``signature`` s (values of ``fields``) differ; one all-gather, bounded by
-    ``RINGATTN_TIMEOUT`` on the host.
+    ``RINGATTN_TIMEOUT`` on the host. Returns every rank's value of the shared fields (those
+    without advice).
 
     Every check gathers the same number of values, tagged with its ``caller``, so ranks that
     are in different checks (one creating a mask, another calling ``ring_attention``) learn it
@@ -401,9 +405,12 @@ def agree(
         dist.all_gather_object(problems, problem, group=group)
         listed = "; ".join(f"rank {r}: {p}" for r, p in enumerate(problems) if p)
         raise RingInputError(f"{caller}: invalid input on {listed}")
+    shared = {}
     for i, (name, advice) in enumerate(fields, start=2):
         column = rows[:, i]
-        if not torch.all(column == column[0]):
+        if advice is None:
+            shared[name] = column.tolist()
+        elif not torch.all(column == column[0]):
             shown = [
                 None if x == _ABSENT else int(x) if float(x).is_integer() else float(x)
                 for x in column.tolist()
@@ -413,3 +420,4 @@ def agree(
             raise RingInputError(
                 f"{caller}: {name} differs between ranks {shown} (by rank); {advice}"
             )
+    return shared

@@ -217,20 +217,30 @@ def agree_call(
     world_size: int,
     across_ranks: bool,
     agreed: set[tuple[float, ...]],
-) -> None:
+) -> dict[str, list[float]] | None:
     """The check of a ``ring_attention`` call (see :meth:`RingMask.agree_call`); ``agreed``
-    holds the signatures agreed before and gains this one."""
+    holds the signatures agreed before and gains this one. Returns what :func:`agree`
+    shares, or ``None`` when no check ran."""
     if world_size == 1 or not across_ranks or (problem is None and signature in agreed):
         if problem:
             raise RingInputError(f"ring_attention: {problem}")
-        return
+        return None
     if problem and agreed:
         # The other ranks may have skipped this check (their calls match an agreed one) and be
         # waiting in the ring, which then ends in its timeout error.
         raise RingInputError(f"ring_attention: {problem} (found on this rank only)")
     full = None if problem else (*signature, *mask_signature)
-    agree("ring_attention", problem, CALL_FIELDS + MASK_FIELDS, full, group, world_size)
+    shared = agree("ring_attention", problem, CALL_FIELDS + MASK_FIELDS, full, group, world_size)
     agreed.add(signature)
+    return shared
+
+
+def padding_anywhere(shared: dict[str, list[float]] | None, masks: MaskArgs) -> bool:
+    """Whether some rank's ``attention_mask`` hides a token (so it must be gathered), from
+    what a check shared; without a check, whenever one is given."""
+    if shared is None:
+        return masks.attention_mask is not None
+    return any(shared["padding"])
 
 
 def create_ring_mask(
@@ -312,12 +322,15 @@ def create_ring_mask(
     if problem is None:
         shape = (q_len, kv_len, batch, heads, where)
         signature = mask_signature(masks, chosen, world_size, *shape)
+    shared = None
     if world_size > 1 and check_across_ranks:
-        agree("create_ring_mask", problem, MASK_FIELDS, signature, process_group, world_size)
+        shared = agree(
+            "create_ring_mask", problem, MASK_FIELDS, signature, process_group, world_size
+        )
     elif problem:
         raise RingInputError(f"create_ring_mask: {problem}")
     mask = build_ring_mask(
-        masks, chosen, process_group, q_len, kv_len, batch, heads, where, signature
+        masks, chosen, process_group, *shape, signature, padding_anywhere(shared, masks)
     )
     mask.classify()
     return mask
@@ -365,9 +378,11 @@ def build_ring_mask(
     heads: int | None,
     device: torch.device,
     signature: Sequence[float],
+    gather_padding: bool = True,
 ) -> RingMask:
     """A :class:`RingMask` from arguments already checked: per-shard tensors are gathered into
-    global per-position ones (one all-gather each); tiles are classified when first needed."""
+    global per-position ones (one all-gather each; the ``attention_mask`` only when
+    ``gather_padding``, i.e. some rank has padding); tiles are classified when first needed."""
     _, world_size = group_rank_and_size(group)
     seq_local = kv_len // world_size
     doc_ids = valid = None
@@ -383,7 +398,7 @@ def build_ring_mask(
         # (seq,) ids serve every row: gather the same (batch, seq) shape on every rank
         local_ids = local_ids.reshape(-1, seq_local).expand(batch or 1, -1)
         doc_ids = gather_sequence(local_ids, layout, 1, group, world_size)
-    if masks.attention_mask is not None:
+    if masks.attention_mask is not None and gather_padding:
         local_valid = masks.attention_mask.to(device=device).bool().to(torch.uint8)
         valid = gather_sequence(local_valid, layout, 1, group, world_size).bool()
     if real_len is not None and real_len < kv_len:
