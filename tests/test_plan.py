@@ -27,12 +27,34 @@ from ringattn.tools.plan import (
 MEASURED = Path(__file__).parent.parent / "docs" / "max-context.json"
 
 
-@pytest.mark.parametrize(
-    ("profile", "paper_tokens"), [("a100-nvlink", 6.2e3), ("a100-infiniband", 149.5e3)]
-)
-def test_reproduces_ring_attention_paper_table_2(profile, paper_tokens):
-    hw = PROFILES[profile]
-    assert abs(paper_minimal_sequence(hw.peak_flops, hw.bandwidth) / paper_tokens - 1) < 0.10
+def test_paper_table_2_follows_our_overlap_model():
+    """The Ring Attention paper's minimal sequence per device (Table 2) against the overlap
+    condition our cost model derives from FLOPs, bytes and latency (bf16 MHA, peak FLOPs, no
+    latency, as the paper assumes): the multiple read off the NVLink row (6.2K tokens) predicts
+    the InfiniBand row (149.5K) within 2%; nothing is fitted to that row. With the profiles'
+    link latency (5 us NVLink, 10 us InfiniBand) the model needs 28% more tokens on NVLink,
+    where a step is short enough for latency to matter, and 0.1% more on InfiniBand."""
+    config = Config(seq_len=1 << 20, devices=8, heads=8, kv_heads=8, causal=False, dtype="bfloat16")
+    paper = {"a100-nvlink": 6.2e3, "a100-infiniband": 149.5e3}
+    with_latency = {
+        name: replace(PROFILES[name], flops=PROFILES[name].peak_flops, comm_compute_share=0.0)
+        for name in paper
+    }
+    as_paper = {name: replace(hw, latency=0.0) for name, hw in with_latency.items()}
+    minimum = {name: min_tokens_for_overlap(config, hw) for name, hw in as_paper.items()}
+    multiple = paper["a100-nvlink"] / minimum["a100-nvlink"]
+    assert 5.5 < multiple < 6.5  # the paper's blockwise transformer holds ~6 blocks per device
+    predicted = multiple * minimum["a100-infiniband"]
+    assert abs(predicted / paper["a100-infiniband"] - 1) < 0.02, predicted
+    latency_cost = {
+        name: min_tokens_for_overlap(config, with_latency[name]) / minimum[name] for name in paper
+    }
+    assert latency_cost["a100-nvlink"] == pytest.approx(1.28, abs=0.02)
+    assert latency_cost["a100-infiniband"] == pytest.approx(1.0, abs=0.005)
+    # the CLI's `plan --paper-table` (6 F / B) is the same formula
+    assert paper_minimal_sequence(PROFILES["a100-nvlink"].peak_flops, 300e9) == pytest.approx(
+        6 * minimum["a100-nvlink"], rel=1e-9
+    )
 
 
 def test_overlap_condition_is_f_over_b_for_bf16_mha():
