@@ -51,11 +51,33 @@ def _math_attention(q, k, v, causal, scale):
     return torch.softmax(scores, -1) @ v, lse
 
 
-def _math_grads(dout, q, k, v, causal, scale):
-    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-    with torch.enable_grad():
-        out, _ = _math_attention(*leaves, causal, scale)
-        return torch.autograd.grad(out, leaves, dout)
+def _math_grads(dout, q, k, v, out, lse, causal, scale):
+    """Gradients from the ``out`` and ``lse`` the kernel hands back, as the fused backward ops
+    compute them: P = exp(S - lse), delta = rowsum(dO * O), dS = P (dO V^T - delta)."""
+    _check_layouts(dout, q, k, v, out)
+    group = q.shape[1] // k.shape[1]
+    k_rep, v_rep = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scores = (q @ k_rep.transpose(-1, -2)) * scale
+    if causal:
+        hidden = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).triu(1)
+        scores = scores.masked_fill(hidden, float("-inf"))
+    probs = torch.exp(scores - lse[..., None])
+    delta = (dout * out).sum(-1, keepdim=True)
+    d_scores = probs * (dout @ v_rep.transpose(-1, -2) - delta)
+    dq = d_scores @ k_rep * scale
+    dk = (d_scores.transpose(-1, -2) @ q * scale).unflatten(1, (k.shape[1], group)).sum(2)
+    dv = (probs.transpose(-1, -2) @ dout).unflatten(1, (k.shape[1], group)).sum(2)
+    return dq, dk, dv
+
+
+def _check_layouts(dout, q, k, v, out):
+    """What the fused ops assume of their inputs: the last dimension contiguous, and ``dout``
+    and ``out`` laid out as contiguous (batch, seq, heads, dim) rows."""
+    for t in (dout, q, k, v, out):
+        assert t.stride(-1) == 1, t.stride()
+    for t in (dout, out):
+        _, heads, _, dim = t.shape
+        assert t.stride(1) == dim and t.stride(2) == heads * dim, t.stride()
 
 
 class _FakeOps:
@@ -74,8 +96,8 @@ class _FakeOps:
 
     def flash_backward(self, dout, q, k, v, out, lse, cq, ck, mq, mk, p, causal, rng, u, *, scale):
         assert (rng, u, mq, mk) == ("rng", "unused", q.shape[2], k.shape[2])
-        assert lse.shape == q.shape[:3]
-        return _math_grads(dout, q, k, v, causal, scale)
+        assert type(mq) is int and type(mk) is int and lse.shape == q.shape[:3]
+        return _math_grads(dout, q, k, v, out, lse, causal, scale)
 
     def efficient(self, q, k, v, bias, compute_lse, dropout, causal, *, scale):
         self.calls.append(("efficient", q.shape, k.shape, causal, scale))
@@ -87,7 +109,9 @@ class _FakeOps:
         self, dout, q, k, v, bias, out, lse, seed, offset, p, mask, causal, *, scale
     ):
         assert (seed, offset) == ("seed", "offset") and lse.shape[-1] % 32 == 0
-        return (*_math_grads(dout, q, k, v, causal, scale), None)
+        assert list(mask) == [True, True, True, False]
+        lse = lse[..., : q.shape[2]]
+        return (*_math_grads(dout, q, k, v, out, lse, causal, scale), None)
 
     def cudnn(self, q, k, v, bias, compute_lse, dropout, causal, debug, *, scale):
         self.calls.append(("cudnn", q.shape, k.shape, causal, scale))
@@ -97,8 +121,32 @@ class _FakeOps:
     def cudnn_backward(
         self, dout, q, k, v, out, lse, seed, offset, bias, cq, ck, mq, mk, p, causal, *, scale
     ):
-        assert lse.shape == (*q.shape[:3], 1)
-        return _math_grads(dout, q, k, v, causal, scale)
+        assert (seed, offset) == ("seed", "offset") and lse.shape == (*q.shape[:3], 1)
+        assert type(mq) is int and type(mk) is int and (mq, mk) == (q.shape[2], k.shape[2])
+        return _math_grads(dout, q, k, v, out, lse[..., 0], causal, scale)
+
+
+@pytest.mark.parametrize("name", CUDA_KERNELS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_kernel_contract_on_meta(name, causal):
+    """The real aten ops' schemas and meta kernels accept the arguments each kernel passes."""
+    batch, heads_q, heads_kv, dim = 2, 8, 2, 64
+    seq_q, seq_k = (40, 40) if causal else (40, 24)
+    dtype, scale = torch.bfloat16, 0.125
+
+    def strided(seq, heads):  # a slice along the sequence, as the engine passes tiles
+        return torch.empty(batch, seq + 5, heads, dim, device="meta", dtype=dtype)[:, 3 : 3 + seq]
+
+    q, dout = strided(seq_q, heads_q), strided(seq_q, heads_q)
+    k, v = strided(seq_k, heads_kv), strided(seq_k, heads_kv)
+    kernel = _fresh(name)
+    out, lse = kernel.forward(q, k, v, causal=causal, scale=scale)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert lse.shape == (batch, heads_q, seq_q) and lse.dtype == torch.float32
+    for backward_first in (False, True):  # a backward before any forward makes its own state
+        kernel = _fresh(name) if backward_first else kernel
+        dq, dk, dv = kernel.backward(dout, q, k, v, out, lse, causal=causal, scale=scale)
+        assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
 
 
 @pytest.fixture

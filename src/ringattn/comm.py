@@ -107,9 +107,9 @@ def wait_bounded(work, timeout: timedelta | None, what: str) -> None:
     """Wait for ``work`` (a posted send, receive or collective).
 
     Raises :class:`TimeoutError` when it has not completed after ``timeout`` (``None``: the
-    process group's own limit, as NCCL enforces) — told by the time waited, not by the
-    backend's message — and :class:`RingPeerError` when the backend reports a failure before
-    that (a peer's process died and gloo saw its connection close).
+    process group's own limit, as NCCL enforces) or the group's own timeout, whichever comes
+    first, and :class:`RingPeerError` when the backend reports another failure (a peer's process
+    died and gloo saw its connection close).
     """
     if timeout is None:
         work.wait()
@@ -125,7 +125,10 @@ def wait_bounded(work, timeout: timedelta | None, what: str) -> None:
         completed = work.wait(timeout)
     except RuntimeError as exc:
         waited = time.monotonic() - started
-        if waited >= 0.9 * timeout.total_seconds():  # gloo fails a timed-out wait alike
+        # gloo raises a plain RuntimeError for both; the process group's own (shorter)
+        # timeout says so in its message
+        timed_out = "timed out" in str(exc).lower() or "timeout" in str(exc).lower()
+        if timed_out or waited >= 0.9 * timeout.total_seconds():
             raise TimeoutError(message) from exc
         raise RingPeerError(
             f"{what} failed after {waited:.1f} s: a peer died or closed its connection "
@@ -143,7 +146,7 @@ def all_reduce_bounded(
 ) -> None:
     """``dist.all_reduce`` in place, bounded by :func:`wait_bounded`."""
     work = dist.all_reduce(tensor, op=op, group=group, async_op=True)
-    wait_bounded(work, host_timeout(tensor.device), what)
+    wait_bounded(work, host_timeout(transfer_device(group, tensor.device)), what)
 
 
 def host_timeout(device: torch.device) -> timedelta | None:

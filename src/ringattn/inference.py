@@ -156,26 +156,32 @@ class KVCache:
         """
         cache = self.layers[layer]
         new = q.shape[1]
+        if new == 0:
+            return q.new_zeros(q.shape)
         start = self.lengths[layer]
         q_pos = start[:, None] + torch.arange(new)[None, :]  # (batch, new)
+        # every new query sees every key cached before this call: slots below the shortest
+        # row's count need no mask (known on the host, so deciding costs no device sync)
+        seen_by_all = int(cache.filled.min())
         for row in range(self.batch):
             mine = q_pos[row] % self.world_size == self.rank
             cache.append(row, k[row, mine], v[row, mine], q_pos[row, mine].to(cache.pos.device))
         self.lengths[layer] = start + new
         used = int(cache.filled.max())
         q_pos = q_pos.to(cache.pos.device)
-        out, lse = _cached_attention(
-            q, cache.k[:, :used], cache.v[:, :used], cache.pos[:, :used], q_pos
-        )
+        keys = (cache.k[:, :used], cache.v[:, :used], cache.pos[:, :used])
+        out, lse = _cached_attention(q, *keys, q_pos, seen_by_all)
         return merge_across_ranks(out, lse, self.group).to(q.dtype)
 
 
 EXTEND_TILE = 1024
-""":meth:`KVCache.extend` attends at most ``EXTEND_TILE ** 2`` (query, key) pairs per kernel
-call: ``EXTEND_TILE`` queries against as many keys, or a single decode query against up to a
-million. A call whose keys are not all visible builds a boolean mask of that many pairs per
-sequence and, on a kernel without mask support (the reference kernel), float32 scores per
-sequence and head: 4 MiB each."""
+""":meth:`KVCache.extend` attends keys every new query sees in fused kernel calls of at most
+``EXTEND_TILE ** 2`` (query, key) pairs (``EXTEND_TILE`` queries against as many keys, or one
+decode query against up to a million), and the rest — the new tokens themselves, empty slots of
+shorter sequences — in masked calls of at most ``EXTEND_TILE`` queries x ``EXTEND_TILE`` keys:
+a boolean mask of that many pairs per sequence and, on the reference kernel (a GPU's masked
+path), float32 scores per sequence and query head (4 MiB) plus the call's keys and values
+repeated to every query head in float32."""
 
 
 def _cached_attention(
@@ -184,31 +190,33 @@ def _cached_attention(
     v: torch.Tensor,
     keys_pos: torch.Tensor,
     q_pos: torch.Tensor,
+    seen_by_all: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of ``q`` ``(batch, new, heads_q, head_dim)`` at global positions
     ``q_pos`` ``(batch, new)`` over this rank's cached ``k``/``v`` ``(batch, used, heads_kv,
-    head_dim)`` at ``keys_pos`` ``(batch, used)`` (``-1``: empty slot), in tiles of at most
-    ``EXTEND_TILE ** 2`` pairs. Returns ``(out, lse)`` in the accumulator dtype."""
+    head_dim)`` at ``keys_pos`` ``(batch, used)`` (``-1``: empty slot), of which the first
+    ``seen_by_all`` slots are visible to every query. Returns ``(out, lse)`` in the
+    accumulator dtype; runs no device sync."""
     out, lse = empty_partial(q)
     new, used = q.shape[1], k.shape[1]
     main = select_kernel("auto", q)
     masked = masked_kernel_for(main, needs_score_mod=False)
-    rows_per_call = min(new, EXTEND_TILE)
-    cols_per_call = max(EXTEND_TILE, EXTEND_TILE**2 // max(rows_per_call, 1))
     scale = q.shape[-1] ** -0.5
+    rows_per_call = min(new, EXTEND_TILE)
+    cols_per_call = max(EXTEND_TILE, EXTEND_TILE**2 // rows_per_call)
+    spans = [
+        (k0, min(seen_by_all, k0 + cols_per_call)) for k0 in range(0, seen_by_all, cols_per_call)
+    ]
+    spans += [(k0, min(used, k0 + EXTEND_TILE)) for k0 in range(seen_by_all, used, EXTEND_TILE)]
     for q0 in range(0, new, rows_per_call):
         rows = slice(q0, min(new, q0 + rows_per_call))
-        for k0 in range(0, used, cols_per_call):
-            cols = slice(k0, min(used, k0 + cols_per_call))
-            slots = keys_pos[:, None, cols]
-            visible = (slots >= 0) & (slots <= q_pos[:, rows, None])  # (batch, rows, cols)
-            if not visible.any():
-                continue
-            args = (q[:, rows], k[:, cols], v[:, cols])
-            if visible.all():
+        for k0, k1 in spans:
+            args = (q[:, rows], k[:, k0:k1], v[:, k0:k1])
+            if k1 <= seen_by_all:
                 out_t, lse_t = main.forward(*args, causal=False, scale=scale)
             else:
-                mask = visible[:, None]
+                slots = keys_pos[:, None, k0:k1]
+                mask = ((slots >= 0) & (slots <= q_pos[:, rows, None]))[:, None]
                 out_t, lse_t = masked.forward(*args, causal=False, scale=scale, mask=mask)
                 lse_t = lse_t.masked_fill(~mask.any(-1), float("-inf"))
             merge_partial(out[:, rows], lse[:, :, rows], out_t, lse_t)

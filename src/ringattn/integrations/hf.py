@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import ringattn
@@ -400,7 +401,9 @@ def cp_loss(
     stats = torch.stack([local_sum.detach(), (flat_labels != ignore_index).sum().to(torch.float32)])
     process_group = resolve_group(group)
     _, world_size = group_rank_and_size(process_group)
-    if world_size > 1:
+    if world_size > 1 and torch.compiler.is_compiling():  # traceable: no async collective
+        dist.all_reduce(stats, group=process_group)
+    elif world_size > 1:
         all_reduce_bounded(stats, process_group, "summing the loss over the ranks")
     total, count = stats[0], stats[1].clamp_min(1.0)
     return (local_sum + (total - local_sum.detach())) / count
