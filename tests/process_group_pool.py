@@ -13,6 +13,7 @@ import contextlib
 import os
 import queue
 import tempfile
+import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
@@ -21,6 +22,8 @@ from typing import Any
 import torch.multiprocessing as mp
 
 JOB_TIMEOUT_S = 300.0
+KILLED = "killed"
+"""The result of a rank whose process died during a job run with ``deaths_expected``."""
 GROUP_TIMEOUT_S = 60.0
 FAILURE_GRACE_S = 10.0
 
@@ -97,26 +100,43 @@ class ProcessGroupPool:
         for proc in self._procs:
             proc.start()
 
-    def run(self, fn: Callable[..., Any], *args: Any, timeout: float = JOB_TIMEOUT_S) -> list[Any]:
-        """Run ``fn(rank, world_size, *args)`` on every rank; return the per-rank results."""
+    def run(
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        timeout: float = JOB_TIMEOUT_S,
+        deaths_expected: bool = False,
+    ) -> list[Any]:
+        """Run ``fn(rank, world_size, *args)`` on every rank; return the per-rank results.
+
+        With ``deaths_expected``, a rank whose process dies during the job (a fault test kills
+        it) reports :data:`KILLED` instead of failing the job; the pool restarts on next use."""
         if not self._procs or not all(p.is_alive() for p in self._procs):
             self.close()
             self._start()
         for jobs in self._jobs:
             jobs.put((fn, args))
         outcomes: dict[int, tuple[bool, Any]] = {}
-        wait = timeout
-        try:
-            while len(outcomes) < self.world_size:
-                rank, ok, value = self._results.get(timeout=wait)
-                outcomes[rank] = (ok, value)
-                if not ok:  # the others may be stuck waiting for the failed rank
-                    wait = FAILURE_GRACE_S
-        except queue.Empty:
-            self.close()
-            if not any(not ok for ok, _ in outcomes.values()):
-                missing = sorted(set(range(self.world_size)) - set(outcomes))
-                raise RemoteError(f"ranks {missing} did not finish within {timeout} s") from None
+        deadline = time.monotonic() + timeout
+        while len(outcomes) < self.world_size:
+            try:
+                rank, ok, value = self._results.get(timeout=0.2)
+            except queue.Empty:
+                if deaths_expected:
+                    for rank, proc in enumerate(self._procs):
+                        if rank not in outcomes and not proc.is_alive():
+                            outcomes[rank] = (True, KILLED)
+                if time.monotonic() < deadline:
+                    continue
+                self.close()
+                if not any(not ok for ok, _ in outcomes.values()):
+                    missing = sorted(set(range(self.world_size)) - set(outcomes))
+                    message = f"ranks {missing} did not finish within {timeout} s"
+                    raise RemoteError(message) from None
+                break
+            outcomes[rank] = (ok, value)
+            if not ok:  # the others may be stuck waiting for the failed rank
+                deadline = min(deadline, time.monotonic() + FAILURE_GRACE_S)
         failures = {r: v for r, (ok, v) in outcomes.items() if not ok}
         if failures:
             self.close()

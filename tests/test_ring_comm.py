@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import pytest
 import torch
 import torch.distributed as dist
 from helpers import random_qkv, reference_attention, relative_error
+from process_group_pool import KILLED
 
 import ringattn
 import ringattn.comm
+import ringattn.inference
 from ringattn.kernels.cpu_flash import CpuFlashKernel
 from ringattn.layout import LAYOUTS, sub_blocks
 from ringattn.masks import bound_tiles, plan_tiles
@@ -248,6 +251,59 @@ def test_a_stalled_peer_ends_in_a_timeout(pools, where):
     assert type_name == "TimeoutError", message
     assert "did not complete within 0:00:02" in message and "destroy it" in message
     assert 1.5 <= elapsed <= 10
+
+
+def _killed_peer_job(rank, world, when):
+    """Rank 1's process is killed (SIGKILL) at ``when``; rank 0 must raise, not hang."""
+    previous = os.environ.get("RINGATTN_TIMEOUT")
+    os.environ["RINGATTN_TIMEOUT"] = "5"
+    if rank == 1 and when == "before_check":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if rank == 1 and when in ("mid_forward", "mid_backward"):
+        original, calls = ringattn.comm.RingComm.exchange, []
+        survives = {"mid_forward": 0, "mid_backward": 1}[when]  # forward makes one exchange
+
+        def dying_exchange(self, tensors, tag=0):
+            calls.append(tag)
+            if len(calls) > survives:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return original(self, tensors, tag)
+
+        ringattn.comm.RingComm.exchange = dying_exchange
+    if rank == 1 and when == "decode":
+        ringattn.inference.merge_across_ranks = lambda *a, **k: os.kill(os.getpid(), 9)
+    q, k, v, _ = random_qkv(1, 4, 2, 1, 8, seed=0)
+    start = time.monotonic()
+    try:
+        if when == "decode":
+            cache = ringattn.KVCache(1, 1, 1, 8)
+            cache.prefill(0, q.float(), k.float(), v.float())
+            cache.extend(0, q[:, :1].float(), k[:, :1].float(), v[:, :1].float())
+        else:
+            local = [t.float().requires_grad_() for t in (q, k, v)]
+            ringattn.ring_attention(*local, causal=True).sum().backward()
+    except Exception as exc:  # reported to the test
+        return type(exc).__name__, str(exc), time.monotonic() - start
+    finally:
+        if previous is None:
+            del os.environ["RINGATTN_TIMEOUT"]
+        else:
+            os.environ["RINGATTN_TIMEOUT"] = previous
+    return None, "", time.monotonic() - start
+
+
+@pytest.mark.parametrize("when", ["before_check", "mid_forward", "mid_backward", "decode"])
+def test_a_killed_peer_ends_in_a_ringattn_error(pools, when):
+    """SIGKILL on one rank: the survivor raises RingPeerError (gloo sees the connection close)
+    or TimeoutError, within RINGATTN_TIMEOUT plus a small slack."""
+    try:
+        results = pools(2).run(_killed_peer_job, when, timeout=60, deaths_expected=True)
+    finally:
+        pools(2).close()
+    assert results[1] == KILLED
+    type_name, message, elapsed = results[0]
+    assert type_name in ("RingPeerError", "TimeoutError"), message
+    assert elapsed <= 5 + 5, elapsed
 
 
 def _strided_kv_job(rank, world):
