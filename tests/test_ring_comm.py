@@ -178,16 +178,14 @@ def test_exchange_is_posted_before_the_step_compute(pools, layout, seq_local, gr
         assert backward == expected_backward, f"rank {rank}"
 
 
-def _dead_peer_job(rank, world):
-    """Rank 1 never joins the ring; rank 0 must time out instead of hanging."""
-    if rank == 1:
-        return None
+def _raised(call, timeout_s: int) -> tuple[str | None, str, float]:
+    """``(exception type name or None, message, seconds)`` of ``call()`` run with
+    ``RINGATTN_TIMEOUT=timeout_s``."""
     previous = os.environ.get("RINGATTN_TIMEOUT")
-    os.environ["RINGATTN_TIMEOUT"] = "2"
-    q, k, v, _ = random_qkv(1, 4, 2, 1, 8, seed=0)
+    os.environ["RINGATTN_TIMEOUT"] = str(timeout_s)
     start = time.monotonic()
     try:
-        ringattn.ring_attention(q, k, v, causal=True, check_across_ranks=False)
+        call()
     except Exception as exc:  # reported to the test
         return type(exc).__name__, str(exc), time.monotonic() - start
     finally:
@@ -196,6 +194,16 @@ def _dead_peer_job(rank, world):
         else:
             os.environ["RINGATTN_TIMEOUT"] = previous
     return None, "", time.monotonic() - start
+
+
+def _dead_peer_job(rank, world):
+    """Rank 1 never joins the ring; rank 0 must time out instead of hanging."""
+    if rank == 1:
+        return None
+    q, k, v, _ = random_qkv(1, 4, 2, 1, 8, seed=0)
+    return _raised(
+        lambda: ringattn.ring_attention(q, k, v, causal=True, check_across_ranks=False), 2
+    )
 
 
 def test_dead_peer_times_out(pools):
@@ -216,27 +224,14 @@ def _stalled_peer_job(rank, world, where):
     if rank == 1:
         time.sleep(6)
         return None
-    previous = os.environ.get("RINGATTN_TIMEOUT")
-    os.environ["RINGATTN_TIMEOUT"] = "2"
     q, k, v, _ = random_qkv(1, 4, 2, 1, 8, seed=0)
-    start = time.monotonic()
-    try:
-        if where == "check":
-            ringattn.ring_attention(q, k, v, causal=True)
-        elif where == "create_ring_mask":
-            ringattn.create_ring_mask(8, causal=True)
-        elif where == "decode":
-            ringattn.merge_across_ranks(q.float(), torch.zeros(1, 2, 4))
-        else:
-            ringattn.unshard(q.requires_grad_()).sum().backward()
-    except Exception as exc:  # reported to the test
-        return type(exc).__name__, str(exc), time.monotonic() - start
-    finally:
-        if previous is None:
-            del os.environ["RINGATTN_TIMEOUT"]
-        else:
-            os.environ["RINGATTN_TIMEOUT"] = previous
-    return None, "", time.monotonic() - start
+    calls = {
+        "check": lambda: ringattn.ring_attention(q, k, v, causal=True),
+        "create_ring_mask": lambda: ringattn.create_ring_mask(8, causal=True),
+        "decode": lambda: ringattn.merge_across_ranks(q.float(), torch.zeros(1, 2, 4)),
+        "unshard": lambda: ringattn.unshard(q.requires_grad_()).sum().backward(),
+    }
+    return _raised(calls[where], 2)
 
 
 @pytest.mark.parametrize("where", ["check", "create_ring_mask", "decode", "unshard"])
@@ -255,8 +250,6 @@ def test_a_stalled_peer_ends_in_a_timeout(pools, where):
 
 def _killed_peer_job(rank, world, when):
     """Rank 1's process is killed (SIGKILL) at ``when``; rank 0 must raise, not hang."""
-    previous = os.environ.get("RINGATTN_TIMEOUT")
-    os.environ["RINGATTN_TIMEOUT"] = "5"
     if rank == 1 and when == "before_check":
         os.kill(os.getpid(), signal.SIGKILL)
     if rank == 1 and when in ("mid_forward", "mid_backward"):
@@ -273,8 +266,8 @@ def _killed_peer_job(rank, world, when):
     if rank == 1 and when == "decode":
         ringattn.inference.merge_across_ranks = lambda *a, **k: os.kill(os.getpid(), 9)
     q, k, v, _ = random_qkv(1, 4, 2, 1, 8, seed=0)
-    start = time.monotonic()
-    try:
+
+    def call():
         if when == "decode":
             cache = ringattn.KVCache(1, 1, 1, 8)
             cache.prefill(0, q.float(), k.float(), v.float())
@@ -282,14 +275,8 @@ def _killed_peer_job(rank, world, when):
         else:
             local = [t.float().requires_grad_() for t in (q, k, v)]
             ringattn.ring_attention(*local, causal=True).sum().backward()
-    except Exception as exc:  # reported to the test
-        return type(exc).__name__, str(exc), time.monotonic() - start
-    finally:
-        if previous is None:
-            del os.environ["RINGATTN_TIMEOUT"]
-        else:
-            os.environ["RINGATTN_TIMEOUT"] = previous
-    return None, "", time.monotonic() - start
+
+    return _raised(call, 5)
 
 
 @pytest.mark.parametrize("when", ["before_check", "mid_forward", "mid_backward", "decode"])

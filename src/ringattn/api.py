@@ -138,19 +138,17 @@ def ring_attention(
             check_across_ranks,
         )
     else:
-        problem = _mask_problem_of_call(mask, keywords, layout, group)
+        conflict = _mask_problem_of_call(mask, keywords, layout, group)
         if not isinstance(mask, RingMask):  # raise on every rank of the group named
             process_group = resolve_group(group)
             _, world_size = group_rank_and_size(process_group)
-            agree_call(problem, None, None, process_group, world_size, check_across_ranks, set())
-        if problem is None:
-            problem = local_problem(q, k, v, mask.layout, mask.world_size, mask.group)
-        problem = problem or mask.call_problem(q, k)
-        problem = problem or call_values_problem(scale, rotation, granularity)
-        signature = None
-        if problem is None:
-            signature = call_signature(q, k, v, _scale(q, scale), score_mod, granularity, rotation)
-        mask.agree_call(problem, signature, check_across_ranks)
+            agree_call(conflict, None, None, process_group, world_size, check_across_ranks, set())
+        call_args = (scale, score_mod, granularity, rotation)
+        problem, signature = _check_call(
+            q, k, v, mask.layout, mask.world_size, mask.group, *call_args
+        )
+        problem = conflict or problem or mask.call_problem(q, k)
+        mask.agree_call(problem, None if problem else signature, check_across_ranks)
     main_kernel = select_kernel(kernel, q)
     if rotation == "auto":  # from values the check above found equal on every rank
         rotation = choose_rotation(
@@ -173,6 +171,17 @@ def ring_attention(
 
 def _scale(q: torch.Tensor, scale: float | None) -> float:
     return q.shape[-1] ** -0.5 if scale is None else float(scale)
+
+
+def _check_call(
+    q, k, v, layout, world_size, group, scale, score_mod, granularity, rotation
+) -> tuple[str | None, tuple[float, ...] | None]:
+    """This rank's problem with a call, or else ``None`` and the call's signature."""
+    problem = local_problem(q, k, v, layout, world_size, group)
+    problem = problem or call_values_problem(scale, rotation, granularity)
+    if problem:
+        return problem, None
+    return None, call_signature(q, k, v, _scale(q, scale), score_mod, granularity, rotation)
 
 
 def _mask_problem_of_call(
@@ -217,15 +226,14 @@ def mask_for_call(
     try:
         chosen = get_layout("zigzag" if layout is None else layout)
     except ValueError as exc:
-        chosen, problem = None, str(exc)
+        problem, call = str(exc), None
     else:
-        problem = local_problem(q, k, v, chosen, world_size, process_group)
+        call_args = (scale, score_mod, granularity, rotation)
+        problem, call = _check_call(q, k, v, chosen, world_size, process_group, *call_args)
     if problem is None:
         problem = masks.problem(q.shape[0], q.shape[1], k.shape[1], world_size)
-    problem = problem or call_values_problem(scale, rotation, granularity)
-    call = mask_values = None
+    mask_values = None
     if problem is None:
-        call = call_signature(q, k, v, _scale(q, scale), score_mod, granularity, rotation)
         # heads matter only to a mask_mod: without one the mask serves any head count
         heads = q.shape[2] if masks.mask_mod is not None else None
         shape = (q.shape[1] * world_size, k.shape[1] * world_size, q.shape[0], heads, q.device)

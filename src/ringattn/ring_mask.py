@@ -11,6 +11,7 @@ mask too, so the second layer of a model plans nothing.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -74,6 +75,7 @@ class RingMask:
         self._pairs: dict[tuple[int, int], tuple[Tile, ...]] = {}
         self._tiles: dict[tuple, tuple[Tile, ...]] = {}
         self._positions: dict[tuple, torch.Tensor] = {}
+        self._segments: dict[tuple[int, bool], tuple[Segment, ...]] = {}
 
     def __repr__(self) -> str:
         spec = self.spec
@@ -94,15 +96,19 @@ class RingMask:
         return self.kv_len - self.q_len
 
     def segments(self, rank: int, queries: bool) -> tuple[Segment, ...]:
-        """Global positions of ``rank``'s queries (or keys) as segments."""
-        if not queries:
-            return self.layout.segments(rank, self.world_size, self.seq_kv_local)
-        return tuple(
-            Segment(s.start + self.q_offset, s.stride, s.length)
-            for s in self.layout.segments(rank, self.world_size, self.seq_q_local)
-        )
+        """Global positions of ``rank``'s queries (or keys) as segments (asked every ring
+        step, so computed once)."""
+        key = (rank, queries)
+        if key not in self._segments:
+            length = self.seq_q_local if queries else self.seq_kv_local
+            offset = self.q_offset if queries else 0
+            self._segments[key] = tuple(
+                Segment(s.start + offset, s.stride, s.length)
+                for s in self.layout.segments(rank, self.world_size, length)
+            )
+        return self._segments[key]
 
-    @property
+    @functools.cached_property
     def _tiles_are_arithmetic(self) -> bool:
         """Only causality (or nothing) between segments of one stride: tiles need no
         classification, only the arithmetic of :func:`ringattn.masks.plan_tiles`."""
