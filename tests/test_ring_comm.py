@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
+from datetime import timedelta
 
 import pytest
 import torch
@@ -214,9 +216,33 @@ def test_dead_peer_times_out(pools):
     assert results[1] is None
     type_name, message, elapsed = results[0]
     assert type_name == "TimeoutError", message
-    assert "ring exchange did not complete within 0:00:02" in message
+    # the wait names the peer it waited for
+    assert re.search(r"ring exchange: (sending to|receiving from) rank 1 of the ring", message)
+    assert "did not complete within 0:00:02" in message
     assert "RINGATTN_TIMEOUT" in message
     assert 1.5 <= elapsed <= 10
+
+
+def _short_group_timeout_job(rank, world):
+    """The group's own timeout (2 s) is shorter than RINGATTN_TIMEOUT (60 s): it is the bound."""
+    group = dist.new_group([0, 1], timeout=timedelta(seconds=2))
+    if rank == 1:
+        time.sleep(5)
+        return None
+    q, k, v, _ = random_qkv(1, 4, 2, 1, 8, seed=0)
+    return _raised(lambda: ringattn.ring_attention(q, k, v, causal=True, group=group), 60)
+
+
+def test_the_groups_own_shorter_timeout_is_a_timeout(pools):
+    """Told apart from a dead peer by the time waited, not by the backend's message."""
+    try:
+        results = pools(2).run(_short_group_timeout_job, timeout=60)
+    finally:
+        pools(2).close()
+    type_name, message, elapsed = results[0]
+    assert type_name == "TimeoutError", message
+    assert "did not complete within 0:00:02" in message
+    assert elapsed <= 5
 
 
 def _stalled_peer_job(rank, world, where):
@@ -291,6 +317,8 @@ def test_a_killed_peer_ends_in_a_ringattn_error(pools, when):
     type_name, message, elapsed = results[0]
     assert type_name in ("RingPeerError", "TimeoutError"), message
     assert elapsed <= 5 + 5, elapsed
+    if when in ("mid_forward", "mid_backward"):  # the ring knows which peer it waited for
+        assert "rank 1 of the ring (global rank 1)" in message, message
 
 
 def _strided_kv_job(rank, world):

@@ -392,7 +392,7 @@ def agree(
     device = _collective_device(group)
     gathered = [torch.empty_like(local, device=device) for _ in range(world_size)]
     work = dist.all_gather(gathered, local.to(device), group=group, async_op=True)
-    wait_bounded(work, host_timeout(device), f"{caller}'s check across ranks")
+    wait_bounded(work, host_timeout(device, group), f"{caller}'s check across ranks")
     rows = torch.stack(gathered).cpu()
     callers = [_CALLERS[int(x)] for x in rows[:, 1].tolist()]
     if len(set(callers)) > 1:

@@ -87,15 +87,15 @@ def group_rank_and_size(group: dist.ProcessGroup | None) -> tuple[int, int]:
 class PendingExchange:
     """Posted sends/receives; :meth:`wait` returns the received tensors."""
 
-    works: list
+    works: list  # (work, what it is: a send to or a receive from a named peer)
     received: list[torch.Tensor]
     timeout: timedelta | None
     device: torch.device
     bytes_sent: int
 
     def wait(self) -> list[torch.Tensor]:
-        for work in self.works:
-            wait_bounded(work, self.timeout, "ring exchange")
+        for work, what in self.works:
+            wait_bounded(work, self.timeout, what)
         return [t.to(self.device) for t in self.received]
 
 
@@ -107,9 +107,10 @@ def wait_bounded(work, timeout: timedelta | None, what: str) -> None:
     """Wait for ``work`` (a posted send, receive or collective).
 
     Raises :class:`TimeoutError` when it has not completed after ``timeout`` (``None``: the
-    process group's own limit, as NCCL enforces) or the group's own timeout, whichever comes
-    first, and :class:`RingPeerError` when the backend reports another failure (a peer's process
-    died and gloo saw its connection close).
+    process group's own limit, as NCCL enforces; pass :func:`host_timeout`, which is never longer
+    than the group's own limit), and :class:`RingPeerError` when the backend reports a failure
+    before that (a peer's process died and gloo saw its connection close). Gloo raises the same
+    ``RuntimeError`` type for both, with no status to tell them apart, so the time waited does.
     """
     if timeout is None:
         work.wait()
@@ -125,10 +126,7 @@ def wait_bounded(work, timeout: timedelta | None, what: str) -> None:
         completed = work.wait(timeout)
     except RuntimeError as exc:
         waited = time.monotonic() - started
-        # gloo raises a plain RuntimeError for both; the process group's own (shorter)
-        # timeout says so in its message
-        timed_out = "timed out" in str(exc).lower() or "timeout" in str(exc).lower()
-        if timed_out or waited >= 0.9 * timeout.total_seconds():
+        if waited >= 0.9 * timeout.total_seconds():
             raise TimeoutError(message) from exc
         raise RingPeerError(
             f"{what} failed after {waited:.1f} s: a peer died or closed its connection "
@@ -146,13 +144,30 @@ def all_reduce_bounded(
 ) -> None:
     """``dist.all_reduce`` in place, bounded by :func:`wait_bounded`."""
     work = dist.all_reduce(tensor, op=op, group=group, async_op=True)
-    wait_bounded(work, host_timeout(transfer_device(group, tensor.device)), what)
+    wait_bounded(work, host_timeout(transfer_device(group, tensor.device), group), what)
 
 
-def host_timeout(device: torch.device) -> timedelta | None:
-    """The bound on a wait for ``device`` tensors: :func:`default_timeout_s` for host (gloo)
-    transfers, ``None`` on GPUs, where NCCL's watchdog enforces the group's own timeout."""
-    return timedelta(seconds=default_timeout_s()) if device.type == "cpu" else None
+def host_timeout(
+    device: torch.device, group: dist.ProcessGroup | None = None, limit_s: float | None = None
+) -> timedelta | None:
+    """The bound on a wait for ``device`` tensors in ``group``: ``limit_s`` (default
+    :func:`default_timeout_s`) or the group's own timeout if shorter, for host (gloo) transfers;
+    ``None`` on GPUs, where NCCL's watchdog enforces the group's own timeout."""
+    if device.type != "cpu":
+        return None
+    seconds = default_timeout_s() if limit_s is None else limit_s
+    own = _group_timeout_s(group)
+    return timedelta(seconds=seconds if own is None else min(seconds, own))
+
+
+def _group_timeout_s(group: dist.ProcessGroup | None) -> float | None:
+    """The timeout ``group``'s gloo backend was created with (seconds), if it can be read."""
+    if group is None:
+        return None
+    try:
+        return group._get_backend(torch.device("cpu")).options._timeout.total_seconds()
+    except (AttributeError, RuntimeError):  # another backend, or a private API that moved
+        return None
 
 
 def gather_sequence(
@@ -165,7 +180,7 @@ def gather_sequence(
     parts = [torch.empty_like(sent) for _ in range(world_size)]
     wait_bounded(
         dist.all_gather(parts, sent, group=group, async_op=True),
-        host_timeout(sent.device),
+        host_timeout(sent.device, group),
         "gathering a per-token mask",
     )
     stacked = torch.cat(parts, dim).to(local.device)
@@ -195,17 +210,25 @@ class RingComm:
         staging = self._staging[device]
         tensors = [t.to(staging).contiguous() for t in tensors]
         received = [torch.empty_like(t) for t in tensors]
-        ops = []
+        ops, whats = [], []
         for i, (send, recv) in enumerate(zip(tensors, received, strict=True)):
             ops.append(dist.P2POp(dist.isend, send, self.next_peer, self.group, tag + i))
             ops.append(dist.P2POp(dist.irecv, recv, self.prev_peer, self.group, tag + i))
+            whats += [self._peer_text("sending to", 1), self._peer_text("receiving from", -1)]
         works = dist.batch_isend_irecv(ops)
+        # gloo returns one work per operation; a backend that coalesces them returns fewer
+        named = zip(works, whats, strict=True) if len(works) == len(ops) else None
         sent = sum(t.numel() * t.element_size() for t in tensors)
         trace = current_trace()
         if trace is not None:
             trace.bytes_sent += sent
-        # NCCL enforces the process group's own timeout (its watchdog aborts the communicator).
-        on_cpu = staging.type == "cpu"
-        seconds = default_timeout_s() if self._timeout_s is None else self._timeout_s
-        timeout = timedelta(seconds=seconds) if on_cpu else None
-        return PendingExchange(works, received, timeout, device, sent)
+        if named is None:
+            named = [(work, "the ring exchange with both neighbours") for work in works]
+        timeout = host_timeout(staging, self.group, self._timeout_s)
+        return PendingExchange(list(named), received, timeout, device, sent)
+
+    def _peer_text(self, verb: str, offset: int) -> str:
+        """E.g. "ring exchange: receiving from rank 2 of the ring (global rank 5)"."""
+        rank = (self.rank + offset) % self.world_size
+        peer = self.next_peer if offset > 0 else self.prev_peer
+        return f"ring exchange: {verb} rank {rank} of the ring (global rank {peer})"

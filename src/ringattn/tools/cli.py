@@ -361,6 +361,20 @@ def _plan_parser(sub) -> None:
         "the longest fitting sequence is computed for (compare `ringattn bench --max-context "
         "--memory ...`)",
     )
+    p.add_argument(
+        "--link-gbps",
+        type=float,
+        default=None,
+        help="ring neighbours talk over a network link of this many gigabits/s per direction "
+        "(e.g. 100 for 100 Gb/s InfiniBand, 0.5 for a shaped link) instead of the profile's "
+        "bandwidth; transfers take the link's time but cost compute only for the copy",
+    )
+    p.add_argument(
+        "--link-latency-us",
+        type=float,
+        default=None,
+        help="with --link-gbps: microseconds per message (default: the profile's latency)",
+    )
     p.add_argument("--heads", type=int, default=d.heads, help="query heads")
     p.add_argument("--kv-heads", type=int, default=d.kv_heads, help="key/value heads")
     p.add_argument("--head-dim", type=int, default=d.head_dim, help="dimension of a head")
@@ -416,6 +430,7 @@ def _run_plan(args: argparse.Namespace) -> int:
         paper_minimal_sequence,
         predict,
         validate,
+        with_link,
     )
 
     if args.calibrate:
@@ -438,6 +453,16 @@ def _run_plan(args: argparse.Namespace) -> int:
         return 2
     if args.memory is not None:
         hardware = replace(hardware, memory=float(args.memory))
+    if args.link_gbps is not None:
+        latency = None if args.link_latency_us is None else args.link_latency_us * 1e-6
+        try:
+            hardware = with_link(hardware, args.link_gbps, latency)
+        except ValueError as exc:
+            print(f"ringattn plan: error: {exc}", file=sys.stderr)
+            return 2
+    elif args.link_latency_us is not None:
+        print("ringattn plan: error: --link-latency-us needs --link-gbps", file=sys.stderr)
+        return 2
     if args.validate:
         rows = json.loads(open(args.validate).read())["rows"]
         print("| tokens | p | layout | mask | predicted s | measured s | error |")

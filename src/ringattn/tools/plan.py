@@ -68,6 +68,10 @@ class Hardware:
     step_overhead: float = 0.0  # seconds per ring step not hidden (merges, bookkeeping, waking)
     backward_ratio: float = 2.5
     peak_flops: float | None = None  # datasheet peak, for the paper's overlap condition
+    # bytes/s of a network link between ring neighbours that is slower than `bandwidth`, the
+    # device's own copy path (hosts joined by Ethernet/InfiniBand, or a shaped link): transfers
+    # take the link's time, but occupy the compute units only for the copy (`s` x bytes/bandwidth)
+    link_bandwidth: float | None = None
 
 
 # Datasheet peaks (dense bf16) and per-direction link bandwidths; `flops` assumes the kernel
@@ -139,6 +143,20 @@ PROFILES: dict[str, Hardware] = {
 }
 
 
+def with_link(hardware: Hardware, gbps: float, latency: float | None = None) -> Hardware:
+    """``hardware`` whose ring neighbours talk over a network link of ``gbps`` gigabits per
+    second in each direction (and ``latency`` seconds per message, if given)."""
+    if gbps <= 0:
+        raise ValueError(f"the link needs a positive rate, got {gbps} Gbit/s")
+    return replace(
+        hardware,
+        name=f"{hardware.name} over a {gbps:g} Gbit/s link",
+        link_bandwidth=gbps * 1e9 / 8,
+        latency=hardware.latency if latency is None else latency,
+        source=f"{hardware.source}; link: {gbps:g} Gbit/s per direction (--link-gbps)",
+    )
+
+
 def load_hardware(name: str) -> Hardware:
     """A built-in profile, ``local`` (the calibration file), or a path to a profile JSON."""
     if name in PROFILES:
@@ -196,6 +214,7 @@ class Prediction:
     hardware: str
     compute_step_s: float
     comm_step_s: float
+    busy_step_s: float  # a forward step with a transfer: max(compute + s x copy, transfer)
     overlapped: bool
     forward_s: float
     backward_s: float
@@ -334,8 +353,9 @@ def longest_sequence(config: Config, memory: float) -> int:
 
 
 def _rates(hardware: Hardware, devices: int, tokens: float) -> tuple[float, float, float]:
-    """FLOP/s of the whole machine (all ranks together) and of one rank, and bytes/s of one rank,
-    when ``devices`` ranks each compute blocks of ``tokens`` tokens."""
+    """FLOP/s of the whole machine (all ranks together) and of one rank, and the bytes/s one
+    rank copies through its own device, when ``devices`` ranks each compute blocks of
+    ``tokens`` tokens."""
     flops = hardware.flops * tokens / (tokens + hardware.half_efficiency_tokens)
     if not hardware.ranks_share_device:
         return flops * devices, flops, hardware.bandwidth
@@ -343,16 +363,22 @@ def _rates(hardware: Hardware, devices: int, tokens: float) -> tuple[float, floa
     return flops, per_rank, hardware.bandwidth * min(1.0, 2 / devices)
 
 
+def _wire(hardware: Hardware, copy_bandwidth: float) -> float:
+    """Bytes/s a transfer reaches its neighbour at: the copy path, or a slower link."""
+    return min(copy_bandwidth, hardware.link_bandwidth or math.inf)
+
+
 def min_tokens_for_overlap(config: Config, hardware: Hardware) -> float:
     """Smallest tokens per device whose forward step hides its transfer (latency included)."""
-    _, flops, bandwidth = _rates(hardware, config.devices, config.seq_len / config.devices)
+    _, flops, copy = _rates(hardware, config.devices, config.seq_len / config.devices)
     flops = min(flops, hardware.flops / config.devices) if hardware.ranks_share_device else flops
     causal_share = 0.5 if config.causal else 1.0
     a = 4 * config.batch * config.heads * config.head_dim * causal_share / flops
     per_token = rotation_bytes(
         1, 1, config.heads, config.kv_heads, config.head_dim, getattr(torch, config.dtype), False
     )[config.rotation]
-    b = (1 - hardware.comm_compute_share) * config.batch * per_token / bandwidth
+    # hidden when compute + s * copy >= transfer: a c^2 + s e c / copy >= e c / wire + L
+    b = config.batch * per_token * (1 / _wire(hardware, copy) - hardware.comm_compute_share / copy)
     # a c^2 >= b c + L  ->  c = (b + sqrt(b^2 + 4 a L)) / (2 a)
     return (b + math.sqrt(b * b + 4 * a * hardware.latency)) / (2 * a)
 
@@ -374,23 +400,28 @@ def predict(config: Config, hardware: Hardware) -> Prediction:
         seq_local, seq_local, config.heads, config.kv_heads, config.head_dim, dtype, True
     )[config.rotation]
     share = hardware.comm_compute_share
-    machine_flops, rank_flops, rank_bandwidth = _rates(hardware, p, seq_local)
+    machine_flops, rank_flops, copy_bandwidth = _rates(hardware, p, seq_local)
+    wire_bandwidth = _wire(hardware, copy_bandwidth)
 
-    def pass_time(scale: float, step_bytes: float, returns: bool) -> tuple[float, float, float]:
+    def pass_time(scale: float, step_bytes: float, returns: bool) -> tuple:
+        """Seconds of the pass, of compute per step, of a transfer, and of a step that
+        overlaps a transfer; and whether the transfer is hidden."""
         # the busiest rank bounds the pass, and so does the machine when ranks share it
         compute_pass = max(scale * flops_rank / rank_flops, scale * flops_total / machine_flops)
         compute = compute_pass / p
-        comm = step_bytes / rank_bandwidth + hardware.latency if p > 1 else 0.0
-        busy = max(compute + share * comm, comm)
+        comm = step_bytes / wire_bandwidth + hardware.latency if p > 1 else 0.0
+        copy = step_bytes / copy_bandwidth if p > 1 else 0.0
+        busy = max(compute + share * copy, comm)
         total = (p - 1) * busy + compute + (comm if returns else 0.0)
         crowding = max(1.0, p / hardware.cores) if hardware.ranks_share_device else 1.0
-        return total + (p + returns) * hardware.step_overhead * crowding, compute, comm
+        overhead = (p + returns) * hardware.step_overhead * crowding
+        return total + overhead, compute, comm, busy, compute + share * copy >= comm
 
     forward_returns = config.rotation == "q"
-    forward, compute_step, comm_step = pass_time(1.0, fwd_bytes, forward_returns)
+    forward, compute_step, comm_step, busy_step, hidden = pass_time(1.0, fwd_bytes, forward_returns)
     backward = 0.0
     if config.backward:
-        backward, _, _ = pass_time(hardware.backward_ratio, both_bytes - fwd_bytes, True)
+        backward, *_ = pass_time(hardware.backward_ratio, both_bytes - fwd_bytes, True)
     ratio = 1 + (hardware.backward_ratio if config.backward else 0.0)
     ideal = ratio * flops_total / machine_flops
     return Prediction(
@@ -398,7 +429,8 @@ def predict(config: Config, hardware: Hardware) -> Prediction:
         hardware=hardware.name,
         compute_step_s=compute_step,
         comm_step_s=comm_step,
-        overlapped=p == 1 or compute_step >= comm_step,
+        busy_step_s=busy_step,
+        overlapped=hidden,
         forward_s=forward,
         backward_s=backward,
         total_s=forward + backward,
