@@ -262,6 +262,19 @@ def test_plan_memory_overrides_the_profile(capsys):
     assert "fits 24.0 GiB per device" in capsys.readouterr().out
 
 
+def test_plan_link_options(capsys):
+    from ringattn.tools.cli import main
+
+    args = ["plan", "--hardware", "cpu-2core", "--devices", "2", "--seq-len", "8K"]
+    assert main([*args, "--link-gbps", "0.3", "--link-latency-us", "500"]) == 0
+    out = capsys.readouterr().out
+    assert "2 x cpu-2core over a 0.3 Gbit/s link" in out and "--link-gbps" in out
+    assert main([*args, "--link-latency-us", "500"]) == 2
+    assert "needs --link-gbps" in capsys.readouterr().err
+    assert main([*args, "--link-gbps", "-1"]) == 2
+    assert "positive rate" in capsys.readouterr().err
+
+
 def test_plan_refuses_unknown_hardware(capsys):
     from ringattn.tools.cli import main
 
