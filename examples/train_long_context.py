@@ -16,13 +16,24 @@ weights anyway) and replicated over "dp". Context parallelism shards every seque
 the zigzag layout; ``cp_loss`` gives each rank its share of the global mean loss, so gradients
 must be *summed* over "cp" and averaged over "dp": FSDP's gradient divide factor is set to dp
 instead of its default dp x cp. Checkpoints hold the full (unsharded) model and optimizer state,
-written by rank 0 and loaded through ``torch.distributed.checkpoint.state_dict``.
+written by rank 0 after every step (atomically: to a temporary file, then renamed, so a rank
+killed mid-save leaves the previous checkpoint intact) and loaded through
+``torch.distributed.checkpoint.state_dict``.
+
+Elastic recovery: when torchrun restarts the workers (``--max-restarts N``, after a rank died),
+the job resumes from ``--checkpoint`` by itself, as if ``--resume`` were given. Set
+``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``: otherwise the restarted workers share the first round's
+store, read its stale keys and fail or hang while joining (pytorch/pytorch#135712, #167288):
+
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nproc-per-node 4 --max-restarts 1 \\
+        examples/train_long_context.py --dp 2 --cp 2
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -48,6 +59,7 @@ from ringattn.tools.launch import cpu_threads_per_rank, init_worker, run_on_rank
 
 VOCAB = 512
 KEYS = range(256, 384)  # key tokens; values are in 384..511, filler in 0..255
+SHARED_STORE_FIX = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (pytorch/pytorch#135712)"
 
 
 def make_batch(batch: int, seq_len: int, step: int, seed: int = 0):
@@ -94,6 +106,14 @@ def _clip(model: torch.nn.Module, max_norm: float) -> float:
     return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
 
 
+def _save_atomically(state: dict, path: str) -> None:
+    """Write to a temporary file next to ``path``, then rename it over ``path``: a process killed
+    mid-write leaves the previous checkpoint whole."""
+    partial = f"{path}.partial"
+    torch.save(state, partial)
+    os.replace(partial, path)
+
+
 def train(
     dp: int,
     cp: int,
@@ -108,6 +128,13 @@ def train(
     log_every: int = 1,
 ) -> dict:
     """Every rank of a dp x cp job. Returns the per-step losses and final parameters (rank 0)."""
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))  # set by torchrun
+    shared_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    if restart and shared_store and os.environ.get("LOCAL_RANK") == "0":
+        print(
+            f"restart on torchrun's shared store: if joining fails, set {SHARED_STORE_FIX}",
+            flush=True,
+        )
     init_worker("cpu")
     torch.set_num_threads(cpu_threads_per_rank())
     mesh = init_device_mesh("cpu", (dp, cp), mesh_dim_names=("dp", "cp"))
@@ -119,6 +146,7 @@ def train(
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     start_step, losses, grad_norms = 0, [], []
+    resume = resume or restart > 0
     found = [bool(resume and checkpoint and rank == 0 and Path(checkpoint).exists())]
     dist.broadcast_object_list(found, src=0)  # only rank 0 needs to see the file
     if found[0]:
@@ -129,6 +157,8 @@ def train(
         progress = [state.get("step"), state.get("losses"), state.get("grad_norms")]
         dist.broadcast_object_list(progress, src=0)
         start_step, losses, grad_norms = progress
+        if rank == 0:
+            print(f"resumed from {checkpoint} at step {start_step} (restart {restart})", flush=True)
     padded = ringattn.padded_length(seq_len, layout, cp)
     mask = ringattn.create_ring_mask(padded, causal=True, layout=layout, group=cp_group)
     attend = ring_attention_fn(mask)
@@ -164,7 +194,7 @@ def train(
                 "grad_norms": grad_norms,
             }
             if rank == 0:
-                torch.save(state, checkpoint)
+                _save_atomically(state, checkpoint)
             dist.barrier()
     params = get_model_state_dict(model, options=full)
     dist.destroy_process_group()
@@ -201,7 +231,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--clip", type=float, default=1.0, help="max global gradient norm")
     parser.add_argument("--checkpoint", default="train-checkpoint.pt")
-    parser.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from --checkpoint (implied when torchrun restarts the workers; for "
+        f"torchrun --max-restarts set {SHARED_STORE_FIX})",
+    )
     parser.add_argument("--plot", default=None, help="write the loss curve to this PNG")
     args = parser.parse_args()
     run_args = (
