@@ -95,6 +95,10 @@ class Hosts:
         self._jobs = 0  # each job's rendezvous gets a port of its own
 
     def __enter__(self) -> Hosts:
+        # SIGTERM (a CI timeout, `kill`) unwinds through __exit__ like Ctrl-C does
+        self._previous_sigterm = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
         try:
             self._create()
         except BaseException:
@@ -155,8 +159,12 @@ class Hosts:
                 process.wait()
         self._running.clear()
         for namespace in reversed(self._created):
+            _kill_inside(namespace)
             subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
         self._created.clear()
+        if self._previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+            self._previous_sigterm = None
 
     def popen(
         self,
@@ -253,6 +261,26 @@ class Hosts:
         return [HostRun(i, p.returncode, "".join(outputs[i])) for i, p in enumerate(processes)]
 
 
+def _kill_inside(namespace: str) -> None:
+    """SIGKILL every process left in ``namespace``: torchrun starts each worker in a session of
+    its own, so killing the agent's process group can leave workers behind."""
+    for _ in range(10):
+        listed = subprocess.run(["ip", "netns", "pids", namespace], capture_output=True, text=True)
+        pids = [int(pid) for pid in listed.stdout.split()]
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)
+
+
+def _exit_on_sigterm(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def _bits_per_second(rate: str) -> float:
     """A tc rate (``"500mbit"``, ``"1gbit"``, ``"100kbit"``, ``"80mbps"`` = bytes) in bits/s."""
     units = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "kbps": 8e3, "mbps": 8e6, "gbps": 8e9, "bit": 1}
@@ -281,7 +309,6 @@ def main() -> None:
     reason = unavailable_reason()
     if reason:
         raise SystemExit(f"cannot simulate hosts here: {reason}")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds through Hosts.__exit__
     with Hosts(args.hosts, rate=args.rate) as hosts:
         runs = hosts.torchrun(
             target, args.nproc_per_node, args.rendezvous, timeout=args.timeout, echo=True

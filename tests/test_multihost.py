@@ -87,6 +87,28 @@ def test_training_across_hosts_equals_single_process(two_hosts, tmp_path):
         torch.testing.assert_close(value, reference["params"][name], rtol=1e-4, atol=1e-4)
 
 
+def test_hosts_are_removed_when_the_harness_is_terminated(tmp_path):
+    """SIGTERM (a CI timeout, `kill`) to a script holding hosts: they are removed all the same."""
+    before = _namespaces()
+    script = tmp_path / "hold.py"
+    script.write_text(
+        f"import sys, time\nsys.path.insert(0, {str(ROOT / 'scripts')!r})\nimport multihost\n"
+        "with multihost.Hosts(2) as hosts:\n"
+        "    hosts.popen(1, ['sleep', '600'])\n"
+        "    print(' '.join(hosts.namespaces), flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    holder = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        made = holder.stdout.readline().split()
+        assert len(made) == 2 and set(made) <= _namespaces()
+        holder.terminate()
+        assert holder.wait(timeout=30) == 128 + 15
+    finally:
+        holder.kill()
+    assert _namespaces() == before
+
+
 def test_hosts_are_removed_even_on_failure():
     before = _namespaces()
     with pytest.raises(RuntimeError, match="boom"):
@@ -94,5 +116,20 @@ def test_hosts_are_removed_even_on_failure():
             made = set(hosts.namespaces) | {hosts.switch}
             assert made <= _namespaces()
             hosts.popen(0, ["sleep", "600"])
+            # a process in a session of its own, as torchrun starts its workers
+            hosts.popen(1, ["setsid", "sleep", "6071"])
             raise RuntimeError("boom")
     assert _namespaces() == before
+    assert not _processes_running("sleep\x006071"), "a process outlived its host"
+
+
+def _processes_running(cmdline: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "cmdline").read_bytes().decode(errors="replace").startswith(cmdline):
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found

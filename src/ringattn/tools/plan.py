@@ -369,18 +369,37 @@ def _wire(hardware: Hardware, copy_bandwidth: float) -> float:
 
 
 def min_tokens_for_overlap(config: Config, hardware: Hardware) -> float:
-    """Smallest tokens per device whose forward step hides its transfer (latency included)."""
-    _, flops, copy = _rates(hardware, config.devices, config.seq_len / config.devices)
-    flops = min(flops, hardware.flops / config.devices) if hardware.ranks_share_device else flops
+    """Smallest tokens per device whose forward step hides its transfer (latency included).
+
+    The kernel's rate depends on the block size (``half_efficiency_tokens``), so the block size
+    is solved for at the rate of blocks of that size (a fixed point, found by iteration)."""
     causal_share = 0.5 if config.causal else 1.0
-    a = 4 * config.batch * config.heads * config.head_dim * causal_share / flops
     per_token = rotation_bytes(
         1, 1, config.heads, config.kv_heads, config.head_dim, getattr(torch, config.dtype), False
     )[config.rotation]
-    # hidden when compute + s * copy >= transfer: a c^2 + s e c / copy >= e c / wire + L
-    b = config.batch * per_token * (1 / _wire(hardware, copy) - hardware.comm_compute_share / copy)
-    # a c^2 >= b c + L  ->  c = (b + sqrt(b^2 + 4 a L)) / (2 a)
-    return (b + math.sqrt(b * b + 4 * a * hardware.latency)) / (2 * a)
+
+    def solve(tokens: float) -> float:
+        _, flops, copy = _rates(hardware, config.devices, tokens)
+        if hardware.ranks_share_device:
+            flops = min(flops, hardware.flops / config.devices)
+        a = 4 * config.batch * config.heads * config.head_dim * causal_share / flops
+        # hidden when compute + s * copy >= transfer: a c^2 + s e c / copy >= e c / wire + L
+        b = (
+            config.batch
+            * per_token
+            * (1 / _wire(hardware, copy) - hardware.comm_compute_share / copy)
+        )
+        # a c^2 >= b c + L  ->  c = (b + sqrt(b^2 + 4 a L)) / (2 a)
+        return (b + math.sqrt(b * b + 4 * a * hardware.latency)) / (2 * a)
+
+    tokens = solve(max(1.0, config.seq_len / config.devices))
+    for _ in range(50):  # the rate rises with the block, so the iteration contracts
+        if tokens <= 0:  # no latency and a free transfer: any block hides it
+            return 0.0
+        tokens, previous = solve(tokens), tokens
+        if abs(tokens - previous) <= 1e-6 * previous:
+            break
+    return tokens
 
 
 def predict(config: Config, hardware: Hardware) -> Prediction:
