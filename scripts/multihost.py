@@ -137,9 +137,10 @@ class Hosts:
                 capture_output=True,
             )
             if rate:
-                # burst: 4 ms of traffic (at least 64 KiB), so one token bucket refill per timer
-                # tick does not cap the rate; a deep queue (1 s) instead of drops keeps TCP smooth
-                burst = max(64 * 1024, int(_bits_per_second(rate) / 8 * 0.004))
+                # burst: 1 ms of traffic (at least 16 KiB): a link that starts at its rate, not
+                # with a bucket's worth at line speed; a deep queue (1 s) instead of drops keeps
+                # TCP smooth
+                burst = max(16 * 1024, int(_bits_per_second(rate) / 8 * 0.001))
                 command = ["tc", "-n", namespace, "qdisc", "add", "dev", INTERFACE, "root",
                            "tbf", "rate", rate, "burst", str(burst), "latency", "1s"]  # fmt: skip
                 done = subprocess.run(command, capture_output=True, text=True)

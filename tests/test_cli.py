@@ -270,7 +270,9 @@ def test_plan_link_options(capsys):
     out = capsys.readouterr().out
     assert "2 x cpu-2core over a 0.3 Gbit/s link" in out and "--link-gbps" in out
     assert main([*args, "--link-latency-us", "500"]) == 2
-    assert "needs --link-gbps" in capsys.readouterr().err
+    assert "need --link-gbps" in capsys.readouterr().err
+    assert main([*args, "--link-gbps", "1", "--link-compute-share", "0.16"]) == 0
+    assert "compute share 0.16" in capsys.readouterr().out
     assert main([*args, "--link-gbps", "-1"]) == 2
     assert "positive rate" in capsys.readouterr().err
 

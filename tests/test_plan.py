@@ -76,37 +76,36 @@ def test_prediction_is_overlapped_above_the_minimum_and_not_below():
     assert prediction.overlapped and prediction.efficiency > 0.95
 
 
-def test_a_slower_link_moves_the_overlap_point_but_not_the_copy_cost():
-    """A network link slower than the device's copy path: transfers take the link's time, the
-    overlap point scales with 1 / rate, and the compute units pay only for the copy."""
+def test_a_network_link_sets_the_transfer_and_its_compute_share():
+    """A link between ring neighbours: transfers take the link's time, the overlap point scales
+    with 1 / rate, and the compute units lose the link's share of each transfer's time."""
     ideal = Hardware("ideal", 100e9, 10e9, 0.0, 80e9, "float32", "test", comm_compute_share=0.5)
     config = Config(seq_len=1 << 16, devices=2, heads=2, kv_heads=2, head_dim=64,
                     dtype="float32", causal=False, layout="contiguous", backward=False)  # fmt: skip
-    slow, slower = with_link(ideal, 1.0), with_link(ideal, 0.25)
+    slow, slower = with_link(ideal, 1.0), with_link(ideal, 0.25, compute_share=0.2)
     assert slow.link_bandwidth == 1e9 / 8 and "1 Gbit/s" in slow.name
+    assert slow.comm_compute_share == 0.0 and slower.comm_compute_share == 0.2
     per_token = 2 * 2 * 64 * 4  # K and V, float32
     flops_per_token_pair = 4 * 2 * 64
-    # a c^2 + s e c / copy = e c / link  ->  c = e (1 / link - s / copy) / a
-    expected = per_token * (8 / 1e9 - 0.5 / 10e9) / (flops_per_token_pair / 100e9)
+    # a c^2 = e c / link  ->  c = e / (link a)
+    expected = per_token * 8 / 1e9 / (flops_per_token_pair / 100e9)
     assert min_tokens_for_overlap(config, slow) == pytest.approx(expected, rel=1e-9)
+    # 4x slower and 20% of it taken from compute: a c^2 = 0.8 e c / link
     ratio = min_tokens_for_overlap(config, slower) / min_tokens_for_overlap(config, slow)
-    assert ratio == pytest.approx(4.0, rel=0.02)
+    assert ratio == pytest.approx(4.0 * 0.8, rel=1e-9)
     prediction = predict(config, slower)
     n = config.seq_len // 2
     assert prediction.comm_step_s == pytest.approx(n * per_token / (0.25e9 / 8), rel=1e-9)
-    copy = n * per_token / 10e9
-    assert prediction.busy_step_s == pytest.approx(
-        max(prediction.compute_step_s + 0.5 * copy, prediction.comm_step_s), rel=1e-9
-    )
-    assert prediction.overlapped == (
-        prediction.compute_step_s + 0.5 * copy >= prediction.comm_step_s
-    )
-    # a link faster than the copy path changes nothing
-    assert predict(config, with_link(ideal, 1000.0)).comm_step_s == pytest.approx(
-        predict(config, ideal).comm_step_s
-    )
+    busy = max(prediction.compute_step_s + 0.2 * prediction.comm_step_s, prediction.comm_step_s)
+    assert prediction.busy_step_s == pytest.approx(busy, rel=1e-9)
+    assert prediction.overlapped == (busy > prediction.comm_step_s)
+    # a link faster than the device's own path changes nothing but the share
+    fast = with_link(ideal, 1000.0, compute_share=0.5)
+    assert predict(config, fast).comm_step_s == pytest.approx(predict(config, ideal).comm_step_s)
     with pytest.raises(ValueError, match="positive rate"):
         with_link(ideal, 0.0)
+    with pytest.raises(ValueError, match="compute share"):
+        with_link(ideal, 1.0, compute_share=1.0)
 
 
 def test_contiguous_causal_is_predicted_slower_than_zigzag():

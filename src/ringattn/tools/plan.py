@@ -68,9 +68,9 @@ class Hardware:
     step_overhead: float = 0.0  # seconds per ring step not hidden (merges, bookkeeping, waking)
     backward_ratio: float = 2.5
     peak_flops: float | None = None  # datasheet peak, for the paper's overlap condition
-    # bytes/s of a network link between ring neighbours that is slower than `bandwidth`, the
-    # device's own copy path (hosts joined by Ethernet/InfiniBand, or a shaped link): transfers
-    # take the link's time, but occupy the compute units only for the copy (`s` x bytes/bandwidth)
+    # bytes/s of a network link between ring neighbours (hosts joined by Ethernet/InfiniBand, or
+    # a shaped link), per direction and not shared by the ranks of a device like `bandwidth`; a
+    # transfer goes at the slower of the two
     link_bandwidth: float | None = None
 
 
@@ -143,17 +143,25 @@ PROFILES: dict[str, Hardware] = {
 }
 
 
-def with_link(hardware: Hardware, gbps: float, latency: float | None = None) -> Hardware:
+def with_link(
+    hardware: Hardware, gbps: float, latency: float | None = None, compute_share: float = 0.0
+) -> Hardware:
     """``hardware`` whose ring neighbours talk over a network link of ``gbps`` gigabits per
-    second in each direction (and ``latency`` seconds per message, if given)."""
+    second in each direction, ``latency`` seconds per message (default: the profile's), and
+    ``compute_share`` of a transfer's time also taken from compute (0: the NIC moves the data;
+    a software network stack on the compute cores costs a share, measured on a link)."""
     if gbps <= 0:
         raise ValueError(f"the link needs a positive rate, got {gbps} Gbit/s")
+    if not 0 <= compute_share < 1:
+        raise ValueError(f"the link's compute share must be in [0, 1), got {compute_share}")
     return replace(
         hardware,
         name=f"{hardware.name} over a {gbps:g} Gbit/s link",
         link_bandwidth=gbps * 1e9 / 8,
         latency=hardware.latency if latency is None else latency,
-        source=f"{hardware.source}; link: {gbps:g} Gbit/s per direction (--link-gbps)",
+        comm_compute_share=compute_share,
+        source=f"{hardware.source}; link: {gbps:g} Gbit/s per direction, compute share "
+        f"{compute_share:g} (--link-gbps)",
     )
 
 
@@ -214,7 +222,7 @@ class Prediction:
     hardware: str
     compute_step_s: float
     comm_step_s: float
-    busy_step_s: float  # a forward step with a transfer: max(compute + s x copy, transfer)
+    busy_step_s: float  # a forward step with a transfer: max(compute + s x transfer, transfer)
     overlapped: bool
     forward_s: float
     backward_s: float
@@ -363,9 +371,9 @@ def _rates(hardware: Hardware, devices: int, tokens: float) -> tuple[float, floa
     return flops, per_rank, hardware.bandwidth * min(1.0, 2 / devices)
 
 
-def _wire(hardware: Hardware, copy_bandwidth: float) -> float:
-    """Bytes/s a transfer reaches its neighbour at: the copy path, or a slower link."""
-    return min(copy_bandwidth, hardware.link_bandwidth or math.inf)
+def _wire(hardware: Hardware, device_bandwidth: float) -> float:
+    """Bytes/s a transfer reaches its neighbour at: the device's path, or a slower link."""
+    return min(device_bandwidth, hardware.link_bandwidth or math.inf)
 
 
 def min_tokens_for_overlap(config: Config, hardware: Hardware) -> float:
@@ -374,23 +382,20 @@ def min_tokens_for_overlap(config: Config, hardware: Hardware) -> float:
     The kernel's rate depends on the block size (``half_efficiency_tokens``), so the block size
     is solved for at the rate of blocks of that size (a fixed point, found by iteration)."""
     causal_share = 0.5 if config.causal else 1.0
+    share = hardware.comm_compute_share
     per_token = rotation_bytes(
         1, 1, config.heads, config.kv_heads, config.head_dim, getattr(torch, config.dtype), False
     )[config.rotation]
 
     def solve(tokens: float) -> float:
-        _, flops, copy = _rates(hardware, config.devices, tokens)
+        _, flops, bandwidth = _rates(hardware, config.devices, tokens)
         if hardware.ranks_share_device:
             flops = min(flops, hardware.flops / config.devices)
         a = 4 * config.batch * config.heads * config.head_dim * causal_share / flops
-        # hidden when compute + s * copy >= transfer: a c^2 + s e c / copy >= e c / wire + L
-        b = (
-            config.batch
-            * per_token
-            * (1 / _wire(hardware, copy) - hardware.comm_compute_share / copy)
-        )
-        # a c^2 >= b c + L  ->  c = (b + sqrt(b^2 + 4 a L)) / (2 a)
-        return (b + math.sqrt(b * b + 4 * a * hardware.latency)) / (2 * a)
+        b = config.batch * per_token / _wire(hardware, bandwidth)
+        # hidden when compute + s * transfer >= transfer: a c^2 >= (1 - s) (b c + L)
+        b, latency = (1 - share) * b, (1 - share) * hardware.latency
+        return (b + math.sqrt(b * b + 4 * a * latency)) / (2 * a)
 
     tokens = solve(max(1.0, config.seq_len / config.devices))
     for _ in range(50):  # the rate rises with the block, so the iteration contracts
@@ -419,8 +424,8 @@ def predict(config: Config, hardware: Hardware) -> Prediction:
         seq_local, seq_local, config.heads, config.kv_heads, config.head_dim, dtype, True
     )[config.rotation]
     share = hardware.comm_compute_share
-    machine_flops, rank_flops, copy_bandwidth = _rates(hardware, p, seq_local)
-    wire_bandwidth = _wire(hardware, copy_bandwidth)
+    machine_flops, rank_flops, device_bandwidth = _rates(hardware, p, seq_local)
+    wire_bandwidth = _wire(hardware, device_bandwidth)
 
     def pass_time(scale: float, step_bytes: float, returns: bool) -> tuple:
         """Seconds of the pass, of compute per step, of a transfer, and of a step that
@@ -429,12 +434,11 @@ def predict(config: Config, hardware: Hardware) -> Prediction:
         compute_pass = max(scale * flops_rank / rank_flops, scale * flops_total / machine_flops)
         compute = compute_pass / p
         comm = step_bytes / wire_bandwidth + hardware.latency if p > 1 else 0.0
-        copy = step_bytes / copy_bandwidth if p > 1 else 0.0
-        busy = max(compute + share * copy, comm)
+        busy = max(compute + share * comm, comm)
         total = (p - 1) * busy + compute + (comm if returns else 0.0)
         crowding = max(1.0, p / hardware.cores) if hardware.ranks_share_device else 1.0
         overhead = (p + returns) * hardware.step_overhead * crowding
-        return total + overhead, compute, comm, busy, compute + share * copy >= comm
+        return total + overhead, compute, comm, busy, compute + share * comm >= comm
 
     forward_returns = config.rotation == "q"
     forward, compute_step, comm_step, busy_step, hidden = pass_time(1.0, fwd_bytes, forward_returns)
