@@ -1,26 +1,28 @@
 """Shaped links check the planner: the ring between two simulated hosts whose link is rate-limited
 (tc token-bucket filter), measured at several bandwidths and block sizes, next to what
-``ringattn plan --link-gbps`` predicts for the same link.
+``ringattn plan``'s model predicts for a profile of the same kernel and link.
 
-    sudo .venv/bin/python benchmarks/shaped_links.py                      # about 6 minutes
+    sudo .venv/bin/python benchmarks/shaped_links.py                      # about 5 minutes
     sudo .venv/bin/python benchmarks/shaped_links.py --rates 100mbit,1gbit --tokens 512,2K,8K
+    .venv/bin/python benchmarks/shaped_links.py --from-json               # predict again
 
 Two hosts (``scripts/multihost.py``), one rank each, one thread each, ring forward of full
 (non-causal) attention with pass-KV and whole blocks (``Granularity(sub_blocks=1)``), so a ring of
 2 has one step whose transfer can hide behind compute. For every rate and tokens-per-device ``n``
 it measures (medians of ``--repeats``):
 
-- compute: the kernel time of a step (the trace's compute time per step);
-- transfer: the time to exchange one K/V block between the hosts with nothing else running;
-- wait: the time the step waited for its block after computing (the trace's wait time);
-- step: compute + wait of the step that overlaps the transfer.
+- alone: the kernel on the rank's own block, both hosts at once, nothing in flight;
+- compute: the kernel's time in the ring step that overlaps the transfer;
+- transfer: the engine's exchange of one K/V block between the hosts, nothing else running;
+- wait: the time that step waited for its block after computing; step = compute + wait.
 
-The predictions use the ``cpu-2core`` profile with the link's rate: per-step compute and transfer,
-the step time ``max(compute + s * copy, transfer)``, and the fewest tokens per device whose
-compute hides the transfer. The measured crossover is where the measured transfer and compute
-times cross (each smoothed by a fit of its own form: single sizes are noisy at these step
-lengths). Writes a JSON file and a plot of measured against predicted step times; ``--from-json``
-predicts again from saved measurements.
+The prediction is the planner's model (``step = max(compute + s * transfer, transfer)``, and the
+fewest tokens per device whose compute hides the transfer) for a profile fitted to measurements
+of the parts, none of the ring's steps (:func:`measured_profile`): the kernel's rate (this
+machine's speed varies between days, so the stored ``cpu-2core`` rate is not reused), the link's
+rate and latency, and its compute share. The measured crossover is where the measured transfer
+and in-ring compute times cross (each smoothed by a fit of its own form: single sizes are noisy
+at these step lengths). Writes a JSON file (measurements, fitted profiles, predictions) and a plot.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,7 +77,7 @@ def _worker(tokens: list[int], repeats: int, out: str) -> None:
             transfer = time.perf_counter() - started
             if repeat:
                 samples["alone"].append(alone)
-                samples["compute"].append(statistics.mean(s.compute_s for s in steps))
+                samples["compute"].append(steps[0].compute_s)
                 samples["wait"].append(sum(s.wait_s for s in steps))
                 samples["step"].append(steps[0].compute_s + sum(s.wait_s for s in steps))
                 samples["transfer"].append(transfer)
@@ -140,6 +142,8 @@ def _crossover(rows: list[dict]) -> float | None:
 def _fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
     """(intercept, slope) of the line through (xs, ys) with the least squared *relative* error,
     so the small sizes (latency) weigh as much as the large ones (rate)."""
+    if len(set(xs)) < 2 or min(ys) <= 0:
+        raise ValueError("a fit needs at least two distinct sizes and positive times")
     weights = [1 / (y * y) for y in ys]
     total = sum(weights)
     mx = sum(w * x for w, x in zip(weights, xs, strict=True)) / total
@@ -165,6 +169,8 @@ def measured_profile(rows: list[dict]):
     work = [4 * t * t * HEADS * DIM for t in n]
     per_flop = [r["alone"] / w for r, w in zip(rows, work, strict=True)]
     inverse, small_block = _fit_line([1 / t for t in n], per_flop)
+    if inverse <= 0:
+        raise ValueError("the kernel-alone times do not fit t / W = 1 / F + (h / F) / n")
     rank_flops = 1 / inverse
     latency, seconds_per_byte = _fit_line(
         [r["bytes_per_step"] for r in rows], [r["transfer"] for r in rows]
@@ -181,6 +187,8 @@ def measured_profile(rows: list[dict]):
         flops=rank_flops * base.cores,  # the profile shares the machine's rate among its ranks
         half_efficiency_tokens=max(0.0, small_block * rank_flops),
     )
+    if seconds_per_byte <= 0:
+        raise ValueError("the transfer times do not grow with the bytes: no link rate fits")
     link_gbps = 8 / seconds_per_byte / 1e9
     return with_link(hardware, link_gbps, max(latency, 0.0), min(max(share, 0.0), 0.95)), link_gbps
 
@@ -220,6 +228,7 @@ def _predictions(rows: list[dict]) -> dict:
         "latency_s": hardware.latency,
         "compute_share": hardware.comm_compute_share,
         "rank_gflops": hardware.flops / hardware.cores / 1e9,
+        "profile": asdict(hardware),
     }
 
 
@@ -242,7 +251,9 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    tokens = [parse_tokens(t) for t in args.tokens.split(",")]
+    tokens = sorted({parse_tokens(t) for t in args.tokens.split(",")})
+    if len(tokens) < 2:
+        parser.error("--tokens needs at least two sizes (the fits need them)")
     if args.worker:
         _worker(tokens, args.repeats, args.out)
         return
@@ -251,7 +262,7 @@ def main() -> None:
             run["rate"]: run["measured"] for run in json.loads(Path(args.json).read_text())["runs"]
         }
     else:
-        measured = _measure(args.rates.split(","), args.tokens, args.repeats)
+        measured = _measure(args.rates.split(","), ",".join(map(str, tokens)), args.repeats)
     results = [_compare(rate, rows) for rate, rows in measured.items()]
     summary = {"heads": HEADS, "head_dim": DIM, "runs": results}
     Path(args.json).write_text(json.dumps(summary, indent=1))
@@ -292,6 +303,7 @@ def _compare(rate: str, measured: list[dict]) -> dict:
         "latency_s": predicted["latency_s"],
         "compute_share": predicted["compute_share"],
         "rank_gflops": predicted["rank_gflops"],
+        "profile": predicted["profile"],
         "measured": measured,
         "predicted": predicted["rows"],
         "measured_crossover": _crossover(measured),

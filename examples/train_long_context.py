@@ -143,6 +143,9 @@ def train(
     model = TinyDecoder(vocab=VOCAB, dim=64, layers=2, heads=4, kv_heads=2, seed=0)
     fully_shard(model, mesh=mesh)  # 2-D mesh: replicate over dp, shard over cp
     model.set_gradient_divide_factor(dp)  # sum the cp shares, average the dp replicas
+    if hasattr(model, "set_force_sum_reduction_for_comms"):
+        # a factor other than the cp size needs NCCL's PREMUL_SUM, which gloo lacks: sum, divide
+        model.set_force_sum_reduction_for_comms(True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     start_step, losses, grad_norms = 0, [], []

@@ -29,6 +29,7 @@ Rendezvous across these hosts (and what a real cluster needs):
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import signal
@@ -39,24 +40,29 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 SUBNET = "10.213.0"  # private; exists only inside the namespaces this script creates
 INTERFACE = "veth0"  # every host's link to the switch has this name inside its namespace
+FAILED_HOST_GRACE_S = 30.0  # how long the other hosts may take to fail after one has
 
 
+@functools.cache
 def unavailable_reason() -> str | None:
-    """Why namespaces cannot be made here (None when they can)."""
+    """Why simulated hosts cannot be made here (None when they can): tried once per process by
+    making two of them, with a shaped link."""
     if sys.platform != "linux":
         return "network namespaces need Linux"
     if os.geteuid() != 0:
         return "network namespaces need root"
-    if shutil.which("ip") is None:
-        return "the `ip` command (iproute2) is not installed"
-    probe = f"ra-probe-{os.getpid()}"
-    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
-    if made.returncode != 0:
-        return f"`ip netns add` failed: {made.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    for tool in ("ip", "tc"):
+        if shutil.which(tool) is None:
+            return f"the `{tool}` command (iproute2) is not installed"
+    try:
+        with Hosts(2, rate="100mbit"):
+            pass
+    except RuntimeError as exc:
+        return str(exc)
     return None
 
 
@@ -93,12 +99,15 @@ class Hosts:
         self._created: list[str] = []
         self._running: list[subprocess.Popen] = []
         self._jobs = 0  # each job's rendezvous gets a port of its own
+        self._hosts: dict[int, int] = {}  # pid of a process started by popen -> its host
+        self._handles_sigterm = False
+        self._previous_sigterm: Any = signal.SIG_DFL
 
     def __enter__(self) -> Hosts:
         # SIGTERM (a CI timeout, `kill`) unwinds through __exit__ like Ctrl-C does
-        self._previous_sigterm = None
         if threading.current_thread() is threading.main_thread():
-            self._previous_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+            self._previous_sigterm = signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+            self._handles_sigterm = True
         try:
             self._create()
         except BaseException:
@@ -150,22 +159,45 @@ class Hosts:
 
     def close(self) -> None:
         """Stop every process started here, then delete the namespaces (and with them their
-        veths, bridge and qdiscs)."""
-        for process in self._running:
+        veths, bridge and qdiscs). Signals wait until it is done."""
+        held = {}
+        if threading.current_thread() is threading.main_thread():
+            held = {
+                sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)
+            }
+        try:
+            self._stop(self._running)
+            self._running.clear()
+            left = []
+            for namespace in reversed(self._created):
+                _kill_inside(namespace)
+                deleted = subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
+                if deleted.returncode != 0:
+                    left.append(namespace)
+            self._created.clear()
+            if left:
+                print(f"multihost: could not delete namespaces {left}", file=sys.stderr)
+        finally:
+            for sig, handler in held.items():
+                signal.signal(sig, handler)
+            if self._handles_sigterm:
+                signal.signal(signal.SIGTERM, self._previous_sigterm)
+                self._handles_sigterm = False
+
+    def _stop(self, processes: Sequence[subprocess.Popen]) -> None:
+        """Kill ``processes`` (started by :meth:`popen`) and everything in their hosts: torchrun
+        starts each worker in a session of its own, out of reach of its agent's process group."""
+        for process in processes:
             if process.poll() is None:
                 try:
                     os.killpg(process.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-                process.wait()
-        self._running.clear()
-        for namespace in reversed(self._created):
-            _kill_inside(namespace)
-            subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
-        self._created.clear()
-        if self._previous_sigterm is not None:
-            signal.signal(signal.SIGTERM, self._previous_sigterm)
-            self._previous_sigterm = None
+            process.wait()
+            if process.stdout is not None:
+                process.stdout.close()
+        for host in {self._hosts[process.pid] for process in processes}:
+            _kill_inside(self.namespaces[host])
 
     def popen(
         self,
@@ -186,6 +218,7 @@ class Hosts:
             start_new_session=True,
         )
         self._running.append(process)
+        self._hosts[process.pid] = host
         return process
 
     def torchrun_command(
@@ -222,10 +255,11 @@ class Hosts:
         echo: bool = False,
         cwd: str | os.PathLike | None = None,
     ) -> list[HostRun]:
-        """Run ``torchrun [options] *target`` on every host as one job; wait at most ``timeout``
-        seconds (then every host's processes are killed and the runs report return code -9),
-        from directory ``cwd``.
-        ``echo`` prints each host's output as it comes, prefixed with the host."""
+        """Run ``torchrun [options] *target`` on every host as one job, from directory ``cwd``;
+        wait at most ``timeout`` seconds, and at most ``FAILED_HOST_GRACE_S`` after a host has
+        failed (the others could wait for it for the process group's whole timeout); then every
+        host's processes are killed (return code -9). ``echo`` prints each host's output as it
+        comes, prefixed with the host."""
         port = 29400 + self._jobs  # the namespaces are new: nothing else listens in them
         self._jobs += 1
         processes = [
@@ -248,15 +282,11 @@ class Hosts:
         for reader in readers:
             reader.start()
         deadline = time.monotonic() + timeout
-        for process in processes:
-            try:
-                process.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                break
-        for process in processes:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        while time.monotonic() < deadline and any(p.poll() is None for p in processes):
+            if any(p.poll() not in (None, 0) for p in processes):
+                deadline = min(deadline, time.monotonic() + FAILED_HOST_GRACE_S)
+            time.sleep(0.1)
+        self._stop(processes)
         for reader in readers:
             reader.join(timeout=5)
         return [HostRun(i, p.returncode, "".join(outputs[i])) for i, p in enumerate(processes)]
@@ -278,8 +308,13 @@ def _kill_inside(namespace: str) -> None:
         time.sleep(0.1)
 
 
-def _exit_on_sigterm(signum: int, frame) -> None:
-    raise SystemExit(128 + signum)
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that everything unwinds (pytest stops the session, not
+    just the current test) and the hosts are removed."""
+
+
+def _interrupt_on_sigterm(signum: int, frame) -> None:
+    raise Terminated(f"signal {signum}")
 
 
 def _bits_per_second(rate: str) -> float:
@@ -310,10 +345,13 @@ def main() -> None:
     reason = unavailable_reason()
     if reason:
         raise SystemExit(f"cannot simulate hosts here: {reason}")
-    with Hosts(args.hosts, rate=args.rate) as hosts:
-        runs = hosts.torchrun(
-            target, args.nproc_per_node, args.rendezvous, timeout=args.timeout, echo=True
-        )
+    try:
+        with Hosts(args.hosts, rate=args.rate) as hosts:
+            runs = hosts.torchrun(
+                target, args.nproc_per_node, args.rendezvous, timeout=args.timeout, echo=True
+            )
+    except Terminated:
+        raise SystemExit(128 + signal.SIGTERM) from None
     failed = [run.host for run in runs if run.returncode != 0]
     if failed:
         raise SystemExit(f"hosts {failed} failed (return codes {[r.returncode for r in runs]})")

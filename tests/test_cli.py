@@ -275,6 +275,10 @@ def test_plan_link_options(capsys):
     assert "compute share 0.16" in capsys.readouterr().out
     assert main([*args, "--link-gbps", "-1"]) == 2
     assert "positive rate" in capsys.readouterr().err
+    assert main([*args, "--link-gbps", "nan"]) == 2
+    assert "positive rate" in capsys.readouterr().err
+    assert main([*args, "--link-gbps", "1", "--link-latency-us", "-5"]) == 2
+    assert "latency must be >= 0" in capsys.readouterr().err
 
 
 def test_plan_refuses_unknown_hardware(capsys):

@@ -366,6 +366,27 @@ def _collective_device(group: dist.ProcessGroup) -> torch.device:
 
 
 _CALLERS = ("ring_attention", "create_ring_mask")
+_MESSAGE_BYTES = 4096  # of one rank's problem, as gathered (longer ones are cut)
+
+
+def _gather_messages(
+    message: str | None,
+    group: dist.ProcessGroup,
+    world_size: int,
+    device: torch.device,
+    caller: str,
+) -> list[str | None]:
+    """Every rank's ``message`` (None where a rank has none), through one bounded all-gather of
+    fixed-size UTF-8 buffers."""
+    encoded = (message or "").encode()[:_MESSAGE_BYTES]
+    local = torch.zeros(_MESSAGE_BYTES, dtype=torch.uint8)
+    if encoded:
+        local[: len(encoded)] = torch.frombuffer(bytearray(encoded), dtype=torch.uint8)
+    gathered = [torch.empty_like(local, device=device) for _ in range(world_size)]
+    work = dist.all_gather(gathered, local.to(device), group=group, async_op=True)
+    wait_bounded(work, host_timeout(device, group), f"{caller}'s check across ranks")
+    texts = [bytes(t.cpu().tolist()).rstrip(b"\0").decode(errors="replace") for t in gathered]
+    return [text or None for text in texts]
 
 
 def agree(
@@ -401,8 +422,7 @@ def agree(
             "group must call create_ring_mask and ring_attention together, in the same order"
         )
     if rows[:, 0].any():
-        problems: list[str | None] = [None] * world_size
-        dist.all_gather_object(problems, problem, group=group)
+        problems = _gather_messages(problem, group, world_size, device, caller)
         listed = "; ".join(f"rank {r}: {p}" for r, p in enumerate(problems) if p)
         raise RingInputError(f"{caller}: invalid input on {listed}")
     shared = {}

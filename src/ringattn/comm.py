@@ -126,7 +126,8 @@ def wait_bounded(work, timeout: timedelta | None, what: str) -> None:
         completed = work.wait(timeout)
     except RuntimeError as exc:
         waited = time.monotonic() - started
-        if waited >= 0.9 * timeout.total_seconds():
+        limit = timeout.total_seconds()
+        if waited >= limit - min(0.1 * limit, 1.0):  # the backend's timer fired, not a peer
             raise TimeoutError(message) from exc
         raise RingPeerError(
             f"{what} failed after {waited:.1f} s: a peer died or closed its connection "
@@ -161,9 +162,12 @@ def host_timeout(
 
 
 def _group_timeout_s(group: dist.ProcessGroup | None) -> float | None:
-    """The timeout ``group``'s gloo backend was created with (seconds), if it can be read."""
+    """The timeout ``group``'s gloo backend was created with (seconds), if it can be read;
+    ``None`` is the default group, as for ``torch.distributed``'s own calls."""
     if group is None:
-        return None
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        group = dist.group.WORLD
     try:
         return group._get_backend(torch.device("cpu")).options._timeout.total_seconds()
     except (AttributeError, RuntimeError):  # another backend, or a private API that moved

@@ -381,7 +381,7 @@ def _plan_parser(sub) -> None:
         default=None,
         help="with --link-gbps: share of a transfer's time also taken from compute (default 0: "
         "the NIC moves the data; a software network stack on the compute cores costs some, "
-        "0.16 measured over gloo/TCP between this machine's simulated hosts)",
+        "0.15-0.36 measured over gloo/TCP between this machine's simulated hosts)",
     )
     p.add_argument("--heads", type=int, default=d.heads, help="query heads")
     p.add_argument("--kv-heads", type=int, default=d.kv_heads, help="key/value heads")

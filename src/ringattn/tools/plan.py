@@ -150,8 +150,10 @@ def with_link(
     second in each direction, ``latency`` seconds per message (default: the profile's), and
     ``compute_share`` of a transfer's time also taken from compute (0: the NIC moves the data;
     a software network stack on the compute cores costs a share, measured on a link)."""
-    if gbps <= 0:
+    if not (math.isfinite(gbps) and gbps > 0):
         raise ValueError(f"the link needs a positive rate, got {gbps} Gbit/s")
+    if latency is not None and not (math.isfinite(latency) and latency >= 0):
+        raise ValueError(f"the link's latency must be >= 0 seconds, got {latency}")
     if not 0 <= compute_share < 1:
         raise ValueError(f"the link's compute share must be in [0, 1), got {compute_share}")
     return replace(
@@ -388,9 +390,9 @@ def min_tokens_for_overlap(config: Config, hardware: Hardware) -> float:
     )[config.rotation]
 
     def solve(tokens: float) -> float:
-        _, flops, bandwidth = _rates(hardware, config.devices, tokens)
-        if hardware.ranks_share_device:
-            flops = min(flops, hardware.flops / config.devices)
+        machine, flops, bandwidth = _rates(hardware, config.devices, tokens)
+        if hardware.ranks_share_device:  # as predict: the machine's rate bounds every rank's
+            flops = min(flops, machine / config.devices)
         a = 4 * config.batch * config.heads * config.head_dim * causal_share / flops
         b = config.batch * per_token / _wire(hardware, bandwidth)
         # hidden when compute + s * transfer >= transfer: a c^2 >= (1 - s) (b c + L)
