@@ -281,6 +281,21 @@ def test_plan_link_options(capsys):
     assert "latency must be >= 0" in capsys.readouterr().err
 
 
+def test_plan_gpus_per_node(capsys):
+    from ringattn.tools.cli import main
+
+    args = ["plan", "--hardware", "h100-nvlink", "--devices", "64", "--kv-heads", "32"]
+    assert main([*args, "--gpus-per-node", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "the ring spans 8 nodes" in out and "400 Gbit/s" in out and "communication-bound" in out
+    assert main([*args, "--gpus-per-node", "64"]) == 0
+    assert "spans" not in capsys.readouterr().out
+    assert main([*args, "--inter-node-gbps", "100"]) == 2
+    assert "needs --gpus-per-node" in capsys.readouterr().err
+    assert main(["plan", "--hardware", "cpu-2core", "--devices", "4", "--gpus-per-node", "2"]) == 2
+    assert "--inter-node-gbps" in capsys.readouterr().err
+
+
 def test_plan_refuses_unknown_hardware(capsys):
     from ringattn.tools.cli import main
 

@@ -13,6 +13,7 @@ from ringattn.tools.plan import (
     PROFILES,
     Config,
     Hardware,
+    across_nodes,
     best_configuration,
     device_memory,
     longest_sequence,
@@ -106,6 +107,28 @@ def test_a_network_link_sets_the_transfer_and_its_compute_share():
         with_link(ideal, 0.0)
     with pytest.raises(ValueError, match="compute share"):
         with_link(ideal, 1.0, compute_share=1.0)
+
+
+def test_a_ring_across_nodes_waits_for_the_inter_node_link():
+    """A ring within a node runs at NVLink speed; one that spans nodes needs the inter-node
+    minimum block size — the Ring Attention paper's A100/InfiniBand figure, not its NVLink one."""
+    config = Config(seq_len=1 << 20, devices=16, heads=8, kv_heads=8, causal=False)
+    nvlink, infiniband = PROFILES["a100-nvlink"], PROFILES["a100-infiniband"]
+    assert across_nodes(nvlink, 8, 8) is nvlink  # one node
+    spanning = across_nodes(nvlink, 16, 8)
+    assert spanning.link_bandwidth == pytest.approx(infiniband.bandwidth)
+    assert min_tokens_for_overlap(config, spanning) == pytest.approx(
+        min_tokens_for_overlap(config, infiniband), rel=1e-9
+    )
+    # 24x less bandwidth; NVLink's latency term keeps the in-node minimum from falling 24x
+    assert min_tokens_for_overlap(config, spanning) > 15 * min_tokens_for_overlap(config, nvlink)
+    # 1M causal tokens over 64 H100s, MHA: overlapped at NVLink speed, not across 8 nodes
+    wide = replace(config, devices=64, heads=32, kv_heads=32, head_dim=128, causal=True)
+    assert predict(wide, PROFILES["h100-nvlink"]).overlapped
+    assert not predict(wide, across_nodes(PROFILES["h100-nvlink"], 64, 8)).overlapped
+    assert across_nodes(nvlink, 16, 8, inter_node_gbps=200).link_bandwidth == 25e9
+    with pytest.raises(ValueError, match="inter-node-gbps"):
+        across_nodes(PROFILES["cpu-2core"], 4, 2)
 
 
 def test_contiguous_causal_is_predicted_slower_than_zigzag():

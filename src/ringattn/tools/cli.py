@@ -65,6 +65,20 @@ def _demo_parser(sub) -> None:
         help="local ranks to start (ignored under torchrun)",
     )
     p.add_argument("--batch", type=int, default=d.batch, help="sequences per batch")
+    p.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=None,
+        help="devices per node: a ring of more devices spans nodes, and every step then waits "
+        "for the inter-node link (the profile's paired InfiniBand link for a100-nvlink and "
+        "h100-nvlink, or --inter-node-gbps)",
+    )
+    p.add_argument(
+        "--inter-node-gbps",
+        type=float,
+        default=None,
+        help="with --gpus-per-node: gigabits/s per direction between nodes, per device",
+    )
     p.add_argument("--heads", type=int, default=d.heads, help="query heads")
     p.add_argument(
         "--kv-heads", type=int, default=d.kv_heads, help="key/value heads (GQA when fewer)"
@@ -383,6 +397,20 @@ def _plan_parser(sub) -> None:
         "the NIC moves the data; a software network stack on the compute cores costs some, "
         "0.15-0.36 measured over gloo/TCP between this machine's simulated hosts)",
     )
+    p.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=None,
+        help="devices per node: a ring of more devices spans nodes, and every step then waits "
+        "for the inter-node link (the profile's paired InfiniBand link for a100-nvlink and "
+        "h100-nvlink, or --inter-node-gbps)",
+    )
+    p.add_argument(
+        "--inter-node-gbps",
+        type=float,
+        default=None,
+        help="with --gpus-per-node: gigabits/s per direction between nodes, per device",
+    )
     p.add_argument("--heads", type=int, default=d.heads, help="query heads")
     p.add_argument("--kv-heads", type=int, default=d.kv_heads, help="key/value heads")
     p.add_argument("--head-dim", type=int, default=d.head_dim, help="dimension of a head")
@@ -433,6 +461,7 @@ def _run_plan(args: argparse.Namespace) -> int:
     from .plan import (
         PROFILES,
         Config,
+        across_nodes,
         best_configuration,
         load_hardware,
         paper_minimal_sequence,
@@ -473,6 +502,26 @@ def _run_plan(args: argparse.Namespace) -> int:
             "ringattn plan: error: --link-latency-us and --link-compute-share need --link-gbps",
             file=sys.stderr,
         )
+        return 2
+    if args.gpus_per_node is not None:
+        if args.link_gbps is not None:
+            print("ringattn plan: error: give --link-gbps or --gpus-per-node", file=sys.stderr)
+            return 2
+        try:
+            hardware = across_nodes(
+                hardware, args.devices, args.gpus_per_node, args.inter_node_gbps
+            )
+        except ValueError as exc:
+            print(f"ringattn plan: error: {exc}", file=sys.stderr)
+            return 2
+        if args.devices > args.gpus_per_node:
+            nodes = -(-args.devices // args.gpus_per_node)
+            print(
+                f"the ring spans {nodes} nodes: every step waits for the inter-node link "
+                f"({hardware.link_bandwidth * 8 / 1e9:g} Gbit/s per device)"
+            )
+    elif args.inter_node_gbps is not None:
+        print("ringattn plan: error: --inter-node-gbps needs --gpus-per-node", file=sys.stderr)
         return 2
     if args.validate:
         rows = json.loads(open(args.validate).read())["rows"]

@@ -167,6 +167,34 @@ def with_link(
     )
 
 
+# the link between the nodes of a GPU profile: the InfiniBand profile of the same GPU
+INTER_NODE_PROFILES = {"a100-nvlink": "a100-infiniband", "h100-nvlink": "h100-infiniband"}
+
+
+def across_nodes(
+    hardware: Hardware, devices: int, gpus_per_node: int, inter_node_gbps: float | None = None
+) -> Hardware:
+    """``hardware`` for a ring of ``devices`` on nodes of ``gpus_per_node`` devices: a ring that
+    spans nodes crosses the inter-node link at least twice, and every step waits for its slowest
+    hop, so each step's transfer goes at the inter-node rate (``inter_node_gbps``, default the
+    InfiniBand profile paired with ``hardware`` in :data:`INTER_NODE_PROFILES`)."""
+    if gpus_per_node < 1:
+        raise ValueError(f"gpus_per_node must be >= 1, got {gpus_per_node}")
+    if devices <= gpus_per_node:
+        return hardware
+    latency = None
+    if inter_node_gbps is None:
+        paired = INTER_NODE_PROFILES.get(hardware.name)
+        if paired is None:
+            raise ValueError(
+                f"the ring spans {-(-devices // gpus_per_node)} nodes: give the inter-node link "
+                f"(--inter-node-gbps); {hardware.name!r} has no paired inter-node profile"
+            )
+        inter_node_gbps = PROFILES[paired].bandwidth * 8 / 1e9
+        latency = PROFILES[paired].latency
+    return with_link(hardware, inter_node_gbps, latency, hardware.comm_compute_share)
+
+
 def load_hardware(name: str) -> Hardware:
     """A built-in profile, ``local`` (the calibration file), or a path to a profile JSON."""
     if name in PROFILES:
