@@ -14,6 +14,8 @@ gloo through host memory when the ranks share one GPU.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import test_inference
 import test_masks
@@ -209,6 +211,36 @@ def test_cuda_kernels_refuse_cpu_tensors(name):
     with pytest.raises(ValueError, match="runs on CUDA tensors only"):
         select_kernel(name, q)
     assert select_kernel("auto", q).name == "cpu_flash"
+
+
+@pytest.mark.parametrize(
+    "capability, dim, dtype, expected",
+    [
+        ((9, 0), 128, torch.bfloat16, "cuda_flash"),
+        ((9, 0), 256, torch.bfloat16, "cuda_flash"),
+        ((9, 0), 512, torch.bfloat16, "cuda_efficient"),  # flash takes at most 256
+        ((8, 6), 256, torch.float16, "cuda_efficient"),  # no flash backward above 192 there
+        ((8, 6), 192, torch.float16, "cuda_flash"),
+        ((9, 0), 128, torch.float32, "cuda_efficient"),  # flash has no float32
+    ],
+)
+def test_auto_skips_kernels_that_cannot_take_the_head_dim(
+    monkeypatch, capability, dim, dtype, expected
+):
+    """The automatic choice by head dim, dtype and architecture, without a GPU: the checks read
+    only the tensor's device type, dtype and shape and the device's compute capability."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    q = SimpleNamespace(device=torch.device("cuda", 0), dtype=dtype, shape=(1, 8, 4, dim))
+    assert select_kernel("auto", q).name == expected
+    if expected != "cuda_flash":
+        assert KERNELS["cuda_flash"].unsupported_reason(q) is not None
+
+
+def test_the_trace_says_which_kernel_ran():
+    q = torch.randn(1, 8, 2, 16)
+    with ringattn.record_ring() as trace:
+        ringattn.ring_attention(q, q, q, causal=True)
+    assert trace.kernels == ["cpu_flash"] and "kernel: cpu_flash" in trace.summary()
 
 
 def test_backend_override_for_nodes_that_differ(monkeypatch):

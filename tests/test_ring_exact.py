@@ -165,3 +165,23 @@ def test_empty_shards(pools, world, rotation):
     for out, lse, grads in run:
         assert out == (2, 0, 4, 16) and lse == (2, 4, 0)
         assert grads == [(2, 0, 4, 16)] * 3
+
+
+def _large_head_dim_job(rank, world, layout):
+    worst = 0.0
+    for i, (dim, causal) in enumerate(itertools.product((192, 256, 512), (False, True))):
+        got, ref = _ring_vs_reference(
+            layout, causal, torch.float32, 1, 4, 2, dim, 6, world, 100 + i, "cpu", FINE
+        )
+        for name in got:
+            label = f"d={dim} causal={causal} {name}"
+            worst = max(worst, assert_close(label, got[name], ref[name], FP32_TOL))
+    return worst
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("layout", ["zigzag", "striped"])
+def test_head_dims_up_to_512(pools, world, layout):
+    """Head dims of current models (192 for MLA's q/k, 256, 512) on the CPU path, causal and
+    full, GQA, travelling blocks cut into sub-blocks: out, lse and every gradient."""
+    pools(world).run(_large_head_dim_job, layout)

@@ -40,6 +40,7 @@ class RingTrace:
 
     steps: list[StepRecord] = field(default_factory=list)
     bytes_sent: int = 0
+    kernels: list[str] = field(default_factory=list)  # the local kernels the calls chose, once each
 
     def total(self, phase: str | None = None) -> dict[str, float]:
         """Summed compute seconds, wait seconds and bytes sent, optionally for one phase."""
@@ -50,8 +51,12 @@ class RingTrace:
             "bytes_sent": float(sum(s.bytes_sent for s in chosen)),
         }
 
+    def used_kernel(self, name: str) -> None:
+        if name not in self.kernels:
+            self.kernels.append(name)
+
     def summary(self) -> str:
-        lines = []
+        lines = [f"kernel: {', '.join(self.kernels)}"] if self.kernels else []
         for phase in sorted({s.phase for s in self.steps}):
             t = self.total(phase)
             lines.append(
