@@ -13,6 +13,7 @@ from .checks import (
     local_problem,
     mask_signature,
     needs_grad,
+    sinks_problem,
 )
 from .comm import (
     GroupLike,
@@ -39,6 +40,7 @@ def ring_attention(
     mask: RingMask | None = None,
     scale: float | None = None,
     score_mod: ScoreMod | None = None,
+    sinks: torch.Tensor | None = None,
     return_lse: bool = False,
     rotation: Literal["kv", "q", "auto"] = "auto",
     kernel: str | AttentionKernel = "auto",
@@ -80,6 +82,11 @@ def ring_attention(
         score_mod: FlexAttention's ``score_mod(score, b, h, q_idx, kv_idx) -> score``, e.g.
             :func:`ringattn.softcap` or :func:`ringattn.alibi`. Gradients flow through it to
             q and k (not to tensors it captures).
+        sinks: learnable attention sinks (gpt-oss): ``(heads_q,)`` logits, one per query head,
+            that join every row's softmax denominator as a key with a zero value. Gradients
+            flow to them; each rank's gradient covers its own rows, summed over the group by
+            the usual reduction of parameters shared by the ranks (e.g. FSDP over the
+            context-parallel dimension). The returned lse then includes the sink.
         return_lse: also return the log-sum-exp ``(batch, heads_q, seq_local)`` in float32,
             float64 for float64 inputs (natural log, ``-inf`` for a row that sees no key).
             It carries no gradient.
@@ -137,6 +144,7 @@ def ring_attention(
             granularity,
             rotation,
             check_across_ranks,
+            sinks,
         )
     else:
         conflict = _mask_problem_of_call(mask, keywords, layout, group)
@@ -144,7 +152,7 @@ def ring_attention(
             process_group = resolve_group(group)
             _, world_size = group_rank_and_size(process_group)
             agree_call(conflict, None, None, process_group, world_size, check_across_ranks, set())
-        call_args = (scale, score_mod, granularity, rotation)
+        call_args = (scale, score_mod, granularity, rotation, sinks)
         problem, signature = _check_call(
             q, k, v, mask.layout, mask.world_size, mask.group, *call_args
         )
@@ -169,7 +177,7 @@ def ring_attention(
         batch=q.shape[0],
         heads=q.shape[2],
     )
-    out, lse = RingAttentionFunction.apply(q, k, v, plan)
+    out, lse = RingAttentionFunction.apply(q, k, v, sinks, plan)
     return (out, lse) if return_lse else out
 
 
@@ -178,14 +186,16 @@ def _scale(q: torch.Tensor, scale: float | None) -> float:
 
 
 def _check_call(
-    q, k, v, layout, world_size, group, scale, score_mod, granularity, rotation
+    q, k, v, layout, world_size, group, scale, score_mod, granularity, rotation, sinks
 ) -> tuple[str | None, tuple[float, ...] | None]:
     """This rank's problem with a call, or else ``None`` and the call's signature."""
     problem = local_problem(q, k, v, layout, world_size, group)
     problem = problem or call_values_problem(scale, rotation, granularity)
+    problem = problem or sinks_problem(sinks, q)
     if problem:
         return problem, None
-    return None, call_signature(q, k, v, _scale(q, scale), score_mod, granularity, rotation)
+    scale_value = _scale(q, scale)
+    return None, call_signature(q, k, v, scale_value, score_mod, granularity, rotation, sinks)
 
 
 def _mask_problem_of_call(
@@ -219,7 +229,18 @@ def _layout_or_none(layout: object) -> Layout | None:
 
 
 def mask_for_call(
-    q, k, v, masks: MaskArgs, layout, group, scale, score_mod, granularity, rotation, across_ranks
+    q,
+    k,
+    v,
+    masks: MaskArgs,
+    layout,
+    group,
+    scale,
+    score_mod,
+    granularity,
+    rotation,
+    across_ranks,
+    sinks=None,
 ) -> RingMask:
     """The :class:`RingMask` of a call that passes its masks as keywords, after one check of
     the call and the mask together across ranks (the only collective besides the gathers of
@@ -232,7 +253,7 @@ def mask_for_call(
     except ValueError as exc:
         problem, call = str(exc), None
     else:
-        call_args = (scale, score_mod, granularity, rotation)
+        call_args = (scale, score_mod, granularity, rotation, sinks)
         problem, call = _check_call(q, k, v, chosen, world_size, process_group, *call_args)
     if problem is None:
         problem = masks.problem(q.shape[0], q.shape[1], k.shape[1], world_size)

@@ -50,6 +50,7 @@ CALL_FIELDS: Fields = (
     ("sub_blocks", "every rank must pass the same granularity"),
     ("min_tokens", "every rank must pass the same granularity"),
     ("rotation", "every rank must pass the same rotation"),
+    ("sinks", "every rank must pass sinks, or none"),
     (
         "needs_grad",
         "every rank must agree on whether gradients flow (requires_grad of q, k, v and grad "
@@ -323,6 +324,19 @@ def call_values_problem(scale: object, rotation: object, granularity: object) ->
     return None
 
 
+def sinks_problem(sinks: object, q: torch.Tensor) -> str | None:
+    """What is wrong with attention-sink logits for queries ``q``, or ``None``."""
+    if sinks is None:
+        return None
+    if not isinstance(sinks, torch.Tensor) or not sinks.is_floating_point():
+        return f"sinks must be a floating-point tensor, got {type(sinks).__name__}"
+    if tuple(sinks.shape) != (q.shape[2],):
+        return f"sinks must have shape (heads_q,) = ({q.shape[2]},), got {tuple(sinks.shape)}"
+    if sinks.device != q.device:
+        return f"sinks must be on q's device {q.device}, got {sinks.device}"
+    return None
+
+
 def needs_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether a ring call on these inputs will run a backward ring."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
@@ -336,6 +350,7 @@ def call_signature(
     score_mod: object,
     granularity: Granularity,
     rotation: str,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[float, ...]:
     """The values of :data:`CALL_FIELDS` for a call whose inputs have no local problem."""
     return (
@@ -352,6 +367,7 @@ def call_signature(
         granularity.sub_blocks,
         granularity.min_tokens,
         _ROTATIONS.index(rotation),
+        float(sinks is not None),
         float(needs_grad(q, k, v)),
     )
 

@@ -38,7 +38,7 @@ from .comm import RingComm
 from .kernels import AttentionKernel
 from .layout import Segment, SubBlock, sub_blocks
 from .masks import ScoreMod, Tile, index_grids
-from .merge import accumulator_dtype, empty_partial, merge_partial
+from .merge import accumulator_dtype, empty_partial, merge_partial, sink_grad, with_sinks
 from .trace import StepTimer, current_observers, observed_by
 
 if TYPE_CHECKING:
@@ -530,12 +530,15 @@ def ring_backward(
 
 
 class RingAttentionFunction(torch.autograd.Function):
-    """Autograd wrapper: ``apply(q, k, v, plan) -> (out, lse)``; ``lse`` is not differentiable."""
+    """Autograd wrapper: ``apply(q, k, v, sinks, plan) -> (out, lse)`` (``sinks``: ``(heads_q,)``
+    logits or ``None``, see :func:`ringattn.merge.with_sinks`); ``lse`` is not differentiable."""
 
     @staticmethod
-    def forward(ctx, q, k, v, plan: RingPlan):
+    def forward(ctx, q, k, v, sinks, plan: RingPlan):
         out, lse = ring_forward(q, k, v, plan)
-        ctx.save_for_backward(q, k, v, out, lse)
+        if sinks is not None:
+            out, lse = with_sinks(out, lse, sinks)
+        ctx.save_for_backward(q, k, v, out, lse, sinks)
         ctx.plan = plan
         ctx.observers = current_observers()
         ctx.mark_non_differentiable(lse)
@@ -544,7 +547,12 @@ class RingAttentionFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        with observed_by(ctx.observers):
-            dq, dk, dv = ring_backward(dout.contiguous(), q, k, v, out, lse, ctx.plan)
-        return dq, dk, dv, None
+        q, k, v, out, lse, sinks = ctx.saved_tensors
+        dout = dout.contiguous()
+        dq = dk = dv = dsinks = None
+        if any(ctx.needs_input_grad[:3]):
+            with observed_by(ctx.observers):
+                dq, dk, dv = ring_backward(dout, q, k, v, out, lse, ctx.plan)
+        if sinks is not None and ctx.needs_input_grad[3]:
+            dsinks = sink_grad(dout, out, lse, sinks)
+        return dq, dk, dv, dsinks, None

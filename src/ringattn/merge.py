@@ -48,3 +48,38 @@ def merge_partial(
     weight_block = torch.exp(lse_block - reference).transpose(1, 2).unsqueeze(-1)
     out_acc.mul_(weight_acc).addcmul_(out_block, weight_block)
     lse_acc.copy_(lse_new)
+
+
+def with_sinks(
+    out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of rows whose softmax also counts a per-head sink logit — a key every row
+    sees, whose value is zero (gpt-oss's learnable attention sinks).
+
+    With ``Z = exp(lse)`` over the real keys, the sink adds ``exp(sink)`` to the denominator:
+    ``lse' = log(Z + exp(sink))`` and ``out' = out * exp(lse - lse')``. The backward of attention
+    with ``(out', lse')`` in place of ``(out, lse)`` is then exact for q, k and v (the sink is
+    one more key, with a zero value), which is why the engine saves these.
+
+    Args:
+        out: ``(batch, seq, heads, head_dim)``; lse: ``(batch, heads, seq)`` in the accumulator
+            dtype (``-inf`` for rows that saw no key: they get the sink's mass only and out 0);
+        sinks: ``(heads,)`` logits.
+    """
+    total = torch.logaddexp(lse, sinks.to(lse.dtype)[None, :, None])
+    kept = torch.exp(lse - total).transpose(1, 2).unsqueeze(-1)
+    return (out.to(kept.dtype) * kept).to(out.dtype), total
+
+
+def sink_grad(
+    dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor
+) -> torch.Tensor:
+    """Gradient ``(heads,)`` of the sink logits, from this rank's rows: the sink is a key with a
+    zero value, so its score gradient is ``-P_sink * delta`` with ``P_sink = exp(sink - lse)``
+    and ``delta = rowsum(dout * out)`` (``out``, ``lse`` as :func:`with_sinks` returned them).
+    Like any parameter shared by the ranks, its gradient is summed over the group by the
+    caller's data/context-parallel reduction (e.g. FSDP over the context-parallel dimension)."""
+    dtype = lse.dtype
+    delta = (dout.to(dtype) * out.to(dtype)).sum(-1).transpose(1, 2)  # (batch, heads, seq)
+    p_sink = torch.exp(sinks.to(dtype)[None, :, None] - lse)
+    return (-(p_sink * delta)).sum(dim=(0, 2)).to(sinks.dtype)

@@ -1,0 +1,96 @@
+"""Learnable attention sinks (gpt-oss) in ring mode: a per-head logit in every row's softmax
+denominator, against a float64 reference with the sink as an extra zero-valued key, forward and
+backward (q, k, v and the sinks, whose per-rank gradients sum to the reference's), every layout,
+causal, full and packed documents, both rotations, world sizes 1-3."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from helpers import assert_close, random_qkv
+
+import ringattn
+
+FP32_TOL = 1e-5
+BATCH, HEADS_Q, HEADS_KV, DIM = 2, 4, 2, 16
+
+
+def _reference(q, k, v, allowed, sinks):
+    """Dense float64 attention whose softmax also counts ``sinks`` (heads,) as a zero-valued
+    key seen by every row. Returns (out, lse), autograd-enabled."""
+    groups = q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * q.shape[-1] ** -0.5
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    sink = sinks[None, :, None, None].expand(*scores.shape[:3], 1)
+    with_sink = torch.cat([scores, sink], dim=-1)
+    lse = torch.logsumexp(with_sink, dim=-1)
+    probs = torch.softmax(with_sink, dim=-1)[..., :-1]
+    return torch.einsum("bhqk,bkhd->bqhd", probs, v), lse
+
+
+def _case(name: str, seq_len: int):
+    i, j = torch.arange(seq_len)[:, None], torch.arange(seq_len)[None, :]
+    if name == "full":
+        return {}, torch.ones(seq_len, seq_len, dtype=torch.bool)
+    if name == "causal":
+        return {"causal": True}, j <= i
+    cu = torch.tensor([0, 3, 4, seq_len - 5, seq_len])  # a 1-token document included
+    docs = torch.searchsorted(cu[1:], torch.arange(seq_len), right=True)
+    return {"causal": True, "cu_seqlens": cu}, (j <= i) & (docs[:, None] == docs[None, :])
+
+
+def _sinks_job(rank, world, layout, rotation):
+    for seed, name in enumerate(("full", "causal", "documents")):
+        seq_len = 12 * world
+        kwargs, allowed = _case(name, seq_len)
+        q, k, v, dout = random_qkv(BATCH, seq_len, HEADS_Q, HEADS_KV, DIM, seed)
+        sinks = torch.tensor([-1.0, 0.0, 1.5, 3.0], dtype=torch.float64)
+        full = [t.clone().requires_grad_() for t in (q, k, v, sinks)]
+        ref_out, ref_lse = _reference(*full[:3], allowed[None, None], full[3])
+        ref_grads = torch.autograd.grad(ref_out, full, dout)
+        local = [ringattn.shard(t, layout).float().requires_grad_() for t in (q, k, v)]
+        local_sinks = sinks.float().requires_grad_()
+        out, lse = ringattn.ring_attention(
+            *local, sinks=local_sinks, layout=layout, rotation=rotation, return_lse=True, **kwargs
+        )
+        grads = torch.autograd.grad(
+            out, [*local, local_sinks], ringattn.shard(dout, layout).float()
+        )
+        label = f"{name} {layout} {rotation} p={world}"
+        assert_close(f"{label} out", out, ringattn.shard(ref_out, layout), FP32_TOL)
+        assert_close(f"{label} lse", lse, ringattn.shard(ref_lse, layout, dim=2), FP32_TOL)
+        for got, ref, g in zip(grads[:3], ref_grads[:3], "qkv", strict=True):
+            assert_close(f"{label} d{g}", got, ringattn.shard(ref, layout), FP32_TOL)
+        dsinks = grads[3].clone()
+        if world > 1:  # each rank's rows: summed over the group, as a shared parameter's grad
+            dist.all_reduce(dsinks)
+        assert_close(f"{label} dsinks", dsinks, ref_grads[3], FP32_TOL)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag", "striped"])
+def test_sinks_match_reference(pools, world, layout):
+    pools(world).run(_sinks_job, layout, "kv")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sinks_under_pass_q(pools, world):
+    pools(world).run(_sinks_job, "zigzag", "q")
+
+
+def _bad_sinks_job(rank, world, bad):
+    q = torch.randn(1, 4, 4, 8)
+    sinks = {"shape": torch.zeros(3), "dtype": torch.zeros(4, dtype=torch.long)}[bad]
+    try:
+        ringattn.ring_attention(q, q[:, :, :2], q[:, :, :2], sinks=sinks if rank == 0 else None)
+    except ringattn.RingInputError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.parametrize("bad", ["shape", "dtype"])
+def test_bad_sinks_raise_on_every_rank(pools, bad):
+    messages = pools(2).run(_bad_sinks_job, bad)
+    assert all(m and "sinks must" in m for m in messages), messages
