@@ -1,14 +1,20 @@
-"""Train a small Llama-style model on a long-range retrieval task with data parallel x context
-parallel (a 2-D DeviceMesh), on CPU by default.
+"""Train a small Llama-style model on a copy task whose answers lie on other ranks, with data
+parallel x context parallel (a 2-D DeviceMesh), on CPU by default.
 
-    torchrun --nproc-per-node 4 examples/train_long_context.py --dp 2 --cp 2 --seq-len 12K
-    python examples/train_long_context.py --dp 2 --cp 2         # starts the 4 local ranks itself
+    python examples/train_long_context.py --compare-local --plot copy.png   # ring vs local-only
+    python examples/train_long_context.py --dp 2 --cp 2     # starts the 4 local ranks itself
+    torchrun --nproc-per-node 4 examples/train_long_context.py --dp 2 --cp 2
     # multi-node: torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d \\
     #             --rdzv-endpoint HOST:PORT examples/train_long_context.py --dp 4 --cp 4
 
-The task: a sequence of random filler tokens holds (key, value) pairs near its start; the last
-token repeats one key, and the model must predict its value — 10K+ tokens back, so only attention
-across the whole sequence can solve it. Only the answer position is trained.
+The task: a random sequence of ``seq_len / 2`` tokens followed by its repetition. Each token of
+the second half (after its first) is predictable — it is the token that followed the same token
+half a sequence back — and only those tokens are trained and reported; a model that cannot see
+that far back is at chance, ln(vocabulary). In the zigzag layout over an even number of ranks,
+the first-half chunk that a second-half chunk copies always sits on another rank, so the loss
+falls only if attention crosses ranks: ``--local-only`` runs the same model, shards and data
+with attention restricted to each rank's own shard (causal by global position), and stays at
+chance; ``--compare-local`` runs both and plots the two curves.
 
 The model is wrapped with FSDP2 (``fully_shard``) on the whole 2-D mesh, i.e. hybrid sharding:
 parameters, gradients and optimizer state are sharded over "cp" (whose ranks need the same
@@ -33,8 +39,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -57,47 +65,67 @@ from ringattn.integrations.hf import cp_loss
 from ringattn.tools.cli import parse_tokens
 from ringattn.tools.launch import cpu_threads_per_rank, init_worker, run_on_ranks
 
-VOCAB = 512
-KEYS = range(256, 384)  # key tokens; values are in 384..511, filler in 0..255
+VOCAB = 64
+CHANCE = math.log(VOCAB)  # the loss of a uniform guess
 SHARED_STORE_FIX = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (pytorch/pytorch#135712)"
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``attend(layer, q, k, v)``: q ``(batch, seq, heads, head_dim)``, k and v ``(batch, seq,
+kv_heads, head_dim)`` -> ``(batch, seq, heads, head_dim)``."""
 
 
-def make_batch(batch: int, seq_len: int, step: int, seed: int = 0):
-    """(tokens (batch, seq_len), answer (batch,)): pairs at the start, the query at the end."""
+def make_model() -> TinyDecoder:
+    """2 layers, 4 query heads over 2 KV heads, width 64, RoPE; the same weights every time."""
+    return TinyDecoder(vocab=VOCAB, dim=64, layers=2, heads=4, kv_heads=2, seed=0)
+
+
+def make_batch(batch: int, seq_len: int, step: int, seed: int = 0) -> torch.Tensor:
+    """Tokens ``(batch, seq_len)``: ``seq_len - seq_len // 2`` random tokens, then their first
+    ``seq_len // 2`` again."""
     gen = torch.Generator().manual_seed(seed * 100_003 + step)
-    tokens = torch.randint(0, 256, (batch, seq_len), generator=gen)
-    answers = torch.empty(batch, dtype=torch.long)
-    for row in range(batch):
-        keys = torch.randperm(len(KEYS), generator=gen)[:8] + KEYS.start
-        values = torch.randint(384, 512, (8,), generator=gen)
-        tokens[row, 1:17:2], tokens[row, 2:18:2] = keys, values
-        pick = int(torch.randint(0, 8, (1,), generator=gen))
-        tokens[row, -1] = keys[pick]
-        answers[row] = values[pick]
-    return tokens, answers
+    first = torch.randint(0, VOCAB, (batch, seq_len - seq_len // 2), generator=gen)
+    return torch.cat([first, first[:, : seq_len // 2]], dim=1)
 
 
-def answer_labels(tokens: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
-    """Labels aligned with the logits: only the last position is trained (-100 elsewhere)."""
+def copy_labels(tokens: torch.Tensor) -> torch.Tensor:
+    """Labels ``(batch, seq_len)`` aligned with the logits: position ``t`` predicts token
+    ``t + 1`` where that token is a copy with its predecessor copied too (from the second
+    half's second token on); -100 elsewhere, so only predictable tokens are trained."""
+    start = tokens.shape[1] - tokens.shape[1] // 2  # the second half's first position
     labels = torch.full_like(tokens, -100)
-    labels[:, -1] = answers
+    labels[:, start:-1] = tokens[:, start + 1 :]
     return labels
 
 
-def ring_attention_fn(mask: ringattn.RingMask):
+def ring_attention_fn(mask: ringattn.RingMask) -> Attend:
     """Every layer's attention: the ring, with the mask planned once (causal only here, so one
     mask serves every batch; a batch with documents or padding would plan its own)."""
 
-    def attend(layer, q, k, v):
+    def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return ringattn.ring_attention(q, k, v, mask=mask)
 
     return attend
 
 
-def dense_attention(layer, q, k, v):
-    return F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
-    ).transpose(1, 2)
+def masked_attention(allowed: torch.Tensor) -> Attend:
+    """Plain attention where query ``i`` sees key ``j`` iff ``allowed[i, j]`` (``(seq, seq)``
+    bool), within whatever tokens it is given: no communication."""
+
+    def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=allowed,
+            enable_gqa=True,
+        ).transpose(1, 2)
+
+    return attend
+
+
+def causal_by_position(positions: torch.Tensor) -> torch.Tensor:
+    """``(seq, seq)`` bool: key ``j`` is at or before query ``i`` in global position. On a rank's
+    zigzag shard (two chunks, far apart) this is the causal mask of its own tokens."""
+    return positions[None, :] <= positions[:, None]
 
 
 def _clip(model: torch.nn.Module, max_norm: float) -> float:
@@ -124,10 +152,14 @@ def train(
     clip: float,
     checkpoint: str | None,
     resume: bool,
-    layout: str = "zigzag",
+    local_only: bool = False,
     log_every: int = 1,
-) -> dict:
-    """Every rank of a dp x cp job. Returns the per-step losses and final parameters (rank 0)."""
+    layout: str = "zigzag",
+) -> dict | None:
+    """Every rank of a dp x cp job; ``local_only`` restricts attention to each rank's own shard.
+
+    Returns (rank 0; None elsewhere) the per-step losses on the predictable tokens, gradient
+    norms, final parameters (full state) and tokens/s per rank."""
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))  # set by torchrun
     shared_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     if restart and shared_store and os.environ.get("LOCAL_RANK") == "0":
@@ -140,7 +172,7 @@ def train(
     mesh = init_device_mesh("cpu", (dp, cp), mesh_dim_names=("dp", "cp"))
     dp_group, cp_group = mesh["dp"].get_group(), mesh["cp"].get_group()
     dp_rank, rank = mesh["dp"].get_local_rank(), dist.get_rank()
-    model = TinyDecoder(vocab=VOCAB, dim=64, layers=2, heads=4, kv_heads=2, seed=0)
+    model = make_model()
     fully_shard(model, mesh=mesh)  # 2-D mesh: replicate over dp, shard over cp
     model.set_gradient_divide_factor(dp)  # sum the cp shares, average the dp replicas
     if hasattr(model, "set_force_sum_reduction_for_comms"):
@@ -162,16 +194,19 @@ def train(
         start_step, losses, grad_norms = progress
         if rank == 0:
             print(f"resumed from {checkpoint} at step {start_step} (restart {restart})", flush=True)
-    padded = ringattn.padded_length(seq_len, layout, cp)
-    mask = ringattn.create_ring_mask(padded, causal=True, layout=layout, group=cp_group)
-    attend = ring_attention_fn(mask)
-    started = time.perf_counter()
+    positions = ringattn.positions(seq_len, layout, group=cp_group)
+    if local_only:
+        attend = masked_attention(causal_by_position(positions))
+    else:
+        padded = ringattn.padded_length(seq_len, layout, cp)
+        mask = ringattn.create_ring_mask(padded, causal=True, layout=layout, group=cp_group)
+        attend = ring_attention_fn(mask)
+    started, rate = time.perf_counter(), 0.0
     for step in range(start_step, steps):
-        tokens, answers = make_batch(batch * dp, seq_len, step)
-        mine = slice(dp_rank * batch, (dp_rank + 1) * batch)  # this replica's sequences
-        local = ringattn.shard(tokens[mine], layout, group=cp_group)
-        labels = ringattn.shard(answer_labels(tokens[mine], answers[mine]), layout, group=cp_group)
-        positions = ringattn.positions(seq_len, layout, group=cp_group)
+        tokens = make_batch(batch * dp, seq_len, step)
+        mine = tokens[dp_rank * batch : (dp_rank + 1) * batch]  # this replica's sequences
+        local = ringattn.shard(mine, layout, group=cp_group)
+        labels = ringattn.shard(copy_labels(mine), layout, group=cp_group)
         logits = model(local, positions, attend)
         loss = cp_loss(logits, labels, group=cp_group)
         optimizer.zero_grad()
@@ -181,11 +216,12 @@ def train(
         global_loss = loss.detach().clone()
         dist.all_reduce(global_loss, group=dp_group)
         losses.append(float(global_loss) / dp)
-        if rank == 0 and (step % log_every == 0 or step == steps - 1):
-            rate = (step + 1 - start_step) * batch * dp * seq_len / (time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        rate = (step + 1 - start_step) * batch * dp * seq_len / elapsed / (dp * cp)
+        if rank == 0 and ((step + 1) % log_every == 0 or step in (start_step, steps - 1)):
             print(
                 f"step {step + 1}/{steps}  loss {losses[-1]:.4f}  grad norm {grad_norms[-1]:.4f}  "
-                f"{rate / (dp * cp):,.0f} tokens/s per rank",
+                f"{rate:,.0f} tokens/s per rank",
                 flush=True,
             )
         if checkpoint:  # every rank takes part in gathering the full state
@@ -201,19 +237,22 @@ def train(
             dist.barrier()
     params = get_model_state_dict(model, options=full)
     dist.destroy_process_group()
-    result = {"losses": losses, "grad_norms": grad_norms, "params": params}
+    result = {"losses": losses, "grad_norms": grad_norms, "params": params, "rate": rate}
     return result if rank == 0 else None
 
 
 def train_single_process(steps: int, seq_len: int, batch: int, lr: float, clip: float) -> dict:
-    """The same training on one process: the whole global batch, dense attention."""
-    model = TinyDecoder(vocab=VOCAB, dim=64, layers=2, heads=4, kv_heads=2, seed=0)
+    """The same training (with the ring) on one process: the whole global batch, dense causal
+    attention."""
+    model = make_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    positions = torch.arange(seq_len)
+    attend = masked_attention(causal_by_position(positions))
     losses, grad_norms = [], []
     for step in range(steps):
-        tokens, answers = make_batch(batch, seq_len, step)
-        logits = model(tokens, torch.arange(seq_len), dense_attention)
-        loss = F.cross_entropy(logits[:, -1].float(), answers)
+        tokens = make_batch(batch, seq_len, step)
+        logits = model(tokens, positions, attend)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), copy_labels(tokens).flatten())
         optimizer.zero_grad()
         loss.backward()
         grad_norms.append(_clip(model, clip))
@@ -222,57 +261,99 @@ def train_single_process(steps: int, seq_len: int, batch: int, lr: float, clip: 
     return {"losses": losses, "grad_norms": grad_norms, "params": model.state_dict()}
 
 
+def _plot(runs: dict[str, list[float]], path: str, title: str) -> None:
+    """Loss on the predictable tokens per step, one curve per run, chance as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for name, losses in runs.items():
+        ax.plot(range(1, len(losses) + 1), losses, label=name)
+    ax.axhline(CHANCE, color="grey", linestyle="--", label=f"chance, ln {VOCAB} = {CHANCE:.2f}")
+    ax.set(xlabel="step", ylabel="loss on the predictable tokens", yscale="log", title=title)
+    ax.legend()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    print(f"wrote {path}")
+
+
 def main() -> None:
     if not hasattr(FSDPModule, "set_gradient_divide_factor"):
         raise SystemExit(f"this recipe needs torch >= 2.8 (FSDP2), got {torch.__version__}")
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dp", type=int, default=2)
-    parser.add_argument("--cp", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--seq-len", type=parse_tokens, default=12 * 1024)
-    parser.add_argument("--batch", type=int, default=1, help="sequences per data-parallel replica")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--dp", type=int, default=1, help="data-parallel replicas")
+    parser.add_argument("--cp", type=int, default=2, help="context-parallel ranks per sequence")
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument(
+        "--seq-len", type=parse_tokens, default=512, help="tokens: a random half, then its copy"
+    )
+    parser.add_argument("--batch", type=int, default=8, help="sequences per data-parallel replica")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--clip", type=float, default=1.0, help="max global gradient norm")
-    parser.add_argument("--checkpoint", default="train-checkpoint.pt")
+    parser.add_argument(
+        "--checkpoint",
+        default="train-checkpoint.pt",
+        help="saved after every step (a --local-only run inserts '.local-only' before the suffix)",
+    )
     parser.add_argument(
         "--resume",
         action="store_true",
         help="continue from --checkpoint (implied when torchrun restarts the workers; for "
         f"torchrun --max-restarts set {SHARED_STORE_FIX})",
     )
-    parser.add_argument("--plot", default=None, help="write the loss curve to this PNG")
-    args = parser.parse_args()
-    run_args = (
-        args.dp,
-        args.cp,
-        args.steps,
-        args.seq_len,
-        args.batch,
-        args.lr,
-        args.clip,
-        args.checkpoint,
-        args.resume,
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--local-only",
+        action="store_true",
+        help="attend only within each rank's own shard (no ring): the copy cannot be learnt",
     )
-    results = run_on_ranks(train, run_args, args.dp * args.cp)
-    result = next((r for r in results.values() if r), None)
-    if result is None:
-        return
-    Path("train-losses.json").write_text(json.dumps(result["losses"]))
-    if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot(range(1, len(result["losses"]) + 1), result["losses"], marker=".")
-        ax.set(
-            xlabel="step",
-            ylabel="loss (answer token)",
-            title=f"dp={args.dp} x cp={args.cp}, {args.seq_len} tokens",
+    mode.add_argument(
+        "--compare-local", action="store_true", help="run with the ring, then --local-only"
+    )
+    parser.add_argument("--log-every", type=int, default=50, help="print every N steps")
+    parser.add_argument("--plot", default=None, help="write the loss curve(s) to this PNG")
+    args = parser.parse_args()
+    runs = {}
+    for local_only in [False, True] if args.compare_local else [args.local_only]:
+        name = "local-only" if local_only else "ring"
+        checkpoint = args.checkpoint
+        if local_only and checkpoint:
+            checkpoint = str(Path(checkpoint).with_suffix(f".local-only{Path(checkpoint).suffix}"))
+        run_args = (
+            args.dp,
+            args.cp,
+            args.steps,
+            args.seq_len,
+            args.batch,
+            args.lr,
+            args.clip,
+            checkpoint,
+            args.resume,
+            local_only,
+            args.log_every,
         )
-        fig.savefig(args.plot, dpi=120, bbox_inches="tight")
-        print(f"wrote {args.plot}")
+        if args.compare_local:
+            print(f"--- {name} ---", flush=True)
+        results = run_on_ranks(train, run_args, args.dp * args.cp)
+        result = next((r for r in results.values() if r), None)
+        if result is None:
+            return
+        runs[name] = result["losses"]
+        Path(f"train-losses{'-local-only' if local_only else ''}.json").write_text(
+            json.dumps(result["losses"])
+        )
+        print(
+            f"{name}: final loss on the predictable tokens {result['losses'][-1]:.4f} "
+            f"({result['losses'][-1] / CHANCE:.1%} of chance), {result['rate']:,.0f} tokens/s "
+            "per rank",
+            flush=True,
+        )
+    if args.plot:
+        title = f"copy task, {args.seq_len} tokens, dp={args.dp} x cp={args.cp}"
+        _plot(runs, args.plot, title)
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ def test_killed_rank_restarts_and_resumes_exactly(tmp_path):
         str(EXAMPLES / "train_long_context.py"),
         *("--dp", "2", "--cp", "2", "--steps", str(STEPS), "--seq-len", str(SEQ)),
         *("--batch", str(BATCH), "--lr", str(LR), "--clip", str(CLIP)),
-        *("--checkpoint", str(tmp_path / "ckpt.pt")),
+        *("--checkpoint", str(tmp_path / "ckpt.pt"), "--log-every", "1"),
     ]
     tag = str(tmp_path)
     env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", JOB_TAG: tag}
