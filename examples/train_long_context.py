@@ -286,12 +286,12 @@ def main() -> None:
     )
     parser.add_argument("--dp", type=int, default=1, help="data-parallel replicas")
     parser.add_argument("--cp", type=int, default=2, help="context-parallel ranks per sequence")
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=150, help="optimizer steps")
     parser.add_argument(
         "--seq-len", type=parse_tokens, default=512, help="tokens: a random half, then its copy"
     )
     parser.add_argument("--batch", type=int, default=8, help="sequences per data-parallel replica")
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
     parser.add_argument("--clip", type=float, default=1.0, help="max global gradient norm")
     parser.add_argument(
         "--checkpoint",
