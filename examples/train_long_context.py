@@ -63,7 +63,12 @@ from torch.distributed.tensor import DTensor
 import ringattn
 from ringattn.integrations.hf import cp_loss
 from ringattn.tools.cli import parse_tokens
-from ringattn.tools.launch import cpu_threads_per_rank, init_worker, run_on_ranks
+from ringattn.tools.launch import (
+    cpu_threads_per_rank,
+    init_worker,
+    launched_by_torchrun,
+    run_on_ranks,
+)
 
 VOCAB = 64
 CHANCE = math.log(VOCAB)  # the loss of a uniform guess
@@ -311,11 +316,18 @@ def main() -> None:
         help="attend only within each rank's own shard (no ring): the copy cannot be learnt",
     )
     mode.add_argument(
-        "--compare-local", action="store_true", help="run with the ring, then --local-only"
+        "--compare-local",
+        action="store_true",
+        help="run with the ring, then --local-only (local ranks it starts itself, not torchrun)",
     )
     parser.add_argument("--log-every", type=int, default=50, help="print every N steps")
     parser.add_argument("--plot", default=None, help="write the loss curve(s) to this PNG")
     args = parser.parse_args()
+    if args.compare_local and launched_by_torchrun():
+        parser.error(
+            "--compare-local starts its own local ranks twice; under torchrun run the job once "
+            "as it is and once with --local-only"
+        )
     runs = {}
     for local_only in [False, True] if args.compare_local else [args.local_only]:
         name = "local-only" if local_only else "ring"

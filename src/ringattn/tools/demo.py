@@ -432,8 +432,15 @@ def format_report(report: dict) -> str:
             f"{total_single / (ring['forward_s'] + ring['backward_s']):.2f} "
             f"(same kernel, same total threads)"
         )
-    lines += ["", *_memory_lines(report), *_verdict_lines(report)]
+    lines += ["", *_memory_lines(report), *_verdict_lines(report), "", *NEXT_STEPS]
     return "\n".join(lines)
+
+
+NEXT_STEPS = (
+    "  next: examples/train_long_context.py --compare-local trains a model that learns from",
+    "  context on other ranks (a copy task: the ring learns it, attention within each rank's",
+    "  shard cannot); `ringattn bench` and `ringattn plan` measure and predict larger runs.",
+)
 
 
 def _memory_lines(report: dict) -> list[str]:
