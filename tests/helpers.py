@@ -65,11 +65,12 @@ def index_grids(batch: int, heads: int, seq_q: int, seq_k: int, q_offset: int = 
     )
 
 
-def masked_reference(q, k, v, allowed: torch.Tensor, score_mod=None):
+def masked_reference(q, k, v, allowed: torch.Tensor, score_mod=None, sinks=None):
     """Dense float64 attention with a boolean ``allowed`` mask broadcastable to
-    ``(batch, heads, seq_q, seq_k)`` and an optional FlexAttention ``score_mod`` (queries are the
-    last ``seq_q`` key positions). Rows that see no key give zero output and ``lse = -inf``.
-    Returns (out, lse), autograd-enabled."""
+    ``(batch, heads, seq_q, seq_k)``, an optional FlexAttention ``score_mod`` (queries are the
+    last ``seq_q`` key positions) and optional attention ``sinks`` ``(heads,)``: logits of one
+    more key, seen by every row, whose value is zero. Rows that see no key give zero output and
+    ``lse = -inf`` (the sink's logit with sinks). Returns (out, lse), autograd-enabled."""
     groups = q.shape[2] // k.shape[2]
     k = k.repeat_interleave(groups, dim=2)
     v = v.repeat_interleave(groups, dim=2)
@@ -79,6 +80,12 @@ def masked_reference(q, k, v, allowed: torch.Tensor, score_mod=None):
         grids = index_grids(q.shape[0], q.shape[2], q.shape[1], k.shape[1], offset)
         scores = score_mod(scores, *grids)
     scores = scores.masked_fill(~allowed, float("-inf"))
+    if sinks is not None:
+        sink = sinks.to(scores.dtype)[None, :, None, None].expand(*scores.shape[:3], 1)
+        with_sink = torch.cat([scores, sink], dim=-1)
+        return torch.einsum("bhqk,bkhd->bqhd", torch.softmax(with_sink, -1)[..., :-1], v), (
+            torch.logsumexp(with_sink, dim=-1)
+        )
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse.masked_fill(torch.isinf(lse), 0.0).unsqueeze(-1))
     return torch.einsum("bhqk,bkhd->bqhd", probs, v), lse

@@ -17,7 +17,7 @@ def _rand(gen, *shape):
     return torch.randn(*shape, generator=gen, dtype=torch.float64)
 
 
-def _decode_job(rank, world, layout, steps, chunk, device="cpu", tile=None):
+def _decode_job(rank, world, layout, steps, chunk, device="cpu", tile=None, with_sinks=False):
     if tile is not None:  # extend in tiles of tile x tile pairs, or one query x tile**2 keys
         ringattn.inference.EXTEND_TILE = tile
     batch, heads_q, heads_kv, dim = 2, 4, 2, 16
@@ -25,6 +25,8 @@ def _decode_job(rank, world, layout, steps, chunk, device="cpu", tile=None):
     lengths = torch.tensor([prompt_len, prompt_len - 7])  # uneven sequences
     gen = torch.Generator().manual_seed(0)
     q, k, v = (_rand(gen, batch, prompt_len, h, dim) for h in (heads_q, heads_kv, heads_kv))
+    sinks = torch.tensor([-1.0, 0.0, 1.5, 3.0], dtype=torch.float64) if with_sinks else None
+    local_sinks = None if sinks is None else sinks.float().to(device)
     cache = KVCache(2, batch, heads_kv, dim, capacity=4, device=device)  # tiny: must grow
     layer = 1
     out = cache.prefill(
@@ -32,13 +34,14 @@ def _decode_job(rank, world, layout, steps, chunk, device="cpu", tile=None):
         *(ringattn.shard(t.float(), layout).to(device) for t in (q, k, v)),
         lengths=lengths,
         layout=layout,
+        sinks=local_sinks,
     )
     # reference for the prompt: causal within each sequence's real tokens
     pos = torch.arange(prompt_len)
     valid = pos[None, :] < lengths[:, None]
     allowed = (pos[None, :] <= pos[:, None])[None, None] & valid[:, None, :, None]
     allowed &= valid[:, None, None, :]
-    ref, _ = masked_reference(q, k, v, allowed)
+    ref, _ = masked_reference(q, k, v, allowed, sinks=sinks)
     assert_close("prefill", out.cpu(), ringattn.shard(ref, layout).float(), TOL)
     keys = [[k[b, : lengths[b]]] for b in range(batch)]
     values = [[v[b, : lengths[b]]] for b in range(batch)]
@@ -46,7 +49,8 @@ def _decode_job(rank, world, layout, steps, chunk, device="cpu", tile=None):
         new_q, new_k, new_v = (
             _rand(gen, batch, chunk, h, dim) for h in (heads_q, heads_kv, heads_kv)
         )
-        got = cache.extend(layer, *(t.float().to(device) for t in (new_q, new_k, new_v))).cpu()
+        new = [t.float().to(device) for t in (new_q, new_k, new_v)]
+        got = cache.extend(layer, *new, sinks=local_sinks).cpu()
         for b in range(batch):
             keys[b].append(new_k[b])
             values[b].append(new_v[b])
@@ -54,7 +58,7 @@ def _decode_job(rank, world, layout, steps, chunk, device="cpu", tile=None):
             n = all_k.shape[1]
             i = torch.arange(n - chunk, n)[:, None]
             causal = (torch.arange(n)[None, :] <= i)[None, None]
-            ref, _ = masked_reference(new_q[b : b + 1], all_k, all_v, causal)
+            ref, _ = masked_reference(new_q[b : b + 1], all_k, all_v, causal, sinks=sinks)
             assert_close(f"step {step} row {b}", got[b : b + 1], ref.float(), TOL)
     held = cache.local_tokens(layer)
     return held, [int(x) for x in cache.lengths[layer]]
@@ -68,6 +72,13 @@ def test_prefill_then_50_decode_steps(pools, world):
     assert totals == lengths  # every token stored exactly once
     per_rank = [held[0] for held, _ in results]
     assert max(per_rank) - min(per_rank) <= 1  # balanced as it grows
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_decode_with_attention_sinks(pools, world):
+    """A layer with learnable sinks: prefill and every decode step equal single-device
+    attention whose softmax counts the sink."""
+    pools(world).run(_decode_job, "zigzag", 5, 1, "cpu", None, True)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "striped"])

@@ -8,26 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import assert_close, random_qkv
+from helpers import assert_close, masked_reference, random_qkv
 
 import ringattn
 
 FP32_TOL = 1e-5
 BATCH, HEADS_Q, HEADS_KV, DIM = 2, 4, 2, 16
-
-
-def _reference(q, k, v, allowed, sinks):
-    """Dense float64 attention whose softmax also counts ``sinks`` (heads,) as a zero-valued
-    key seen by every row. Returns (out, lse), autograd-enabled."""
-    groups = q.shape[2] // k.shape[2]
-    k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
-    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * q.shape[-1] ** -0.5
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    sink = sinks[None, :, None, None].expand(*scores.shape[:3], 1)
-    with_sink = torch.cat([scores, sink], dim=-1)
-    lse = torch.logsumexp(with_sink, dim=-1)
-    probs = torch.softmax(with_sink, dim=-1)[..., :-1]
-    return torch.einsum("bhqk,bkhd->bqhd", probs, v), lse
 
 
 def _case(name: str, seq_len: int):
@@ -48,7 +34,7 @@ def _sinks_job(rank, world, layout, rotation):
         q, k, v, dout = random_qkv(BATCH, seq_len, HEADS_Q, HEADS_KV, DIM, seed)
         sinks = torch.tensor([-1.0, 0.0, 1.5, 3.0], dtype=torch.float64)
         full = [t.clone().requires_grad_() for t in (q, k, v, sinks)]
-        ref_out, ref_lse = _reference(*full[:3], allowed[None, None], full[3])
+        ref_out, ref_lse = masked_reference(*full[:3], allowed[None, None], sinks=full[3])
         ref_grads = torch.autograd.grad(ref_out, full, dout)
         local = [ringattn.shard(t, layout).float().requires_grad_() for t in (q, k, v)]
         local_sinks = sinks.float().requires_grad_()

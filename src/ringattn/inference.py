@@ -22,7 +22,7 @@ from .api import ring_attention
 from .comm import GroupLike, all_reduce_bounded, group_rank_and_size, resolve_group
 from .kernels import masked_kernel_for, select_kernel
 from .layout import LayoutName
-from .merge import empty_partial, merge_partial
+from .merge import empty_partial, merge_partial, with_sinks
 
 _EMPTY_SLOT = -1
 
@@ -107,6 +107,7 @@ class KVCache:
         *,
         lengths: torch.Tensor | None = None,
         layout: LayoutName = "zigzag",
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Causal ring attention over the prompt, keeping this rank's keys/values.
 
@@ -116,6 +117,8 @@ class KVCache:
             lengths: ``(batch,)`` real prompt lengths when sequences are right-padded to one
                 length; positions at or past a sequence's length are padding.
             layout: the layout the prompt was sharded in.
+            sinks: the layer's attention-sink logits ``(heads_q,)``, if it has them (see
+                :func:`ringattn.ring_attention`).
 
         Returns:
             ``(batch, seq_local, heads_q, head_dim)`` attention output of this rank's shard.
@@ -135,6 +138,7 @@ class KVCache:
             layout=layout,
             group=self.group,
             attention_mask=valid if lengths.lt(padded).any() else None,
+            sinks=sinks,
         )
         cache = self.layers[layer]
         for row in range(self.batch):
@@ -143,13 +147,22 @@ class KVCache:
         self.lengths[layer] = lengths.clone()
         return out
 
-    def extend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def extend(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        sinks: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Attend new tokens, replicated on every rank, to the cache plus themselves (causal).
 
         Args:
             q: ``(batch, new, heads_q, head_dim)``; the new tokens of sequence ``b`` sit at
                 positions ``lengths[b] .. lengths[b] + new - 1``.
             k, v: ``(batch, new, heads_kv, head_dim)``.
+            sinks: the layer's attention-sink logits ``(heads_q,)``, if it has them.
 
         Returns:
             ``(batch, new, heads_q, head_dim)``, the same on every rank.
@@ -171,7 +184,10 @@ class KVCache:
         q_pos = q_pos.to(cache.pos.device)
         keys = (cache.k[:, :used], cache.v[:, :used], cache.pos[:, :used])
         out, lse = _cached_attention(q, *keys, q_pos, seen_by_all)
-        return merge_across_ranks(out, lse, self.group).to(q.dtype)
+        if sinks is None:
+            return merge_across_ranks(out, lse, self.group).to(q.dtype)
+        out, lse = merge_across_ranks(out, lse, self.group, return_lse=True)
+        return with_sinks(out, lse, sinks)[0].to(q.dtype)
 
 
 EXTEND_TILE = 1024
