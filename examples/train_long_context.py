@@ -11,10 +11,10 @@ The task: a random sequence of ``seq_len / 2`` tokens followed by its repetition
 the second half (after its first) is predictable — it is the token that followed the same token
 half a sequence back — and only those tokens are trained and reported; a model that cannot see
 that far back is at chance, ln(vocabulary). In the zigzag layout over an even number of ranks,
-the first-half chunk that a second-half chunk copies always sits on another rank, so the loss
-falls only if attention crosses ranks: ``--local-only`` runs the same model, shards and data
-with attention restricted to each rank's own shard (causal by global position), and stays at
-chance; ``--compare-local`` runs both and plots the two curves.
+the token a second-half token copies sits on another rank for all but one token per sequence,
+so the loss falls only if attention crosses ranks: ``--local-only`` runs the same model, shards
+and data with attention restricted to each rank's own shard (causal by global position), and
+stays at chance; ``--compare-local`` runs both and plots the two curves.
 
 The model is wrapped with FSDP2 (``fully_shard``) on the whole 2-D mesh, i.e. hybrid sharding:
 parameters, gradients and optimizer state are sharded over "cp" (whose ranks need the same
@@ -211,7 +211,10 @@ def train(
         tokens = make_batch(batch * dp, seq_len, step)
         mine = tokens[dp_rank * batch : (dp_rank + 1) * batch]  # this replica's sequences
         local = ringattn.shard(mine, layout, group=cp_group)
-        labels = ringattn.shard(copy_labels(mine), layout, group=cp_group)
+        # padding the layout adds at the end is not trained (shard alone would pad with 0)
+        padding = ringattn.padded_length(seq_len, layout, cp) - seq_len
+        labels = F.pad(copy_labels(mine), (0, padding), value=-100)
+        labels = ringattn.shard(labels, layout, group=cp_group)
         logits = model(local, positions, attend)
         loss = cp_loss(logits, labels, group=cp_group)
         optimizer.zero_grad()
@@ -323,6 +326,11 @@ def main() -> None:
     parser.add_argument("--log-every", type=int, default=50, help="print every N steps")
     parser.add_argument("--plot", default=None, help="write the loss curve(s) to this PNG")
     args = parser.parse_args()
+    if (args.local_only or args.compare_local) and args.cp % 2:
+        parser.error(
+            "--local-only needs an even --cp: with an odd one, zigzag keeps a third of the tokens "
+            "each second-half token copies on its own rank"
+        )
     if args.compare_local and launched_by_torchrun():
         parser.error(
             "--compare-local starts its own local ranks twice; under torchrun run the job once "

@@ -241,6 +241,9 @@ def test_the_trace_says_which_kernel_ran():
     with ringattn.record_ring() as trace:
         ringattn.ring_attention(q, q, q, causal=True)
     assert trace.kernels == ["cpu_flash"] and "kernel: cpu_flash" in trace.summary()
+    with ringattn.record_ring() as trace:  # a score_mod runs on the masked path's kernel
+        ringattn.ring_attention(q, q, q, causal=True, score_mod=ringattn.softcap(0.5))
+    assert trace.kernels == ["reference"]
 
 
 def test_backend_override_for_nodes_that_differ(monkeypatch):

@@ -66,6 +66,29 @@ def test_sinks_under_pass_q(pools, world):
     pools(world).run(_sinks_job, "zigzag", "q")
 
 
+def _padding_and_off_sinks_job(rank, world):
+    """A sink of -inf (switched off) on rows that see no key (padding): zeros, never NaN; the
+    head whose sink is off equals attention without sinks."""
+    seq_len = 8 * world
+    q, k, v, dout = (t.float() for t in random_qkv(BATCH, seq_len, HEADS_Q, HEADS_KV, DIM, 5))
+    valid = torch.ones(BATCH, seq_len, dtype=torch.bool)
+    valid[1, seq_len // 2 :] = False
+    local = [ringattn.shard(t, "zigzag").requires_grad_() for t in (q, k, v)]
+    kwargs = {"causal": True, "attention_mask": ringattn.shard(valid, "zigzag", dim=1)}
+    sinks = torch.tensor([float("-inf"), 0.0, 1.0, 2.0], requires_grad=True)
+    out = ringattn.ring_attention(*local, sinks=sinks, **kwargs)
+    grads = torch.autograd.grad(out, [*local, sinks], ringattn.shard(dout, "zigzag"))
+    assert all(torch.isfinite(t).all() for t in (out, *grads)), "NaN or inf"
+    padded = ~ringattn.shard(valid, "zigzag", dim=1)
+    assert torch.equal(out[padded], torch.zeros_like(out[padded]))
+    plain = ringattn.ring_attention(*(t.detach() for t in local), **kwargs)
+    assert_close("sink off", out[:, :, 0].detach(), plain[:, :, 0], FP32_TOL)
+
+
+def test_a_switched_off_sink_on_padding_rows_is_zero_not_nan(pools):
+    pools(2).run(_padding_and_off_sinks_job)
+
+
 def _bad_sinks_job(rank, world, bad):
     q = torch.randn(1, 4, 4, 8)
     sinks = {"shape": torch.zeros(3), "dtype": torch.zeros(4, dtype=torch.long)}[bad]

@@ -28,7 +28,6 @@ from .layout import Layout, LayoutName, checked_layout, get_layout
 from .masks import MaskMod, ScoreMod
 from .ring_mask import RingMask, agree_call, build_ring_mask, padding_anywhere
 from .rotation import choose_rotation
-from .trace import current_trace
 
 
 @torch.compiler.disable
@@ -159,9 +158,6 @@ def ring_attention(
         problem = conflict or problem or mask.call_problem(q, k)
         mask.agree_call(problem, None if problem else signature, check_across_ranks)
     main_kernel = select_kernel(kernel, q)
-    trace = current_trace()
-    if trace is not None:  # which kernel "auto" chose for this device, dtype and head_dim
-        trace.used_kernel(main_kernel.name)
     if rotation == "auto":  # from values the check above found equal on every rank
         rotation = choose_rotation(
             q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3], q.dtype, needs_grad(q, k, v)

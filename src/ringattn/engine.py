@@ -39,7 +39,7 @@ from .kernels import AttentionKernel
 from .layout import Segment, SubBlock, sub_blocks
 from .masks import ScoreMod, Tile, index_grids
 from .merge import accumulator_dtype, empty_partial, merge_partial, sink_grad, with_sinks
-from .trace import StepTimer, current_observers, observed_by
+from .trace import StepTimer, current_observers, current_trace, observed_by
 
 if TYPE_CHECKING:
     from .ring_mask import RingMask
@@ -194,7 +194,11 @@ class RingPlan:
         return whole if tiles[0] == whole else None
 
     def kernel_for(self, tile: Tile) -> AttentionKernel:
-        return self.masked_kernel if tile.masked or self.score_mod is not None else self.kernel
+        kernel = self.masked_kernel if tile.masked or self.score_mod is not None else self.kernel
+        trace = current_trace()
+        if trace is not None:  # which kernels ran: "auto"'s choice, and the masked path's
+            trace.used_kernel(kernel.name)
+        return kernel
 
 
 def _gather(t: torch.Tensor, block: SubBlock, dim: int) -> torch.Tensor:

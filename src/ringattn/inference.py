@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from .api import positions as layout_positions
 from .api import ring_attention
+from .checks import sinks_problem
 from .comm import GroupLike, all_reduce_bounded, group_rank_and_size, resolve_group
 from .kernels import masked_kernel_for, select_kernel
 from .layout import LayoutName
@@ -167,6 +168,9 @@ class KVCache:
         Returns:
             ``(batch, new, heads_q, head_dim)``, the same on every rank.
         """
+        problem = sinks_problem(sinks, q)
+        if problem:
+            raise ValueError(f"KVCache.extend: {problem}")
         cache = self.layers[layer]
         new = q.shape[1]
         if new == 0:

@@ -67,8 +67,13 @@ def with_sinks(
         sinks: ``(heads,)`` logits.
     """
     total = torch.logaddexp(lse, sinks.to(lse.dtype)[None, :, None])
-    kept = torch.exp(lse - total).transpose(1, 2).unsqueeze(-1)
+    kept = torch.exp(lse - _finite(total)).transpose(1, 2).unsqueeze(-1)  # 0 where both -inf
     return (out.to(kept.dtype) * kept).to(out.dtype), total
+
+
+def _finite(lse: torch.Tensor) -> torch.Tensor:
+    """``lse`` with ``-inf`` (a row with no mass at all) replaced by 0, as a reference point."""
+    return lse.masked_fill(lse == float("-inf"), 0.0)
 
 
 def sink_grad(
@@ -81,5 +86,5 @@ def sink_grad(
     caller's data/context-parallel reduction (e.g. FSDP over the context-parallel dimension)."""
     dtype = lse.dtype
     delta = (dout.to(dtype) * out.to(dtype)).sum(-1).transpose(1, 2)  # (batch, heads, seq)
-    p_sink = torch.exp(sinks.to(dtype)[None, :, None] - lse)
+    p_sink = torch.exp(sinks.to(dtype)[None, :, None] - _finite(lse))
     return (-(p_sink * delta)).sum(dim=(0, 2)).to(sinks.dtype)

@@ -65,20 +65,6 @@ def _demo_parser(sub) -> None:
         help="local ranks to start (ignored under torchrun)",
     )
     p.add_argument("--batch", type=int, default=d.batch, help="sequences per batch")
-    p.add_argument(
-        "--gpus-per-node",
-        type=int,
-        default=None,
-        help="devices per node: a ring of more devices spans nodes, and every step then waits "
-        "for the inter-node link (the profile's paired InfiniBand link for a100-nvlink and "
-        "h100-nvlink, or --inter-node-gbps)",
-    )
-    p.add_argument(
-        "--inter-node-gbps",
-        type=float,
-        default=None,
-        help="with --gpus-per-node: gigabits/s per direction between nodes, per device",
-    )
     p.add_argument("--heads", type=int, default=d.heads, help="query heads")
     p.add_argument(
         "--kv-heads", type=int, default=d.kv_heads, help="key/value heads (GQA when fewer)"

@@ -180,18 +180,17 @@ def across_nodes(
     InfiniBand profile paired with ``hardware`` in :data:`INTER_NODE_PROFILES`)."""
     if gpus_per_node < 1:
         raise ValueError(f"gpus_per_node must be >= 1, got {gpus_per_node}")
-    if devices <= gpus_per_node:
-        return hardware
-    latency = None
+    if devices <= gpus_per_node or hardware.name in INTER_NODE_PROFILES.values():
+        return hardware  # one node, or a profile that is the inter-node link already
+    paired = INTER_NODE_PROFILES.get(hardware.name)
+    if inter_node_gbps is None and paired is None:
+        raise ValueError(
+            f"the ring spans {-(-devices // gpus_per_node)} nodes: give the inter-node link "
+            f"(--inter-node-gbps); {hardware.name!r} has no paired inter-node profile"
+        )
+    latency = PROFILES[paired].latency if paired else None
     if inter_node_gbps is None:
-        paired = INTER_NODE_PROFILES.get(hardware.name)
-        if paired is None:
-            raise ValueError(
-                f"the ring spans {-(-devices // gpus_per_node)} nodes: give the inter-node link "
-                f"(--inter-node-gbps); {hardware.name!r} has no paired inter-node profile"
-            )
         inter_node_gbps = PROFILES[paired].bandwidth * 8 / 1e9
-        latency = PROFILES[paired].latency
     return with_link(hardware, inter_node_gbps, latency, hardware.comm_compute_share)
 
 
