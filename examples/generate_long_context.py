@@ -22,6 +22,13 @@ import ringattn
 from ringattn.tools.launch import cpu_threads_per_rank, init_worker, run_on_ranks
 
 
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options) -> torch.Tensor:
+    """PyTorch's fused attention on ``(batch, seq, heads, head_dim)`` tensors (GQA allowed);
+    ``options`` go to ``F.scaled_dot_product_attention`` (``is_causal``, ``attn_mask``)."""
+    heads_first = (t.transpose(1, 2) for t in (q, k, v))
+    return F.scaled_dot_product_attention(*heads_first, enable_gqa=True, **options).transpose(1, 2)
+
+
 class TinyDecoder(nn.Module):
     def __init__(self, vocab=512, dim=128, layers=2, heads=4, kv_heads=2, seed=0):
         super().__init__()
@@ -86,14 +93,7 @@ def generate_single_process(model, prompt, new_tokens):
             k = torch.cat([cache[layer][0], k], 1)
             v = torch.cat([cache[layer][1], v], 1)
         cache[layer] = (k, v)
-        causal = q.shape[1] == k.shape[1]
-        return F.scaled_dot_product_attention(
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            is_causal=causal,
-            enable_gqa=True,
-        ).transpose(1, 2)
+        return sdpa(q, k, v, is_causal=q.shape[1] == k.shape[1])
 
     logits = model(prompt, torch.arange(prompt.shape[1]), attend)
     tokens = [logits[:, -1].argmax(-1)]

@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from generate_long_context import TinyDecoder
+from generate_long_context import TinyDecoder, sdpa
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -116,13 +116,7 @@ def masked_attention(allowed: torch.Tensor) -> Attend:
     bool), within whatever tokens it is given: no communication."""
 
     def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return F.scaled_dot_product_attention(
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            attn_mask=allowed,
-            enable_gqa=True,
-        ).transpose(1, 2)
+        return sdpa(q, k, v, attn_mask=allowed)
 
     return attend
 
