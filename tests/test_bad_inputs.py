@@ -30,7 +30,8 @@ UNIFORM = {
     ),
     "kv_shape": (
         RingInputError,
-        r"k and v must have the same shape, got \(1, 4, 2, 8\) and \(1, 4, 4, 8\)",
+        r"k and v must have the same batch, length and heads \(only the head_dim may differ\), "
+        r"got \(1, 4, 2, 8\) and \(1, 4, 4, 8\)",
     ),
     "heads": (RingInputError, r"heads_q=6 is not a multiple of heads_kv=4"),
     "head_dim": (RingInputError, r"q and k must have the same head_dim, got 8 and 16"),

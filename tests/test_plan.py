@@ -247,3 +247,26 @@ def test_validate_compares_bench_rows():
     (result,) = validate([row], PROFILES["cpu-2core"])
     assert result["predicted_s"] > 0
     assert result["error"] == pytest.approx(result["predicted_s"] / 2.0 - 1)
+
+
+def test_value_head_dim_is_counted():
+    """MLA: q/k rows of 192 and v rows of 128 — the planner's memory, flops and bytes per step
+    count each tensor at its own head dim; a value dim equal to head_dim changes nothing."""
+    mla = Config(seq_len=4 * 8192, devices=4, heads=8, kv_heads=8, head_dim=192, head_dim_v=128)
+    same = replace(mla, head_dim_v=192)
+    assert memory_per_token(same) == memory_per_token(replace(mla, head_dim_v=None))
+    equal, unset = (
+        predict(c, PROFILES["a100-nvlink"]) for c in (same, replace(same, head_dim_v=None))
+    )
+    assert replace(equal, config=unset.config) == unset
+    single = replace(mla, seq_len=8192, devices=1, dtype="float32")
+    q_row, out_row, kv_row, lse = 8 * 192 * 4, 8 * 128 * 4, 8 * (192 + 128) * 4, 8 * 4
+    inputs = q_row + out_row + kv_row  # q, dout, k, v
+    assert memory_per_token(single) == inputs + out_row + lse + q_row + kv_row
+    assert mla.flops_per_pair == 2 * 8 * (192 + 128)
+    assert mla.bytes_per_step(100, backward=False) == 100 * 8 * (192 + 128) * 2  # k, v in bf16
+    ratio = (
+        predict(mla, PROFILES["a100-nvlink"]).comm_step_s
+        / predict(same, PROFILES["a100-nvlink"]).comm_step_s
+    )
+    assert ratio == pytest.approx((192 + 128) / 384, rel=0.01)

@@ -71,7 +71,9 @@ def ring_attention(
     Args:
         q: ``(batch, seq_q_local, heads_q, head_dim)``.
         k, v: ``(batch, seq_kv_local, heads_kv, head_dim)`` with ``heads_q % heads_kv == 0``
-            (MHA, GQA, MQA). Only the ``heads_kv`` heads travel. Queries and keys may differ in
+            (MHA, GQA, MQA). Only the ``heads_kv`` heads travel. ``v`` may have its own head
+            dim ``head_dim_v`` (MLA, e.g. 192 for q/k and 128 for v); kernels that need one
+            head dim then run on zero-padded copies, exactly. Queries and keys may differ in
             length (cross-attention, chunked prefill); each is sharded in the layout over its own
             length, and the queries are the *last* ``seq_q`` positions of the key sequence
             (bottom-right alignment, as in flash-attn) for ``causal`` and the other masks.
@@ -123,7 +125,7 @@ def ring_attention(
             indices, called with broadcastable index tensors.
 
     Returns:
-        ``out`` ``(batch, seq_local, heads_q, head_dim)`` in ``q.dtype``, and ``lse`` if asked.
+        ``out`` ``(batch, seq_local, heads_q, head_dim_v)`` in ``q.dtype``, and ``lse`` if asked.
 
     Raises:
         RingInputError: (a ``ValueError``) on every rank when any rank's inputs cannot work.
@@ -157,10 +159,17 @@ def ring_attention(
         )
         problem = conflict or problem or mask.call_problem(q, k)
         mask.agree_call(problem, None if problem else signature, check_across_ranks)
-    main_kernel = select_kernel(kernel, q)
+    main_kernel = select_kernel(kernel, q, v.shape[-1])
     if rotation == "auto":  # from values the check above found equal on every rank
         rotation = choose_rotation(
-            q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3], q.dtype, needs_grad(q, k, v)
+            q.shape[1],
+            k.shape[1],
+            q.shape[2],
+            k.shape[2],
+            q.shape[3],
+            q.dtype,
+            needs_grad(q, k, v),
+            head_dim_v=v.shape[3],
         )
     plan = RingPlan(
         mask=mask,

@@ -41,6 +41,7 @@ CALL_FIELDS: Fields = (
     ("seq_local", "every rank must hold an equal shard of the sequence; use ringattn.shard"),
     ("heads_q", "every rank must pass the same number of query heads"),
     ("head_dim", "every rank must pass the same head_dim"),
+    ("head_dim_v", "every rank must pass the same value head_dim"),
     ("seq_local_kv", "every rank must hold an equal shard of the keys/values"),
     ("heads_kv", "every rank must pass the same number of key/value heads"),
     ("dtype", "every rank must use the same dtype"),
@@ -258,8 +259,11 @@ def local_problem(
         return f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
     if not (q.device == k.device == v.device):
         return f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}"
-    if k.shape != v.shape:
-        return f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}"
+    if k.shape[:3] != v.shape[:3]:
+        return (
+            "k and v must have the same batch, length and heads (only the head_dim may differ), "
+            f"got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
     if q.shape[0] != k.shape[0]:
         return f"q and k must have the same batch size, got {q.shape[0]} and {k.shape[0]}"
     if q.shape[3] != k.shape[3]:
@@ -358,6 +362,7 @@ def call_signature(
         q.shape[1],
         q.shape[2],
         q.shape[3],
+        v.shape[3],
         k.shape[1],
         k.shape[2],
         _DTYPES.index(q.dtype),

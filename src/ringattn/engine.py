@@ -302,7 +302,7 @@ def _attend(plan, q_part: Part, k_part: Part, q, k, v, acc: Output | None) -> Ou
             acc = out_t.to(dtype), lse_t.to(dtype).contiguous()
             continue
         if acc is None:
-            acc = empty_partial(q)
+            acc = empty_partial(q, v.shape[-1])
         merge_partial(acc[0][:, rows], acc[1][:, :, rows], out_t, lse_t)
         del out_t, lse_t  # before the next call allocates its own
     return acc
@@ -438,18 +438,18 @@ def ring_forward(
             acc = _attend(plan, (rank, None), (plan.source(step), j), q, *kv, acc)
 
         _ring_loop(plan, "forward", (k, v), (1, 1), attend_block)
-        out, lse = acc if acc is not None else empty_partial(q)
+        out, lse = acc if acc is not None else empty_partial(q, v.shape[-1])
         return out.to(q.dtype).contiguous(), lse
 
     def visit(step, j, block):
         (q_b,) = block
         found = _attend(plan, (plan.source(step), j), (rank, None), q_b, k, v, None)
-        return found or empty_partial(q_b)
+        return found or empty_partial(q_b, v.shape[-1])
 
     batch, seq, heads, _ = q.shape
     returned = _Assembly(
         plan,
-        (q.shape, (batch, heads, seq)),
+        ((batch, seq, heads, v.shape[-1]), (batch, heads, seq)),
         (1, 2),
         (q.dtype, accumulator_dtype(q.dtype)),
         q.device,

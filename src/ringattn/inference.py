@@ -32,9 +32,9 @@ class _LayerCache:
     """One layer's slice: keys/values ``(batch, capacity, heads_kv, head_dim)`` and the global
     position of every slot ``(batch, capacity)`` (``-1`` when empty)."""
 
-    def __init__(self, batch, heads_kv, head_dim, capacity, dtype, device):
+    def __init__(self, batch, heads_kv, head_dim, head_dim_v, capacity, dtype, device):
         self.k = torch.zeros(batch, capacity, heads_kv, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
+        self.v = torch.zeros(batch, capacity, heads_kv, head_dim_v, dtype=dtype, device=device)
         self.pos = torch.full((batch, capacity), _EMPTY_SLOT, dtype=torch.long, device=device)
         self.filled = torch.zeros(batch, dtype=torch.long)  # slots used per sequence
 
@@ -65,6 +65,7 @@ class KVCache:
         num_layers: attention layers that share the cache.
         batch: sequences decoded together (their lengths may differ).
         heads_kv, head_dim: key/value heads and head size.
+        head_dim_v: the values' head size when it differs from the keys' (MLA).
         capacity: initial slots per rank and sequence; the cache grows by doubling.
         group: a ProcessGroup, a 1-D DeviceMesh or ``None`` (default group; a world of one when
             ``torch.distributed`` is not initialised).
@@ -85,11 +86,20 @@ class KVCache:
         device: torch.device | str = "cpu",
         capacity: int = 256,
         group: GroupLike = None,
+        head_dim_v: int | None = None,
     ):
         self.group = resolve_group(group)
         self.rank, self.world_size = group_rank_and_size(self.group)
         self.layers = [
-            _LayerCache(batch, heads_kv, head_dim, capacity, dtype, torch.device(device))
+            _LayerCache(
+                batch,
+                heads_kv,
+                head_dim,
+                head_dim if head_dim_v is None else head_dim_v,
+                capacity,
+                dtype,
+                torch.device(device),
+            )
             for _ in range(num_layers)
         ]
         self.lengths = [torch.zeros(batch, dtype=torch.long) for _ in range(num_layers)]
@@ -114,7 +124,7 @@ class KVCache:
 
         Args:
             q: ``(batch, seq_local, heads_q, head_dim)``, this rank's shard (:func:`shard`).
-            k, v: ``(batch, seq_local, heads_kv, head_dim)``, same layout.
+            k, v: ``(batch, seq_local, heads_kv, head_dim | head_dim_v)``, same layout.
             lengths: ``(batch,)`` real prompt lengths when sequences are right-padded to one
                 length; positions at or past a sequence's length are padding.
             layout: the layout the prompt was sharded in.
@@ -162,7 +172,7 @@ class KVCache:
         Args:
             q: ``(batch, new, heads_q, head_dim)``; the new tokens of sequence ``b`` sit at
                 positions ``lengths[b] .. lengths[b] + new - 1``.
-            k, v: ``(batch, new, heads_kv, head_dim)``.
+            k, v: ``(batch, new, heads_kv, head_dim | head_dim_v)``.
             sinks: the layer's attention-sink logits ``(heads_q,)``, if it has them.
 
         Returns:
@@ -174,7 +184,7 @@ class KVCache:
         cache = self.layers[layer]
         new = q.shape[1]
         if new == 0:
-            return q.new_zeros(q.shape)
+            return q.new_zeros((*q.shape[:3], cache.v.shape[-1]))
         start = self.lengths[layer]
         q_pos = start[:, None] + torch.arange(new)[None, :]  # (batch, new)
         # every new query sees every key cached before this call: slots below the shortest
@@ -217,9 +227,9 @@ def _cached_attention(
     head_dim)`` at ``keys_pos`` ``(batch, used)`` (``-1``: empty slot), of which the first
     ``seen_by_all`` slots are visible to every query. Returns ``(out, lse)`` in the
     accumulator dtype; runs no device sync."""
-    out, lse = empty_partial(q)
+    out, lse = empty_partial(q, v.shape[-1])
     new, used = q.shape[1], k.shape[1]
-    main = select_kernel("auto", q)
+    main = select_kernel("auto", q, v.shape[-1])
     masked = masked_kernel_for(main, needs_score_mod=False)
     scale = q.shape[-1] ** -0.5
     rows_per_call = min(new, EXTEND_TILE)

@@ -18,12 +18,12 @@ def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def empty_partial(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The result of seeing no key, in the accumulator dtype: out 0 ``(b, s, h, d)`` and lse
-    ``-inf`` ``(b, h, s)`` for queries ``q`` ``(b, s, h, d)``."""
+def empty_partial(q: torch.Tensor, value_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The result of seeing no key, in the accumulator dtype: out 0 ``(b, s, h, value_dim)``
+    and lse ``-inf`` ``(b, h, s)`` for queries ``q`` ``(b, s, h, d)``."""
     dtype = accumulator_dtype(q.dtype)
     batch, seq, heads, _ = q.shape
-    out = torch.zeros(q.shape, dtype=dtype, device=q.device)
+    out = torch.zeros((batch, seq, heads, value_dim), dtype=dtype, device=q.device)
     lse = torch.full((batch, heads, seq), float("-inf"), dtype=dtype, device=q.device)
     return out, lse
 

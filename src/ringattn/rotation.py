@@ -2,13 +2,13 @@
 
 Both rotations compute the same tiles, so they hide the same compute per step; they differ in
 what each step must move. Per step and rank (``e`` = element size of the inputs, accumulators in
-fp32):
+fp32, ``d`` the query/key head_dim and ``dv`` the value head_dim, equal but for MLA):
 
-- pass-KV forward: the K and V blocks, ``2 * n_kv * h_kv * d * e``;
-  backward: K and V again plus their fp32 gradients, ``2 * n_kv * h_kv * d * (e + 4)``.
+- pass-KV forward: the K and V blocks, ``n_kv * h_kv * (d + dv) * e``;
+  backward: K and V again plus their fp32 gradients, ``n_kv * h_kv * (d + dv) * (e + 4)``.
 - pass-Q forward: the Q block plus the returning partial output and log-sum-exp,
-  ``n_q * h_q * (d * e + d * 4 + 4)``; backward: Q, dO, O and lse plus the returning fp32
-  dQ, ``n_q * h_q * (3 * d * e + 4 + d * 4)``.
+  ``n_q * h_q * (d * e + dv * 4 + 4)``; backward: Q, dO, O and lse plus the returning fp32
+  dQ, ``n_q * h_q * ((d + 2 * dv) * e + 4 + d * 4)``.
 
 The rule: pick the rotation that moves fewer bytes (over forward and backward when gradients are
 needed); on a tie keep pass-KV. With equal query and key lengths pass-KV always wins; pass-Q wins
@@ -31,15 +31,18 @@ def rotation_bytes(
     head_dim: int,
     dtype: torch.dtype,
     needs_grad: bool,
+    head_dim_v: int | None = None,
 ) -> dict[str, int]:
-    """Bytes one rank sends per ring step under each rotation (see the module docstring)."""
+    """Bytes one rank sends per ring step under each rotation (see the module docstring);
+    ``head_dim_v`` defaults to ``head_dim``."""
     e = torch.empty((), dtype=dtype).element_size()
     acc = 8 if dtype == torch.float64 else 4
-    kv = 2 * seq_kv_local * heads_kv * head_dim * e
-    q = seq_q_local * heads_q * (head_dim * e + head_dim * acc + acc)
+    d, dv = head_dim, head_dim if head_dim_v is None else head_dim_v
+    kv = seq_kv_local * heads_kv * (d + dv) * e
+    q = seq_q_local * heads_q * (d * e + dv * acc + acc)
     if needs_grad:
-        kv += 2 * seq_kv_local * heads_kv * head_dim * (e + acc)
-        q += seq_q_local * heads_q * (3 * head_dim * e + acc + head_dim * acc)
+        kv += seq_kv_local * heads_kv * (d + dv) * (e + acc)
+        q += seq_q_local * heads_q * ((d + 2 * dv) * e + acc + d * acc)
     return {"kv": kv, "q": q}
 
 
@@ -51,8 +54,11 @@ def choose_rotation(
     head_dim: int,
     dtype: torch.dtype = torch.float32,
     needs_grad: bool = False,
+    head_dim_v: int | None = None,
 ) -> Literal["kv", "q"]:
     """``"q"`` when moving queries costs fewer bytes per step than moving keys/values, else
     ``"kv"``. A pure function of the shapes; ``rotation="auto"`` calls it."""
-    cost = rotation_bytes(seq_q_local, seq_kv_local, heads_q, heads_kv, head_dim, dtype, needs_grad)
+    cost = rotation_bytes(
+        seq_q_local, seq_kv_local, heads_q, heads_kv, head_dim, dtype, needs_grad, head_dim_v
+    )
     return "q" if cost["q"] < cost["kv"] else "kv"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import AttentionKernel
+from .base import AttentionKernel, PaddedHeadDims
 from .cpu_flash import CpuFlashKernel
 from .cuda import CudaCudnnKernel, CudaEfficientKernel, CudaFlashKernel
 from .reference import ReferenceKernel
@@ -22,22 +22,37 @@ KERNELS: dict[str, AttentionKernel] = {
 _PREFERENCE = ("cuda_flash", "cuda_efficient", "cpu_flash", "reference")
 
 
-def select_kernel(kernel: str | AttentionKernel, q: torch.Tensor) -> AttentionKernel:
-    """Resolve ``kernel`` ("auto", a name in :data:`KERNELS`, or an instance) for input ``q``.
+def select_kernel(
+    kernel: str | AttentionKernel, q: torch.Tensor, value_dim: int | None = None
+) -> AttentionKernel:
+    """Resolve ``kernel`` ("auto", a name in :data:`KERNELS`, or an instance) for input ``q``
+    ``(batch, seq, heads, head_dim)`` and values of head dim ``value_dim`` (default: q's).
 
     "auto" takes the first of cuda_flash, cuda_efficient, cpu_flash, reference that supports
-    ``q``'s device, dtype and head_dim (``cuda_cudnn`` is only used when named).
+    ``q``'s device, dtype and the wider of the two head dims (``cuda_cudnn`` is only used when
+    named). A kernel that needs one head_dim gets :class:`PaddedHeadDims` around it when the
+    value head_dim differs.
     """
+    value_dim = q.shape[-1] if value_dim is None else value_dim
     if isinstance(kernel, AttentionKernel):
-        return kernel
-    if kernel == "auto":
-        return next(KERNELS[n] for n in _PREFERENCE if KERNELS[n].unsupported_reason(q) is None)
-    if kernel not in KERNELS:
-        raise ValueError(f"unknown kernel {kernel!r}; choose 'auto' or one of {sorted(KERNELS)}")
-    chosen = KERNELS[kernel]
-    reason = chosen.unsupported_reason(q)
-    if reason:
-        raise ValueError(f"kernel {kernel!r} {reason}; use kernel='auto'")
+        chosen = kernel
+    else:
+        widest = q if value_dim <= q.shape[-1] else q.new_empty((0, 0, 0, value_dim))
+        if kernel == "auto":
+            chosen = next(
+                KERNELS[n] for n in _PREFERENCE if KERNELS[n].unsupported_reason(widest) is None
+            )
+        elif kernel not in KERNELS:
+            raise ValueError(
+                f"unknown kernel {kernel!r}; choose 'auto' or one of {sorted(KERNELS)}"
+            )
+        else:
+            chosen = KERNELS[kernel]
+            reason = chosen.unsupported_reason(widest)
+            if reason:
+                raise ValueError(f"kernel {kernel!r} {reason}; use kernel='auto'")
+    if value_dim != q.shape[-1] and chosen.equal_head_dims:
+        return PaddedHeadDims(chosen)
     return chosen
 
 
@@ -48,4 +63,4 @@ def masked_kernel_for(kernel: AttentionKernel, needs_score_mod: bool) -> Attenti
     return KERNELS["reference"]
 
 
-__all__ = ["KERNELS", "AttentionKernel", "masked_kernel_for", "select_kernel"]
+__all__ = ["KERNELS", "AttentionKernel", "PaddedHeadDims", "masked_kernel_for", "select_kernel"]

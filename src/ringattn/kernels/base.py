@@ -13,15 +13,20 @@ ScoreFn = Callable[[torch.Tensor], torch.Tensor]
 class AttentionKernel(ABC):
     """Attention of a block of queries against a block of keys, with its log-sum-exp.
 
-    Shapes: ``q`` is ``(batch, seq_q, heads_q, head_dim)``; ``k`` and ``v`` are
-    ``(batch, seq_k, heads_kv, head_dim)`` with ``heads_q % heads_kv == 0`` (query head ``h`` uses
-    key/value head ``h // (heads_q // heads_kv)``). Inputs may be strided views. ``causal`` is only
-    ever asked of square blocks and means the top-left mask (row ``i`` sees keys ``j <= i``).
+    Shapes: ``q`` and ``k`` are ``(batch, seq_q | seq_k, heads_q | heads_kv, head_dim)``,
+    ``v`` is ``(batch, seq_k, heads_kv, head_dim_v)`` (``head_dim_v`` may differ only where
+    :attr:`equal_head_dims` is false) and ``out`` has ``v``'s head dim, with
+    ``heads_q % heads_kv == 0`` (query head ``h`` uses key/value head
+    ``h // (heads_q // heads_kv)``). Inputs may be strided views. ``causal`` is only ever asked
+    of square blocks and means the top-left mask (row ``i`` sees keys ``j <= i``).
     Outputs must be freshly allocated and not overlap each other or the inputs: the engine
     accumulates into them in place.
     """
 
     name: str = "abstract"
+    equal_head_dims: bool = True
+    """Needs one head_dim for q, k and v; :func:`ringattn.kernels.select_kernel` wraps such a
+    kernel in :class:`PaddedHeadDims` when the value head_dim differs (MLA)."""
     supports_mask: bool = False
     """Accepts ``mask``: bool ``(batch or 1, heads or 1, seq_q, seq_k)``, True = visible."""
     supports_score_mod: bool = False
@@ -43,7 +48,7 @@ class AttentionKernel(ABC):
         mask: torch.Tensor | None = None,
         score_fn: ScoreFn | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``out`` ``(batch, seq_q, heads_q, head_dim)`` in ``q.dtype`` and ``lse``
+        """Return ``out`` ``(batch, seq_q, heads_q, head_dim_v)`` in ``q.dtype`` and ``lse``
         ``(batch, heads_q, seq_q)`` in float32 — float64 for float64 inputs — (natural log of
         the softmax denominator). Rows that ``mask`` hides entirely must come back finite; their
         ``lse`` is ignored."""
@@ -67,7 +72,7 @@ class AttentionKernel(ABC):
 
         With ``P = exp(S - lse)`` and ``delta = rowsum(dout * out)``: ``dv = P^T dout``,
         ``dS = P * (dout v^T - delta)``, ``dq = scale dS k``, ``dk = scale dS^T q``. Returns
-        ``dq`` shaped like ``q`` and ``dk``, ``dv`` shaped like ``k`` (any floating dtype).
+        ``dq``, ``dk``, ``dv`` shaped like ``q``, ``k``, ``v`` (any floating dtype).
         ``lse`` is ``+inf`` for rows that saw no key at all, so that their ``P`` is 0.
         """
 
@@ -79,3 +84,49 @@ def additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
         ~mask, float("-inf")
     )
+
+
+class PaddedHeadDims(AttentionKernel):
+    """``inner`` (a kernel that needs one head_dim) run on a value head_dim that differs from the
+    query/key one, e.g. MLA's 192 for q/k and 128 for v: the narrower side is zero-padded per
+    call. Zero value columns give zero output columns (cut off again); zero query/key columns
+    leave every score unchanged, and their gradient columns are zero (cut off too), so results
+    are exact. The padding costs a copy of the narrower tensors per call (tile-sized) and the
+    compute of the wider head_dim."""
+
+    equal_head_dims = False
+
+    def __init__(self, inner: AttentionKernel):
+        self.inner = inner
+        self.name = inner.name
+        self.supports_mask = inner.supports_mask
+        self.supports_score_mod = inner.supports_score_mod
+
+    def unsupported_reason(self, q: torch.Tensor) -> str | None:
+        return self.inner.unsupported_reason(q)
+
+    def forward(self, q, k, v, *, causal, scale, mask=None, score_fn=None):
+        width = max(q.shape[-1], v.shape[-1])
+        out, lse = self.inner.forward(
+            _pad(q, width),
+            _pad(k, width),
+            _pad(v, width),
+            causal=causal,
+            scale=scale,
+            mask=mask,
+            score_fn=score_fn,
+        )
+        return out[..., : v.shape[-1]], lse
+
+    def backward(self, dout, q, k, v, out, lse, *, causal, scale, mask=None, score_fn=None):
+        width = max(q.shape[-1], v.shape[-1])
+        padded = (_pad(t, width) for t in (dout, q, k, v, out))
+        dq, dk, dv = self.inner.backward(
+            *padded, lse, causal=causal, scale=scale, mask=mask, score_fn=score_fn
+        )
+        return dq[..., : q.shape[-1]], dk[..., : k.shape[-1]], dv[..., : v.shape[-1]]
+
+
+def _pad(t: torch.Tensor, width: int) -> torch.Tensor:
+    """``t`` with its last dim zero-padded to ``width`` (``t`` itself when already that wide)."""
+    return t if t.shape[-1] == width else torch.nn.functional.pad(t, (0, width - t.shape[-1]))

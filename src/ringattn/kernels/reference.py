@@ -35,6 +35,7 @@ def _visible(q, k, causal, mask):
 
 class ReferenceKernel(AttentionKernel):
     name = "reference"
+    equal_head_dims = False
     supports_mask = True
     supports_score_mod = True
 

@@ -43,6 +43,7 @@ class BenchGrid:
     dtypes: list[str] = field(default_factory=lambda: ["float32"])
     sub_blocks: list[int] = field(default_factory=lambda: [Granularity().sub_blocks])
     head_dim: int = 64
+    head_dim_v: int | None = None
     repeats: int = 3
     threads: int = 0  # total CPU threads; 0 = every core this process may use
     device: str = "cpu"  # or "cuda": one GPU per rank
@@ -67,6 +68,7 @@ class BenchGrid:
                 heads=h,
                 kv_heads=hkv,
                 head_dim=self.head_dim,
+                head_dim_v=self.head_dim_v,
                 dtype=dtype,
                 causal=causal,
                 layout=layout,
@@ -170,8 +172,8 @@ def _row(
     compute = [r["compute_s"] for r in ranks]
     wait = [r["wait_s"] for r in ranks]
     element = torch.empty((), dtype=workload.torch_dtype).element_size()
-    minimum = 2 * workload.batch * (workload.seq_len // world) * workload.kv_heads
-    minimum *= workload.head_dim * element
+    minimum = workload.batch * (workload.seq_len // world) * workload.kv_heads
+    minimum *= (workload.head_dim + workload.value_dim) * element
     sent = [b for r in ranks for b in r["forward_step_bytes"][: world - 1]]
     return {
         "workload": asdict(workload),

@@ -256,6 +256,12 @@ def _bench_parser(sub) -> None:
         "kernel-call size (default 8)",
     )
     p.add_argument("--head-dim", type=int, default=64, help="default 64")
+    p.add_argument(
+        "--head-dim-v",
+        type=int,
+        default=None,
+        help="head dim of the values when it differs from --head-dim (MLA, e.g. 128 with 192)",
+    )
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 3)")
     p.add_argument(
         "--threads",
@@ -313,6 +319,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         if getattr(args, name) is not None:
             setattr(grid, name, getattr(args, name))
     grid.head_dim, grid.threads, grid.device = args.head_dim, args.threads, args.device
+    grid.head_dim_v = args.head_dim_v
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -400,6 +407,12 @@ def _plan_parser(sub) -> None:
     p.add_argument("--heads", type=int, default=d.heads, help="query heads")
     p.add_argument("--kv-heads", type=int, default=d.kv_heads, help="key/value heads")
     p.add_argument("--head-dim", type=int, default=d.head_dim, help="dimension of a head")
+    p.add_argument(
+        "--head-dim-v",
+        type=int,
+        default=None,
+        help="head dim of the values when it differs from --head-dim (MLA, e.g. 128 with 192)",
+    )
     p.add_argument("--batch", type=int, default=d.batch, help="sequences per batch")
     p.add_argument(
         "--dtype", default=d.dtype, choices=["bfloat16", "float16", "float32"], help="of q, k, v"
@@ -527,6 +540,7 @@ def _run_plan(args: argparse.Namespace) -> int:
         heads=args.heads,
         kv_heads=args.kv_heads,
         head_dim=args.head_dim,
+        head_dim_v=args.head_dim_v,
         batch=args.batch,
         dtype=args.dtype,
         causal=args.causal,

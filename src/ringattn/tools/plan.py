@@ -217,6 +217,7 @@ class Config:
     heads: int = 32
     kv_heads: int = 8
     head_dim: int = 128
+    head_dim_v: int | None = None  # the values' head dim when it differs (MLA)
     batch: int = 1
     dtype: str = "bfloat16"
     causal: bool = True
@@ -232,12 +233,38 @@ class Config:
         given = {name: workload[name] for name in _WORKLOAD_FIELDS if name in workload}
         return cls(**{"devices": devices, **given, **changes})
 
+    @property
+    def value_dim(self) -> int:
+        """Head dim of v, out and dout."""
+        return self.head_dim if self.head_dim_v is None else self.head_dim_v
+
+    @property
+    def flops_per_pair(self) -> float:
+        """Forward FLOPs per (query, key) pair: ``q k^T`` and ``p v``."""
+        return 2.0 * self.batch * self.heads * (self.head_dim + self.value_dim)
+
+    def bytes_per_step(self, seq_local: int, backward: bool) -> float:
+        """Bytes one rank sends per ring step under this rotation (forward, or forward and
+        backward together), :func:`ringattn.rotation_bytes`."""
+        dtype = getattr(torch, self.dtype)
+        return rotation_bytes(
+            seq_local,
+            seq_local,
+            self.heads,
+            self.kv_heads,
+            self.head_dim,
+            dtype,
+            backward,
+            self.value_dim,
+        )[self.rotation]
+
 
 _WORKLOAD_FIELDS = (
     "seq_len",
     "heads",
     "kv_heads",
     "head_dim",
+    "head_dim_v",
     "batch",
     "dtype",
     "causal",
@@ -269,7 +296,9 @@ class Prediction:
             [
                 f"{c.seq_len:,} tokens on {c.devices} x {self.hardware}: {c.layout} layout, "
                 f"pass-{c.rotation.upper()}, {'causal' if c.causal else 'full'}, "
-                f"{c.heads} heads ({c.kv_heads} KV), d={c.head_dim}, {c.dtype}, batch {c.batch}",
+                f"{c.heads} heads ({c.kv_heads} KV), d={c.head_dim}"
+                + (f" (v {c.value_dim})" if c.value_dim != c.head_dim else "")
+                + f", {c.dtype}, batch {c.batch}",
                 f"  per step: compute {self.compute_step_s * 1e3:.3f} ms, "
                 f"transfer {self.comm_step_s * 1e3:.3f} ms -> "
                 f"{'fully overlapped' if self.overlapped else 'communication-bound'}",
@@ -322,23 +351,24 @@ def memory_per_token(config: Config) -> float:
       (pass-KV) or dk, dv (pass-Q) in training, out in pass-KV inference.
     """
     e = _element_size(config.dtype)
-    q_row = config.heads * config.head_dim
-    kv_row = config.kv_heads * config.head_dim
+    q_row = config.heads * config.head_dim  # q, dq
+    out_row = config.heads * config.value_dim  # out, dout
+    kv_row = config.kv_heads * (config.head_dim + config.value_dim)  # k and v, dk and dv
     lse = (8 if config.dtype == "float64" else 4) * config.heads  # the accumulator dtype
     train = config.backward
-    inputs = (2 * q_row + 2 * kv_row if train else q_row + 2 * kv_row) * e
-    outputs = q_row * e + lse + ((q_row + 2 * kv_row) * e if train else 0)
+    inputs = (q_row + out_row + kv_row if train else q_row + kv_row) * e
+    outputs = out_row * e + lse + ((q_row + kv_row) * e if train else 0)
     if config.devices == 1:
         return config.batch * (inputs + outputs)
     if config.rotation == "kv":
-        travelling = 2 * kv_row * e
-        returning = 2 * kv_row * 4 if train else 0
-        accumulators = q_row * 4
+        travelling = kv_row * e
+        returning = kv_row * 4 if train else 0
+        accumulators = (q_row if train else out_row) * 4
     else:
-        travelling = (3 * q_row * e + lse) if train else q_row * e
-        returning = q_row * 4 if train else q_row * 4 + lse
-        accumulators = 2 * kv_row * 4 if train else 0
-    band = (q_row + 2 * kv_row) * 4 if train else q_row * 4 + lse
+        travelling = ((q_row + 2 * out_row) * e + lse) if train else q_row * e
+        returning = q_row * 4 if train else out_row * 4 + lse
+        accumulators = kv_row * 4 if train else 0
+    band = (q_row + kv_row) * 4 if train else out_row * 4 + lse
     ring = (2 * travelling + 3 * returning + band) / _sub_block_count(config)
     if e == 4:  # float32 inputs accumulate in place
         accumulators = 0
@@ -412,15 +442,13 @@ def min_tokens_for_overlap(config: Config, hardware: Hardware) -> float:
     is solved for at the rate of blocks of that size (a fixed point, found by iteration)."""
     causal_share = 0.5 if config.causal else 1.0
     share = hardware.comm_compute_share
-    per_token = rotation_bytes(
-        1, 1, config.heads, config.kv_heads, config.head_dim, getattr(torch, config.dtype), False
-    )[config.rotation]
+    per_token = config.bytes_per_step(1, backward=False)
 
     def solve(tokens: float) -> float:
         machine, flops, bandwidth = _rates(hardware, config.devices, tokens)
         if hardware.ranks_share_device:  # as predict: the machine's rate bounds every rank's
             flops = min(flops, machine / config.devices)
-        a = 4 * config.batch * config.heads * config.head_dim * causal_share / flops
+        a = config.flops_per_pair * causal_share / flops
         b = config.batch * per_token / _wire(hardware, bandwidth)
         # hidden when compute + s * transfer >= transfer: a c^2 >= (1 - s) (b c + L)
         b, latency = (1 - share) * b, (1 - share) * hardware.latency
@@ -443,15 +471,10 @@ def predict(config: Config, hardware: Hardware) -> Prediction:
     work = rank_work(
         config.layout, p, seq_local, config.causal, diagonal_block=hardware.diagonal_block
     )
-    flops_rank = 4.0 * config.batch * config.heads * config.head_dim * max(work)
-    flops_total = 4.0 * config.batch * config.heads * config.head_dim * sum(work)
-    dtype = getattr(torch, config.dtype)
-    fwd_bytes = rotation_bytes(
-        seq_local, seq_local, config.heads, config.kv_heads, config.head_dim, dtype, False
-    )[config.rotation]
-    both_bytes = rotation_bytes(
-        seq_local, seq_local, config.heads, config.kv_heads, config.head_dim, dtype, True
-    )[config.rotation]
+    flops_rank = config.flops_per_pair * max(work)
+    flops_total = config.flops_per_pair * sum(work)
+    fwd_bytes = config.bytes_per_step(seq_local, backward=False)
+    both_bytes = config.bytes_per_step(seq_local, backward=True)
     share = hardware.comm_compute_share
     machine_flops, rank_flops, device_bandwidth = _rates(hardware, p, seq_local)
     wire_bandwidth = _wire(hardware, device_bandwidth)

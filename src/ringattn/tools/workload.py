@@ -33,6 +33,7 @@ class Workload:
     heads: int
     kv_heads: int
     head_dim: int = 64
+    head_dim_v: int | None = None  # the values' head dim when it differs (MLA)
     batch: int = 1
     dtype: str = "float32"
     causal: bool = True
@@ -50,24 +51,30 @@ class Workload:
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.dtype)
 
+    @property
+    def value_dim(self) -> int:
+        """Head dim of v, out and dout."""
+        return self.head_dim if self.head_dim_v is None else self.head_dim_v
+
     def flops_forward(self) -> float:
-        """Forward FLOPs of attention (two matmuls), halved under a causal mask."""
+        """Forward FLOPs of attention (two matmuls: ``q k^T`` over ``head_dim`` and ``p v``
+        over ``value_dim``), halved under a causal mask."""
         pairs = self.seq_len * self.seq_len * (0.5 if self.causal else 1.0)
-        return 4.0 * self.batch * self.heads * self.head_dim * pairs
+        return 2.0 * self.batch * self.heads * (self.head_dim + self.value_dim) * pairs
 
     def inputs(self, positions: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
         """``q, k, v, dout`` at the given global positions, ``(batch, len, heads, head_dim)``."""
         shapes = (
-            ("q", self.heads),
-            ("k", self.kv_heads),
-            ("v", self.kv_heads),
-            ("dout", self.heads),
+            ("q", self.heads, self.head_dim),
+            ("k", self.kv_heads, self.head_dim),
+            ("v", self.kv_heads, self.value_dim),
+            ("dout", self.heads, self.value_dim),
         )
         return {
             name: tokens_at(
-                positions, self.batch, heads, self.head_dim, self.seed * 4 + i, self.torch_dtype
+                positions, self.batch, heads, dim, self.seed * 4 + i, self.torch_dtype
             ).to(device)
-            for i, (name, heads) in enumerate(shapes)
+            for i, (name, heads, dim) in enumerate(shapes)
         }
 
 
@@ -219,7 +226,7 @@ def time_single_process(
     if not with_backward:
         del inputs["dout"]
     q, k, v = inputs["q"], inputs["k"], inputs["v"]
-    kernel = select_kernel("auto", q)
+    kernel = select_kernel("auto", q, v.shape[-1])
     scale = workload.head_dim**-0.5
 
     def run_once() -> _Run:
