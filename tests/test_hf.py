@@ -36,8 +36,8 @@ SMALL = {
 }
 
 
-def _model(kind: str):
-    """Same random weights on every rank: seeded right before construction."""
+def _config(kind: str):
+    """The tiny config of a kind of model, and its causal-LM class."""
     if kind == "llama":
         config = transformers.LlamaConfig(**SMALL)
         cls = transformers.LlamaForCausalLM
@@ -54,10 +54,52 @@ def _model(kind: str):
             **SMALL, head_dim=16, sliding_window=16, attn_logit_softcapping=0.5
         )
         cls = transformers.Gemma2ForCausalLM
+    elif kind == "gpt_oss":  # layer 0 sliding window 16, layer 1 full; learnable sinks; MoE
+        config = transformers.GptOssConfig(
+            **{**SMALL, "intermediate_size": 32, "max_position_embeddings": 131072},
+            head_dim=16,
+            sliding_window=16,
+            layer_types=["sliding_attention", "full_attention"],
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            attention_dropout=0.0,
+        )
+        cls = transformers.GptOssForCausalLM
+    elif kind == "deepseek_v3":  # MLA: qk head dim 24 (16 + rope 8), value head dim 16
+        config = transformers.DeepseekV3Config(
+            **{**SMALL, "num_key_value_heads": SMALL["num_attention_heads"]},
+            moe_intermediate_size=32,
+            kv_lora_rank=32,
+            q_lora_rank=None,
+            qk_nope_head_dim=16,
+            qk_rope_head_dim=8,
+            v_head_dim=16,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            n_group=1,
+            topk_group=1,
+            first_k_dense_replace=1,  # layer 0 dense MLP, layer 1 MoE
+            attention_dropout=0.0,
+        )
+        cls = transformers.DeepseekV3ForCausalLM
+    elif kind == "gpt_oss_full":  # sinks on full attention only (what generate_greedy takes)
+        config, cls = _config("gpt_oss")
+        config.layer_types = ["full_attention"] * config.num_hidden_layers
     else:
         raise ValueError(kind)
+    return config, cls
+
+
+def _model(kind: str):
+    """Same random weights on every rank: seeded right before construction."""
+    config, cls = _config(kind)
     torch.manual_seed(1234)
-    return cls(config).float()
+    model = cls(config).float()
+    if kind.startswith("gpt_oss"):  # sinks of logit scale (init: std 0.02), so that they matter
+        for layer in model.model.layers:
+            layer.self_attn.sinks.data.normal_(0.0, 1.5)
+    return model
 
 
 def _set_attention(model, name: str) -> None:
@@ -148,6 +190,56 @@ def test_model_matches_single_process_4_ranks(pools, kind, padding, layout):
     pools(4).run(_cp_matches_single_process, kind, padding, layout)
 
 
+def _needs_architecture(name: str) -> None:
+    if not hasattr(transformers, name):
+        pytest.skip(f"transformers {transformers.__version__} has no {name}")
+
+
+@pytest.mark.parametrize(
+    ("world_size", "padding", "layout"),
+    [(2, True, "zigzag"), (3, False, "striped"), (4, True, "contiguous")],
+)
+def test_gpt_oss_sinks_match_single_process(pools, world_size, padding, layout):
+    """gpt-oss: learnable attention sinks (``s_aux``, one ``(heads,)`` parameter per layer) on
+    alternating sliding-window and full layers, MoE feed-forward. The sink gradients are among
+    the gradients compared."""
+    _needs_architecture("GptOssForCausalLM")
+    pools(world_size).run(_cp_matches_single_process, "gpt_oss", padding, layout)
+
+
+def test_gpt_oss_reference_uses_the_sinks():
+    """The eager reference of the gpt-oss test depends on its sinks (so ignoring them fails)."""
+    _needs_architecture("GptOssForCausalLM")
+    model = _model("gpt_oss")
+    _set_attention(model, "eager")
+    input_ids, attention_mask = _batch(padding=True)
+    with torch.no_grad():
+        with_sinks = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        for layer in model.model.layers:
+            layer.self_attn.sinks.fill_(float("-inf"))  # a sink of weight exp(-inf) = 0
+        without = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    valid = attention_mask.bool()
+    change = (with_sinks - without)[valid].abs().max() / with_sinks[valid].abs().max()
+    assert change > 0.1, f"the sinks change the logits by only {change:.1e} (relative)"
+
+
+@pytest.mark.parametrize(
+    ("world_size", "padding", "layout"), [(2, True, "zigzag"), (3, False, "striped")]
+)
+def test_deepseek_v3_mla_matches_single_process(pools, world_size, padding, layout):
+    """DeepSeek-V3: multi-head latent attention, whose query/key head dim (qk_nope + qk_rope =
+    24) differs from the value head dim (16); a dense and a MoE layer."""
+    _needs_architecture("DeepseekV3ForCausalLM")
+    pools(world_size).run(_cp_matches_single_process, "deepseek_v3", padding, layout)
+
+
+def test_greedy_generation_refuses_latent_attention():
+    """generate_greedy's cache holds one head dim: MLA's values of another dim raise."""
+    _needs_architecture("DeepseekV3ForCausalLM")
+    with pytest.raises(NotImplementedError, match="same head dim for values"):
+        hf.generate_greedy(_model("deepseek_v3"), torch.zeros(1, 4, dtype=torch.long), 2)
+
+
 def _collectives_per_forward_job(rank, world_size, kind, padding):
     """Collectives of one forward+backward of a 6-layer model (its batch always carries an
     attention_mask, padded or all ones)."""
@@ -160,6 +252,10 @@ def _collectives_per_forward_job(rank, world_size, kind, padding):
             sliding_window=16,
             max_window_layers=3,
         )
+    if kind == "gpt_oss":  # sliding window / full layers alternate, every layer has sinks
+        config, _ = _config("gpt_oss")
+        config.num_hidden_layers = 6
+        config.layer_types = ["sliding_attention", "full_attention"] * 3
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).float()
     _set_attention(model, name)
@@ -177,10 +273,15 @@ def _collectives_per_forward_job(rank, world_size, kind, padding):
 
 
 @pytest.mark.parametrize("padding", [False, True], ids=["all_ones", "padded"])
-@pytest.mark.parametrize(("kind", "kinds_of_layer"), [("llama", 1), ("qwen2_window", 2)])
+@pytest.mark.parametrize(
+    ("kind", "kinds_of_layer"), [("llama", 1), ("qwen2_window", 2), ("gpt_oss", 2)]
+)
 def test_checks_cost_one_collective_per_forward_not_per_layer(pools, kind, kinds_of_layer, padding):
     """Per kind of attention layer and forward: one check across ranks, plus one all-gather
-    of the padding mask when some rank has padding, whatever the number of layers."""
+    of the padding mask when some rank has padding, whatever the number of layers (sinks
+    included: the first layer of each kind agrees on its call with them)."""
+    if kind == "gpt_oss":
+        _needs_architecture("GptOssForCausalLM")
     for counts in pools(2).run(_collectives_per_forward_job, kind, padding):
         expected = (2 if padding else 1) * kinds_of_layer
         assert counts == {"collective all_gather": expected}, counts
@@ -238,8 +339,8 @@ def test_rejects_dense_masks_and_caches():
         attn(torch.nn.Module(), q, q, q, None, dropout=0.1)
 
 
-def _generate_job(rank, world_size, layout):
-    model = _model("llama").eval()
+def _generate_job(rank, world_size, layout, kind):
+    model = _model(kind).eval()
     prompt = torch.randint(0, VOCAB, (BATCH, 50), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         ring_tokens = hf.generate_greedy(model, prompt, 12, layout=layout)
@@ -254,12 +355,18 @@ def _generate_job(rank, world_size, layout):
     return ring_tokens.tolist(), sequence[:, 50:].tolist(), tuple(none.shape), caches_alive
 
 
-@pytest.mark.parametrize(("world_size", "layout"), [(2, "zigzag"), (3, "striped")])
-def test_greedy_generation_matches_single_process(pools, world_size, layout):
+@pytest.mark.parametrize(
+    ("world_size", "layout", "kind"),
+    [(2, "zigzag", "llama"), (3, "striped", "llama"), (2, "striped", "gpt_oss_full")],
+)
+def test_greedy_generation_matches_single_process(pools, world_size, layout, kind):
     """The tokens of single-process greedy decoding; no token for max_new_tokens=0; no KV cache
-    left alive (in transformers' global attention registry or elsewhere) after the call."""
+    left alive (in transformers' global attention registry or elsewhere) after the call.
+    gpt-oss: its sinks join the prefill and every decode step."""
+    if kind.startswith("gpt_oss"):
+        _needs_architecture("GptOssForCausalLM")
     for ring_tokens, reference, no_tokens, caches_alive in pools(world_size).run(
-        _generate_job, layout
+        _generate_job, layout, kind
     ):
         assert ring_tokens == reference
         assert no_tokens == (BATCH, 0) and caches_alive == 0

@@ -30,12 +30,19 @@ Packed documents: :func:`shard_batch` derives HF's ``cu_seq_lens_q/k`` from rest
 ``position_ids``; passed to the model they reach the attention function, which masks across
 documents (``ring_attention(cu_seqlens=...)``).
 
+Attention sinks (gpt-oss): the layer's ``s_aux`` parameter, ``(heads,)`` logits, becomes
+``ring_attention(sinks=...)`` on sliding-window and full layers alike; its gradient on each rank
+covers that rank's rows, so the SUM all-reduce above makes it exact like every other gradient.
+Multi-head latent attention (DeepSeek-V2/V3): the value head dim may differ from the query/key
+head dim (transformers passes ``value`` unpadded to every implementation but flash-attn's).
+
 Contract (checked against transformers 5.x): the attention function gets
 ``(module, query, key, value, attention_mask, scaling=, dropout=, **kwargs)`` with ``query``
-``(batch, heads, seq_local, head_dim)`` and un-repeated ``key``/``value``
-``(batch, kv_heads, seq_local, head_dim)`` and returns ``(out (batch, seq_local, heads, head_dim),
-None)``. The mask function registered for the same name never builds a dense mask: it passes the
-2-D padding mask of this rank's shard through to the attention function (or ``None``).
+``(batch, heads, seq_local, head_dim)``, un-repeated ``key`` ``(batch, kv_heads, seq_local,
+head_dim)`` and ``value`` ``(batch, kv_heads, seq_local, head_dim_v)``, and returns
+``(out (batch, seq_local, heads, head_dim_v), None)``. The mask function registered for the same
+name never builds a dense mask: it passes the 2-D padding mask of this rank's shard through to the
+attention function (or ``None``).
 """
 
 from __future__ import annotations
@@ -176,17 +183,24 @@ def make_attention_function(
     """An attention function for ``transformers``' ``AttentionInterface`` that runs ring attention.
 
     The returned function takes ``(module, query, key, value, attention_mask, scaling=None,
-    dropout=0.0, **kwargs)`` with ``query`` ``(batch, heads, seq_local, head_dim)`` and ``key``,
-    ``value`` ``(batch, kv_heads, seq_local, head_dim)`` of this rank's shard (in ``layout``), and
-    returns ``(out, None)`` with ``out`` ``(batch, seq_local, heads, head_dim)``.
+    dropout=0.0, **kwargs)`` with ``query`` ``(batch, heads, seq_local, head_dim)``, ``key``
+    ``(batch, kv_heads, seq_local, head_dim)`` and ``value`` ``(batch, kv_heads, seq_local,
+    head_dim_v)`` of this rank's shard (in ``layout``; ``head_dim_v`` may differ from
+    ``head_dim``, as in DeepSeek's multi-head latent attention), and returns ``(out, None)`` with
+    ``out`` ``(batch, seq_local, heads, head_dim_v)``.
     ``attention_mask`` must be ``None`` or this rank's 2-D padding mask ``(batch, seq_local)``
     (1/True = real token). Causality comes from ``kwargs["is_causal"]`` or ``module.is_causal``,
-    the sliding window from ``kwargs["sliding_window"]`` or ``module.sliding_window``, and
-    ``kwargs["softcap"]`` becomes :func:`ringattn.softcap`. Packed sequences come as HF's
-    ``cu_seq_lens_q`` / ``cu_seq_lens_k`` keyword arguments (the *global* cumulative document
-    lengths, as :func:`shard_batch` returns them) and keep attention inside each document. Dropout,
-    attention sinks, returned attention weights and KV caches with past tokens are not supported
-    and raise.
+    the sliding window from ``kwargs["sliding_window"]`` or ``module.sliding_window``,
+    ``kwargs["softcap"]`` becomes :func:`ringattn.softcap`, and ``kwargs["s_aux"]`` (gpt-oss's
+    learnable attention sinks, ``(heads,)`` logits) becomes ``ring_attention(sinks=...)``, with
+    gradients. Packed sequences come as HF's ``cu_seq_lens_q`` / ``cu_seq_lens_k`` keyword
+    arguments (the *global* cumulative document lengths, as :func:`shard_batch` returns them) and
+    keep attention inside each document. Dropout, returned attention weights and KV caches with
+    past tokens are not supported and raise.
+
+    Layers share the masks the mask function planned for the forward (:class:`ForwardMasks`):
+    the first layer of each kind (causality, sliding window, documents) plans and checks it with
+    its call, sinks included, and the other layers of that kind reuse it without a collective.
     """
 
     def ring_attention_forward(
@@ -204,8 +218,6 @@ def make_attention_function(
                 f"ring attention has no attention dropout (got dropout={dropout}); set the "
                 "config's attention_dropout to 0"
             )
-        if kwargs.get("s_aux") is not None:
-            raise NotImplementedError("ring attention does not support attention sinks (s_aux)")
         if kwargs.get("output_attentions"):
             raise ValueError("ring attention cannot return attention weights")
         if query.shape[2] != key.shape[2]:
@@ -230,6 +242,7 @@ def make_attention_function(
         window = _window(module, kwargs, is_causal)
         softcap = kwargs.get("softcap")
         score_mod = None if softcap is None else ringattn.softcap(float(softcap))
+        sinks = kwargs.get("s_aux")  # gpt-oss: the layer's (heads,) sink logits, a parameter
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))
         kind = (is_causal, window, q.device)
         mask = None if planned is None else planned.find(kind, cu_seqlens)
@@ -240,12 +253,14 @@ def make_attention_function(
                 cu_seqlens=cu_seqlens,
                 attention_mask=None if padding is None else padding.bool(),
             )
-            mask = mask_for_call(
-                q, k, v, keywords, layout, group, scaling, score_mod, Granularity(), "auto", True
-            )
+            call = (scaling, score_mod, Granularity(), "auto", True)
+            # the call agreed with the mask includes the sinks: no further check per layer
+            mask = mask_for_call(q, k, v, keywords, layout, group, *call, sinks=sinks)
             if planned is not None:
                 planned.remember(kind, cu_seqlens, mask)
-        out = ringattn.ring_attention(q, k, v, mask=mask, scale=scaling, score_mod=score_mod)
+        out = ringattn.ring_attention(
+            q, k, v, mask=mask, scale=scaling, score_mod=score_mod, sinks=sinks
+        )
         return out, None
 
     return ring_attention_forward
@@ -437,16 +452,27 @@ def _generation_attention(
         raise RuntimeError("the 'ringattn_kv_cache' attention runs only inside generate_greedy")
     if _window(module, kwargs, True) is not None or kwargs.get("softcap") is not None:
         raise NotImplementedError("generate_greedy supports plain causal attention only")
+    if value.shape[-1] != query.shape[-1]:
+        raise NotImplementedError(
+            "generate_greedy needs the same head dim for values as for queries, got "
+            f"{value.shape[-1]} and {query.shape[-1]} (multi-head latent attention)"
+        )
     if scaling is not None and abs(scaling - generation.head_dim**-0.5) > 1e-12:
         raise NotImplementedError(f"generate_greedy needs scaling head_dim**-0.5, got {scaling}")
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-    cache = generation.cache
+    cache, sinks = generation.cache, kwargs.get("s_aux")
     if generation.prefilling:
         prefill = cache.prefill(
-            module.layer_idx, q, k, v, lengths=generation.lengths, layout=generation.layout
+            module.layer_idx,
+            q,
+            k,
+            v,
+            lengths=generation.lengths,
+            layout=generation.layout,
+            sinks=sinks,
         )
         return prefill, None
-    return cache.extend(module.layer_idx, q, k, v), None
+    return cache.extend(module.layer_idx, q, k, v, sinks=sinks), None
 
 
 def generate_greedy(
@@ -463,8 +489,10 @@ def generate_greedy(
     ``input_ids`` ``(batch, prompt_len)`` is the full prompt, the same on every rank, without
     padding. Returns the ``(batch, max_new_tokens)`` new tokens (int64), the same on every rank.
     Supports decoders with plain causal attention and the default ``head_dim ** -0.5`` scaling
-    (Llama-style); layers with sliding windows or soft-capping raise. The cache is freed when
-    the call returns.
+    (Llama-style), with or without attention sinks (gpt-oss's ``s_aux``, applied at prefill and
+    at every step); layers with sliding windows or soft-capping, and values of another head dim
+    than the queries (multi-head latent attention), raise. The cache is freed when the call
+    returns.
     """
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
