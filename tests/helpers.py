@@ -91,6 +91,29 @@ def masked_reference(q, k, v, allowed: torch.Tensor, score_mod=None, sinks=None)
     return torch.einsum("bhqk,bkhd->bqhd", probs, v), lse
 
 
+MASK_CASES = ("full", "causal", "window", "documents", "softcap")
+
+
+def mask_case(name: str, seq_len: int):
+    """One of :data:`MASK_CASES` over a sequence of ``seq_len`` tokens: the keywords of
+    ``ring_attention``, the boolean ``(seq_len, seq_len)`` mask a single process applies and
+    the ``score_mod`` (or ``None``). Packed documents include a 1-token one."""
+    i, j = torch.arange(seq_len)[:, None], torch.arange(seq_len)[None, :]
+    if name == "full":
+        return {}, torch.ones(seq_len, seq_len, dtype=torch.bool), None
+    if name == "causal":
+        return {"causal": True}, j <= i, None
+    if name == "window":
+        return {"window": (5, 2)}, (j >= i - 5) & (j <= i + 2), None
+    if name == "softcap":
+        return {"causal": True, "score_mod": ringattn.softcap(2.0)}, j <= i, ringattn.softcap(2.0)
+    assert name == "documents", name
+    cu = torch.tensor([0, 3, 4, seq_len - 5, seq_len])
+    docs = torch.searchsorted(cu[1:], torch.arange(seq_len), right=True)
+    allowed = (j <= i) & (docs[:, None] == docs[None, :])
+    return {"causal": True, "cu_seqlens": cu}, allowed, None
+
+
 class ReversedLayout(ringattn.Layout):
     """A user-defined layout: rank ``r`` holds chunk ``p - 1 - r``."""
 

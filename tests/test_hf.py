@@ -335,8 +335,22 @@ def test_rejects_dense_masks_and_caches():
         attn(torch.nn.Module(), q, q, q, torch.zeros(1, 1, 8, 8))
     with pytest.raises(ValueError, match="use_cache=False"):
         attn(torch.nn.Module(), q, q[:, :, :4], q[:, :, :4], None)
-    with pytest.raises(ValueError, match="dropout"):
-        attn(torch.nn.Module(), q, q, q, None, dropout=0.1)
+
+
+def test_attention_dropout_becomes_ring_dropout():
+    """HF's dropout argument is the ring's world-size-invariant dropout, seeded by torch's
+    generator."""
+    attn = hf.make_attention_function()
+    q, k, v = (torch.randn(1, 4, 8, 16) for _ in range(3))
+    torch.manual_seed(3)
+    out, _ = attn(torch.nn.Module(), q, k, v, None, dropout=0.25)
+    torch.manual_seed(3)
+    ref = ringattn.ring_attention(
+        *(t.transpose(1, 2) for t in (q, k, v)), causal=True, dropout_p=0.25
+    )
+    assert torch.equal(out, ref)
+    plain, _ = attn(torch.nn.Module(), q, k, v, None)
+    assert not torch.equal(out, plain)
 
 
 def _generate_job(rank, world_size, layout, kind):

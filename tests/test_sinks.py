@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import assert_close, masked_reference, random_qkv
+from helpers import assert_close, mask_case, masked_reference, random_qkv
 
 import ringattn
 
@@ -16,21 +16,10 @@ FP32_TOL = 1e-5
 BATCH, HEADS_Q, HEADS_KV, DIM = 2, 4, 2, 16
 
 
-def _case(name: str, seq_len: int):
-    i, j = torch.arange(seq_len)[:, None], torch.arange(seq_len)[None, :]
-    if name == "full":
-        return {}, torch.ones(seq_len, seq_len, dtype=torch.bool)
-    if name == "causal":
-        return {"causal": True}, j <= i
-    cu = torch.tensor([0, 3, 4, seq_len - 5, seq_len])  # a 1-token document included
-    docs = torch.searchsorted(cu[1:], torch.arange(seq_len), right=True)
-    return {"causal": True, "cu_seqlens": cu}, (j <= i) & (docs[:, None] == docs[None, :])
-
-
 def _sinks_job(rank, world, layout, rotation):
     for seed, name in enumerate(("full", "causal", "documents")):
         seq_len = 12 * world
-        kwargs, allowed = _case(name, seq_len)
+        kwargs, allowed, _ = mask_case(name, seq_len)
         q, k, v, dout = random_qkv(BATCH, seq_len, HEADS_Q, HEADS_KV, DIM, seed)
         sinks = torch.tensor([-1.0, 0.0, 1.5, 3.0], dtype=torch.float64)
         full = [t.clone().requires_grad_() for t in (q, k, v, sinks)]

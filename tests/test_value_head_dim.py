@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close, masked_reference
+from helpers import MASK_CASES, assert_close, mask_case, masked_reference
 
 import ringattn
 from ringattn.kernels import KERNELS, PaddedHeadDims, select_kernel
@@ -15,22 +15,6 @@ from ringattn.kernels import KERNELS, PaddedHeadDims, select_kernel
 FP32_TOL = 1e-5
 BATCH, HEADS_Q, HEADS_KV = 2, 4, 2
 FINE = ringattn.Granularity(sub_blocks=3, min_tokens=1)
-
-
-def _case(name: str, seq_len: int):
-    i, j = torch.arange(seq_len)[:, None], torch.arange(seq_len)[None, :]
-    if name == "full":
-        return {}, torch.ones(seq_len, seq_len, dtype=torch.bool), None
-    if name == "causal":
-        return {"causal": True}, j <= i, None
-    if name == "window":
-        return {"window": (5, 2)}, (j >= i - 5) & (j <= i + 2), None
-    if name == "softcap":
-        return {"causal": True, "score_mod": ringattn.softcap(2.0)}, j <= i, ringattn.softcap(2.0)
-    cu = torch.tensor([0, 3, 4, seq_len - 5, seq_len])
-    docs = torch.searchsorted(cu[1:], torch.arange(seq_len), right=True)
-    allowed = (j <= i) & (docs[:, None] == docs[None, :])
-    return {"causal": True, "cu_seqlens": cu}, allowed, None
 
 
 def _inputs(seq_len: int, dim_qk: int, dim_v: int, seed: int):
@@ -44,9 +28,9 @@ def _inputs(seq_len: int, dim_qk: int, dim_v: int, seed: int):
 
 def _value_dim_job(rank, world, layout, rotation, dims):
     dim_qk, dim_v = dims
-    for seed, name in enumerate(("full", "causal", "window", "documents", "softcap")):
+    for seed, name in enumerate(MASK_CASES):
         seq_len = 12 * world
-        kwargs, allowed, score_mod = _case(name, seq_len)
+        kwargs, allowed, score_mod = mask_case(name, seq_len)
         q, k, v, dout = _inputs(seq_len, dim_qk, dim_v, seed)
         full = [t.clone().requires_grad_() for t in (q, k, v)]
         ref_out, ref_lse = masked_reference(*full, allowed[None, None], score_mod=score_mod)

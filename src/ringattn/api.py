@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -22,6 +23,7 @@ from .comm import (
     group_rank_and_size,
     resolve_group,
 )
+from .dropout import Dropout, draw_seed
 from .engine import Granularity, RingAttentionFunction, RingPlan
 from .kernels import AttentionKernel, masked_kernel_for, select_kernel
 from .layout import Layout, LayoutName, checked_layout, get_layout
@@ -40,7 +42,11 @@ def ring_attention(
     scale: float | None = None,
     score_mod: ScoreMod | None = None,
     sinks: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
     return_lse: bool = False,
+    return_max_logits: bool = False,
+    deterministic: bool = False,
     rotation: Literal["kv", "q", "auto"] = "auto",
     kernel: str | AttentionKernel = "auto",
     granularity: Granularity | None = None,
@@ -88,9 +94,29 @@ def ring_attention(
             flow to them; each rank's gradient covers its own rows, summed over the group by
             the usual reduction of parameters shared by the ranks (e.g. FSDP over the
             context-parallel dimension). The returned lse then includes the sink.
+        dropout_p: attention dropout on the softmax probabilities (as flash-attn's
+            ``dropout_p``; pass 0 in evaluation). The keep mask is a hash of ``(seed, batch
+            index, query head, global query position, global key position)``, so it is the same
+            on any world size and layout and equals :func:`ringattn.dropout.keep_mask` in a
+            single process; the backward regenerates it. Dropout tiles run on the dense
+            reference kernel. See :mod:`ringattn.dropout` for the RNG contract.
+        dropout_seed: the seed of the dropout mask; default: drawn from torch's default CPU
+            generator on every call (equal on ranks seeded alike).
         return_lse: also return the log-sum-exp ``(batch, heads_q, seq_local)`` in float32,
             float64 for float64 inputs (natural log, ``-inf`` for a row that sees no key).
             It carries no gradient.
+        return_max_logits: also return the largest score (scaled, after ``score_mod``, over
+            visible pairs; sinks excluded) of every query head over the whole sequence and
+            batch, ``(heads_q,)`` in the accumulator dtype, the same on every rank (what
+            QK-clip needs); ``-inf`` for a head that sees no key. It costs one more ``q k^T``
+            per tile and one small all-reduce, and carries no gradient.
+        deterministic: bitwise-identical outputs and gradients when the call is repeated on
+            the same inputs with the same world size, layout, granularity and kernel: the
+            kernel choice is limited to deterministic kernels (not ``cuda_cudnn``) and the
+            passes run under ``torch.use_deterministic_algorithms(True)`` (on CUDA set
+            ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` for masked tiles). A different world size,
+            layout or granularity sums the same terms in another order, which may change
+            the last bits (never more than the stated tolerances).
         rotation: "kv" moves keys/values around the ring (training, full prefill), "q" moves
             queries and returns partial outputs (few queries against many keys); "auto" picks
             the one that moves fewer bytes, see :func:`ringattn.choose_rotation`, from values
@@ -125,12 +151,15 @@ def ring_attention(
             indices, called with broadcastable index tensors.
 
     Returns:
-        ``out`` ``(batch, seq_local, heads_q, head_dim_v)`` in ``q.dtype``, and ``lse`` if asked.
+        ``out`` ``(batch, seq_local, heads_q, head_dim_v)`` in ``q.dtype``; with
+        ``return_lse`` and/or ``return_max_logits`` the tuple ``(out, lse, max_logits)`` of
+        those asked for, in that order.
 
     Raises:
         RingInputError: (a ``ValueError``) on every rank when any rank's inputs cannot work.
     """
     granularity = Granularity() if granularity is None else granularity
+    options = CallOptions(dropout_p, dropout_seed, return_max_logits)
     keywords = MaskArgs(causal, window, cu_seqlens, document_ids, attention_mask, seq_len, mask_mod)
     if mask is None:
         mask = mask_for_call(
@@ -146,6 +175,7 @@ def ring_attention(
             rotation,
             check_across_ranks,
             sinks,
+            options,
         )
     else:
         conflict = _mask_problem_of_call(mask, keywords, layout, group)
@@ -153,13 +183,13 @@ def ring_attention(
             process_group = resolve_group(group)
             _, world_size = group_rank_and_size(process_group)
             agree_call(conflict, None, None, process_group, world_size, check_across_ranks, set())
-        call_args = (scale, score_mod, granularity, rotation, sinks)
+        call_args = (scale, score_mod, granularity, rotation, sinks, options)
         problem, signature = _check_call(
             q, k, v, mask.layout, mask.world_size, mask.group, *call_args
         )
         problem = conflict or problem or mask.call_problem(q, k)
         mask.agree_call(problem, None if problem else signature, check_across_ranks)
-    main_kernel = select_kernel(kernel, q, v.shape[-1])
+    main_kernel = select_kernel(kernel, q, v.shape[-1], deterministic)
     if rotation == "auto":  # from values the check above found equal on every rank
         rotation = choose_rotation(
             q.shape[1],
@@ -174,33 +204,60 @@ def ring_attention(
     plan = RingPlan(
         mask=mask,
         kernel=main_kernel,
-        masked_kernel=masked_kernel_for(main_kernel, score_mod is not None),
+        masked_kernel=masked_kernel_for(main_kernel, score_mod is not None, dropout_p > 0),
         scale=_scale(q, scale),
         rotation=rotation,
         granularity=granularity,
         score_mod=score_mod,
         batch=q.shape[0],
         heads=q.shape[2],
+        dropout=Dropout(dropout_p, draw_seed() if dropout_seed is None else dropout_seed)
+        if dropout_p > 0
+        else None,
+        deterministic=deterministic,
     )
-    out, lse = RingAttentionFunction.apply(q, k, v, sinks, plan)
-    return (out, lse) if return_lse else out
+    out, lse, peak = RingAttentionFunction.apply(q, k, v, sinks, plan, return_max_logits)
+    results = (out, *((lse,) if return_lse else ()), *((peak,) if return_max_logits else ()))
+    return results if len(results) > 1 else out
 
 
 def _scale(q: torch.Tensor, scale: float | None) -> float:
     return q.shape[-1] ** -0.5 if scale is None else float(scale)
 
 
+@dataclass(frozen=True)
+class CallOptions:
+    """Options of a :func:`ring_attention` call that every rank must agree on, besides the
+    tensors and the masks (for :func:`mask_for_call`)."""
+
+    dropout_p: float = 0.0
+    dropout_seed: int | None = None
+    max_logits: bool = False
+
+
 def _check_call(
-    q, k, v, layout, world_size, group, scale, score_mod, granularity, rotation, sinks
+    q, k, v, layout, world_size, group, scale, score_mod, granularity, rotation, sinks, options
 ) -> tuple[str | None, tuple[float, ...] | None]:
     """This rank's problem with a call, or else ``None`` and the call's signature."""
     problem = local_problem(q, k, v, layout, world_size, group)
-    problem = problem or call_values_problem(scale, rotation, granularity)
+    problem = problem or call_values_problem(
+        scale, rotation, granularity, options.dropout_p, options.dropout_seed
+    )
     problem = problem or sinks_problem(sinks, q)
     if problem:
         return problem, None
-    scale_value = _scale(q, scale)
-    return None, call_signature(q, k, v, scale_value, score_mod, granularity, rotation, sinks)
+    return None, call_signature(
+        q,
+        k,
+        v,
+        _scale(q, scale),
+        score_mod,
+        granularity,
+        rotation,
+        sinks,
+        options.dropout_p,
+        options.max_logits,
+    )
 
 
 def _mask_problem_of_call(
@@ -246,6 +303,7 @@ def mask_for_call(
     rotation,
     across_ranks,
     sinks=None,
+    options: CallOptions | None = None,
 ) -> RingMask:
     """The :class:`RingMask` of a call that passes its masks as keywords, after one check of
     the call and the mask together across ranks (the only collective besides the gathers of
@@ -258,7 +316,7 @@ def mask_for_call(
     except ValueError as exc:
         problem, call = str(exc), None
     else:
-        call_args = (scale, score_mod, granularity, rotation, sinks)
+        call_args = (scale, score_mod, granularity, rotation, sinks, options or CallOptions())
         problem, call = _check_call(q, k, v, chosen, world_size, process_group, *call_args)
     if problem is None:
         problem = masks.problem(q.shape[0], q.shape[1], k.shape[1], world_size)

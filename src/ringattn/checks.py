@@ -52,6 +52,8 @@ CALL_FIELDS: Fields = (
     ("min_tokens", "every rank must pass the same granularity"),
     ("rotation", "every rank must pass the same rotation"),
     ("sinks", "every rank must pass sinks, or none"),
+    ("dropout_p", "every rank must pass the same dropout_p"),
+    ("max_logits", "every rank must ask for the max logits (return_max_logits), or none"),
     (
         "needs_grad",
         "every rank must agree on whether gradients flow (requires_grad of q, k, v and grad "
@@ -317,8 +319,20 @@ def backend_problem(device_type: str, group: dist.ProcessGroup | None) -> str | 
     return None
 
 
-def call_values_problem(scale: object, rotation: object, granularity: object) -> str | None:
+def call_values_problem(
+    scale: object,
+    rotation: object,
+    granularity: object,
+    dropout_p: object = 0.0,
+    dropout_seed: object = None,
+) -> str | None:
     """What is wrong with the non-tensor arguments of a call, or ``None``."""
+    if not isinstance(dropout_p, int | float) or not 0 <= dropout_p < 1:
+        return f"dropout_p must be a number in [0, 1), got {dropout_p!r}"
+    if dropout_seed is not None and (
+        not isinstance(dropout_seed, int) or isinstance(dropout_seed, bool)
+    ):
+        return f"dropout_seed must be an int or None, got {dropout_seed!r}"
     if scale is not None and (not isinstance(scale, int | float) or scale != scale):
         return f"scale must be a number, got {scale!r}"
     if rotation not in _ROTATIONS:
@@ -355,6 +369,8 @@ def call_signature(
     granularity: Granularity,
     rotation: str,
     sinks: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    max_logits: bool = False,
 ) -> tuple[float, ...]:
     """The values of :data:`CALL_FIELDS` for a call whose inputs have no local problem."""
     return (
@@ -373,6 +389,8 @@ def call_signature(
         granularity.min_tokens,
         _ROTATIONS.index(rotation),
         float(sinks is not None),
+        float(dropout_p),
+        float(max_logits),
         float(needs_grad(q, k, v)),
     )
 

@@ -28,13 +28,16 @@ final ``out`` and ``lse`` of its rows.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import torch
+import torch.distributed as dist
 
-from .comm import RingComm
+from .comm import RingComm, all_reduce_bounded
+from .dropout import Dropout
 from .kernels import AttentionKernel
 from .layout import Segment, SubBlock, sub_blocks
 from .masks import ScoreMod, Tile, index_grids
@@ -88,8 +91,9 @@ class RingPlan:
 
     Queries are bottom-right aligned: the ``seq_q`` queries sit at global positions
     ``seq_kv - seq_q .. seq_kv - 1`` (offset 0 for self-attention). ``kernel`` runs unmasked and
-    causal tiles; ``masked_kernel`` runs tiles that need a dense mask or a ``score_mod``, which
-    is called with ``b`` in ``range(batch)`` and ``h`` in ``range(heads)``.
+    causal tiles; ``masked_kernel`` runs tiles that need a dense mask, a ``score_mod`` (called
+    with ``b`` in ``range(batch)`` and ``h`` in ``range(heads)``) or ``dropout``. With
+    ``deterministic`` the passes run under ``torch.use_deterministic_algorithms(True)``.
     """
 
     mask: RingMask
@@ -101,6 +105,8 @@ class RingPlan:
     score_mod: ScoreMod | None = None
     batch: int = 1
     heads: int = 1
+    dropout: Dropout | None = None
+    deterministic: bool = False
 
     @property
     def comm(self) -> RingComm:
@@ -117,6 +123,11 @@ class RingPlan:
     def source(self, step: int) -> int:
         """The rank whose travelling block this rank holds at ``step``."""
         return (self.comm.rank - step) % self.comm.world_size
+
+    @property
+    def _dense(self) -> bool:
+        """Whether every tile runs on the masked kernel, in ``tile_size`` squares."""
+        return self.score_mod is not None or self.dropout is not None
 
     @property
     def _pipelined(self) -> bool:
@@ -152,19 +163,20 @@ class RingPlan:
     def tiles(self, q_part: Part, k_part: Part) -> tuple[Tile, ...]:
         """Tiles of ``q_part``'s queries against ``k_part``'s keys (planned once per mask); a
         whole shard is cut into bands of :meth:`Granularity.band` tokens, and tiles under a
-        ``score_mod`` (which our dense kernel computes) into ``tile_size`` squares."""
+        ``score_mod`` or dropout (which our dense kernel computes) into ``tile_size`` squares."""
         max_rows = self.band(queries=True) if q_part[1] is None else self.seq_q_local
         max_cols = self.band(queries=False) if k_part[1] is None else self.seq_kv_local
-        if self.score_mod is not None:
+        if self._dense:
             max_rows = min(max_rows, self.mask.spec.tile_size)
             max_cols = min(max_cols, self.mask.spec.tile_size)
         q_block, k_block = self._block(q_part, True), self._block(k_part, False)
         return self.mask.tiles(q_part[0], q_block, k_part[0], k_block, max_rows, max_cols)
 
     def tile_args(self, tile: Tile, q_part: Part, k_part: Part, device: torch.device) -> dict:
-        """Keyword arguments of the kernel call for ``tile`` (mask and score_mod, if any)."""
+        """Keyword arguments of the kernel call for ``tile`` (mask, score_mod and dropout, if
+        any)."""
         args = {"causal": tile.causal, "scale": self.scale}
-        if not tile.masked and self.score_mod is None:
+        if not tile.masked and not self._dense:
             return args
         q_pos = self._positions(q_part, True, device)[tile.q_start : tile.q_end]
         k_pos = self._positions(k_part, False, device)[tile.k_start : tile.k_end]
@@ -178,6 +190,8 @@ class RingPlan:
                 return score_mod(scores, *grids)
 
             args["score_fn"] = score_fn
+        if self.dropout is not None:
+            args["dropout"] = self.dropout.tile(self.batch, self.heads, q_pos, k_pos)
         return args
 
     def single_call(self) -> Tile | None:
@@ -194,7 +208,7 @@ class RingPlan:
         return whole if tiles[0] == whole else None
 
     def kernel_for(self, tile: Tile) -> AttentionKernel:
-        kernel = self.masked_kernel if tile.masked or self.score_mod is not None else self.kernel
+        kernel = self.masked_kernel if tile.masked or self._dense else self.kernel
         trace = current_trace()
         if trace is not None:  # which kernels ran: "auto"'s choice, and the masked path's
             trace.used_kernel(kernel.name)
@@ -284,8 +298,11 @@ def _covers(index: slice, like: torch.Tensor) -> bool:
     return index.start == 0 and index.stop == like.shape[1]
 
 
-def _attend(plan, q_part: Part, k_part: Part, q, k, v, acc: Output | None) -> Output | None:
-    """Merge the attention of ``q`` (``q_part``'s queries) over ``k``/``v`` into ``acc``.
+def _attend(
+    plan, q_part: Part, k_part: Part, q, k, v, acc: Output | None, peak: torch.Tensor | None
+) -> Output | None:
+    """Merge the attention of ``q`` (``q_part``'s queries) over ``k``/``v`` into ``acc``, and
+    raise ``peak`` (``(heads_q,)``, if given) to the largest score of every head.
 
     ``acc`` is ``None`` until something is merged: an unmasked tile over all rows then becomes
     the accumulator itself instead of being merged into zeros (one block of memory less, e.g.
@@ -294,7 +311,12 @@ def _attend(plan, q_part: Part, k_part: Part, q, k, v, acc: Output | None) -> Ou
     for t in plan.tiles(q_part, k_part):
         rows, cols = slice(t.q_start, t.q_end), slice(t.k_start, t.k_end)
         args = plan.tile_args(t, q_part, k_part, q.device)
-        out_t, lse_t = plan.kernel_for(t).forward(q[:, rows], k[:, cols], v[:, cols], **args)
+        kernel = plan.kernel_for(t)
+        if peak is not None:
+            scores = {n: args[n] for n in ("causal", "scale", "mask", "score_fn") if n in args}
+            tile_peak = kernel.max_scores(q[:, rows], k[:, cols], **scores)
+            torch.maximum(peak, tile_peak, out=peak)
+        out_t, lse_t = kernel.forward(q[:, rows], k[:, cols], v[:, cols], **args)
         if "mask" in args:  # rows the tile hides entirely carry no probability mass
             lse_t = lse_t.masked_fill(~args["mask"].any(-1), float("-inf"))
         elif acc is None and _covers(rows, q):
@@ -419,23 +441,56 @@ def _one_step(phase: str, device: torch.device, call, *args, **kwargs):
     return result
 
 
+@contextlib.contextmanager
+def _determinism(plan: RingPlan) -> Iterator[None]:
+    """Runs a pass under ``torch.use_deterministic_algorithms(True)`` when the plan asks for
+    it (the CUDA kernels then take their deterministic backward), restoring the setting."""
+    if not plan.deterministic:
+        yield
+        return
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
 def ring_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPlan
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``out`` (batch, seq_q, heads_q, head_dim) in ``q.dtype`` and ``lse`` (batch, heads_q,
-    seq_q) in the accumulator dtype, for this rank's queries against every rank's keys."""
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPlan, max_logits: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``out`` (batch, seq_q, heads_q, head_dim_v) in ``q.dtype`` and ``lse`` (batch, heads_q,
+    seq_q) in the accumulator dtype, for this rank's queries against every rank's keys; with
+    ``max_logits`` also the largest score of every query head over all ranks' queries and keys,
+    ``(heads_q,)`` in the accumulator dtype (one all-reduce), else ``None``."""
+    peak = None
+    if max_logits:
+        peak = torch.full((q.shape[2],), float("-inf"), dtype=accumulator_dtype(q.dtype))
+        peak = peak.to(q.device)
+    with _determinism(plan):
+        out, lse = _forward(q, k, v, plan, peak)
+    if peak is not None and plan.comm.world_size > 1:
+        all_reduce_bounded(peak, plan.comm.group, "max logits", dist.ReduceOp.MAX)
+    return out, lse, peak
+
+
+def _forward(q, k, v, plan: RingPlan, peak: torch.Tensor | None):
     rank = plan.comm.rank
     single = plan.single_call()
     if single is not None:
         args = plan.tile_args(single, (rank, None), (rank, None), q.device)
-        out, lse = _one_step("forward", q.device, plan.kernel_for(single).forward, q, k, v, **args)
+        kernel = plan.kernel_for(single)
+        if peak is not None:
+            peak.copy_(kernel.max_scores(q, k, **args))
+        out, lse = _one_step("forward", q.device, kernel.forward, q, k, v, **args)
         return out.contiguous(), lse
     if plan.rotation == "kv":
         acc: Output | None = None
 
         def attend_block(step, j, kv):
             nonlocal acc
-            acc = _attend(plan, (rank, None), (plan.source(step), j), q, *kv, acc)
+            acc = _attend(plan, (rank, None), (plan.source(step), j), q, *kv, acc, peak)
 
         _ring_loop(plan, "forward", (k, v), (1, 1), attend_block)
         out, lse = acc if acc is not None else empty_partial(q, v.shape[-1])
@@ -443,7 +498,7 @@ def ring_forward(
 
     def visit(step, j, block):
         (q_b,) = block
-        found = _attend(plan, (plan.source(step), j), (rank, None), q_b, k, v, None)
+        found = _attend(plan, (plan.source(step), j), (rank, None), q_b, k, v, None, peak)
         return found or empty_partial(q_b, v.shape[-1])
 
     batch, seq, heads, _ = q.shape
@@ -489,6 +544,11 @@ def ring_backward(
     plan: RingPlan,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``dq, dk, dv`` (in the inputs' dtypes) of this rank's shard."""
+    with _determinism(plan):
+        return _backward(dout, q, k, v, out, lse, plan)
+
+
+def _backward(dout, q, k, v, out, lse, plan: RingPlan):
     rank = plan.comm.rank
     # A row that saw no key (lse = -inf) must get P = exp(S - lse) = 0 in every tile: use +inf.
     lse = lse.masked_fill(lse == float("-inf"), float("inf"))
@@ -534,23 +594,26 @@ def ring_backward(
 
 
 class RingAttentionFunction(torch.autograd.Function):
-    """Autograd wrapper: ``apply(q, k, v, sinks, plan) -> (out, lse)`` (``sinks``: ``(heads_q,)``
-    logits or ``None``, see :func:`ringattn.merge.with_sinks`); ``lse`` is not differentiable."""
+    """Autograd wrapper: ``apply(q, k, v, sinks, plan, max_logits) -> (out, lse, peak)``
+    (``sinks``: ``(heads_q,)`` logits or ``None``, see :func:`ringattn.merge.with_sinks`;
+    ``peak``: the max logits of :func:`ring_forward`, empty without ``max_logits``); ``lse``
+    and ``peak`` are not differentiable."""
 
     @staticmethod
-    def forward(ctx, q, k, v, sinks, plan: RingPlan):
-        out, lse = ring_forward(q, k, v, plan)
+    def forward(ctx, q, k, v, sinks, plan: RingPlan, max_logits: bool):
+        out, lse, peak = ring_forward(q, k, v, plan, max_logits)
         if sinks is not None:
             out, lse = with_sinks(out, lse, sinks)
+        peak = lse.new_empty(0) if peak is None else peak
         ctx.save_for_backward(q, k, v, out, lse, sinks)
         ctx.plan = plan
         ctx.observers = current_observers()
-        ctx.mark_non_differentiable(lse)
-        return out, lse
+        ctx.mark_non_differentiable(lse, peak)
+        return out, lse, peak
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dout, _dlse):
+    def backward(ctx, dout, _dlse, _dpeak):
         q, k, v, out, lse, sinks = ctx.saved_tensors
         dout = dout.contiguous()
         dq = dk = dv = dsinks = None
@@ -559,4 +622,4 @@ class RingAttentionFunction(torch.autograd.Function):
                 dq, dk, dv = ring_backward(dout, q, k, v, out, lse, ctx.plan)
         if sinks is not None and ctx.needs_input_grad[3]:
             dsinks = sink_grad(dout, out, lse, sinks)
-        return dq, dk, dv, dsinks, None
+        return dq, dk, dv, dsinks, None, None

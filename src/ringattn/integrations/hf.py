@@ -58,7 +58,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import ringattn
-from ringattn.api import mask_for_call
+from ringattn.api import CallOptions, mask_for_call
 from ringattn.checks import MaskArgs
 from ringattn.comm import GroupLike, all_reduce_bounded, group_rank_and_size, resolve_group
 from ringattn.engine import Granularity
@@ -195,8 +195,11 @@ def make_attention_function(
     learnable attention sinks, ``(heads,)`` logits) becomes ``ring_attention(sinks=...)``, with
     gradients. Packed sequences come as HF's ``cu_seq_lens_q`` / ``cu_seq_lens_k`` keyword
     arguments (the *global* cumulative document lengths, as :func:`shard_batch` returns them) and
-    keep attention inside each document. Dropout, returned attention weights and KV caches with
-    past tokens are not supported and raise.
+    keep attention inside each document. ``dropout`` (HF passes the config's
+    ``attention_dropout`` in training, 0 in eval) becomes ``ring_attention(dropout_p=)``: the
+    world-size-invariant dropout of :mod:`ringattn.dropout`, one seed drawn per layer call from
+    torch's default generator (seed every rank alike), not the mask eager attention would draw.
+    Returned attention weights and KV caches with past tokens are not supported and raise.
 
     Layers share the masks the mask function planned for the forward (:class:`ForwardMasks`):
     the first layer of each kind (causality, sliding window, documents) plans and checks it with
@@ -213,11 +216,6 @@ def make_attention_function(
         dropout: float = 0.0,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
-        if dropout:
-            raise ValueError(
-                f"ring attention has no attention dropout (got dropout={dropout}); set the "
-                "config's attention_dropout to 0"
-            )
         if kwargs.get("output_attentions"):
             raise ValueError("ring attention cannot return attention weights")
         if query.shape[2] != key.shape[2]:
@@ -255,11 +253,21 @@ def make_attention_function(
             )
             call = (scaling, score_mod, Granularity(), "auto", True)
             # the call agreed with the mask includes the sinks: no further check per layer
-            mask = mask_for_call(q, k, v, keywords, layout, group, *call, sinks=sinks)
+            options = CallOptions(dropout_p=float(dropout))
+            mask = mask_for_call(
+                q, k, v, keywords, layout, group, *call, sinks=sinks, options=options
+            )
             if planned is not None:
                 planned.remember(kind, cu_seqlens, mask)
         out = ringattn.ring_attention(
-            q, k, v, mask=mask, scale=scaling, score_mod=score_mod, sinks=sinks
+            q,
+            k,
+            v,
+            mask=mask,
+            scale=scaling,
+            score_mod=score_mod,
+            sinks=sinks,
+            dropout_p=float(dropout),
         )
         return out, None
 

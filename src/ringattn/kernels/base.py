@@ -8,6 +8,8 @@ from collections.abc import Callable
 import torch
 
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]
+_MAX_SCORES_CHUNK = 1 << 24
+"""Scores (elements) :meth:`AttentionKernel.max_scores` materialises at once without a score_fn."""
 
 
 class AttentionKernel(ABC):
@@ -31,10 +33,54 @@ class AttentionKernel(ABC):
     """Accepts ``mask``: bool ``(batch or 1, heads or 1, seq_q, seq_k)``, True = visible."""
     supports_score_mod: bool = False
     """Accepts ``score_fn``: ``scores (batch, heads, seq_q, seq_k) -> modified scores``."""
+    supports_dropout: bool = False
+    """Accepts a keyword ``dropout`` (forward and backward): a
+    :class:`ringattn.dropout.TileDropout` applied to the probabilities."""
+    deterministic: bool = True
+    """Gives bitwise-identical results when called again on the same inputs (forward and
+    backward)."""
 
     def unsupported_reason(self, q: torch.Tensor) -> str | None:
         """Why this kernel cannot run ``q``'s device/dtype/shape, or ``None`` if it can."""
         return None
+
+    def max_scores(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        *,
+        causal: bool,
+        scale: float,
+        mask: torch.Tensor | None = None,
+        score_fn: ScoreFn | None = None,
+    ) -> torch.Tensor:
+        """The largest score (scaled, after ``score_fn``) of each query head over the visible
+        (query, key) pairs of this call, ``(heads_q,)`` in the accumulator dtype; ``-inf`` for
+        a head that sees nothing. Computes ``q k^T`` once more, in slices of rows (the whole
+        call with a ``score_fn``, whose index grids span all rows)."""
+        dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        batch, seq_q, heads, dim = q.shape
+        heads_kv, seq_k = k.shape[2], k.shape[1]
+        grouped = q.reshape(batch, seq_q, heads_kv, heads // heads_kv, dim).to(dtype)
+        keys = k.to(dtype)
+        rows = seq_q if score_fn else max(1, _MAX_SCORES_CHUNK // max(1, batch * heads * seq_k))
+        peak = torch.full((heads,), float("-inf"), dtype=dtype, device=q.device)
+        for start in range(0, seq_q, rows):
+            stop = min(seq_q, start + rows)
+            scores = torch.einsum("bqkgd,bskd->bkgqs", grouped[:, start:stop], keys)
+            scores = scores.reshape(batch, heads, stop - start, seq_k) * scale
+            if score_fn is not None:
+                scores = score_fn(scores)
+            visible = None if mask is None else mask[..., start:stop, :]
+            if causal:
+                i = torch.arange(start, stop, device=q.device)[:, None]
+                tri = i >= torch.arange(seq_k, device=q.device)[None, :]
+                visible = tri if visible is None else visible & tri
+            if visible is not None:
+                scores = scores.masked_fill(~visible, float("-inf"))
+            peak = torch.maximum(peak, scores.amax(dim=(0, 2, 3)))
+            del scores
+        return peak
 
     @abstractmethod
     def forward(

@@ -187,6 +187,7 @@ class CudaCudnnKernel(_CudaKernel):
     """
 
     name = "cuda_cudnn"
+    deterministic = False  # PyTorch excludes cuDNN attention from deterministic mode
     dtypes = _HALF
     min_capability = (8, 0)
     max_head_dim = 128

@@ -1,7 +1,7 @@
 """Our own dense kernel: matmul + softmax per tile in float32 (float64 for float64 inputs).
 
-It takes any mask and any ``score_mod`` (the gradient flows through the score modification by
-autograd on the tile), so it runs every tile that the fused kernels cannot. Memory is
+It takes any mask, any ``score_mod`` (the gradient flows through the score modification by
+autograd on the tile) and dropout, so it runs every tile that the fused kernels cannot. Memory is
 ``O(batch * heads * seq_q * seq_k)`` per call: the engine hands it tiles of ``tile_size``.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..dropout import TileDropout
 from ..merge import accumulator_dtype
 from .base import AttentionKernel
 
@@ -33,11 +34,21 @@ def _visible(q, k, causal, mask):
     return visible
 
 
+def _dropped(probs: torch.Tensor, dropout: TileDropout | None) -> torch.Tensor:
+    """``probs`` ``(b, h, q, k)`` with dropout applied: kept entries scaled by ``1 / (1 - p)``.
+    With ``out = dropped(P) v``, ``delta = rowsum(dout * out)`` still equals
+    ``rowsum(P * dropped(dout v^T))``, so the backward keeps its usual form."""
+    if dropout is None:
+        return probs
+    return probs * dropout.keep / (1.0 - dropout.p)
+
+
 class ReferenceKernel(AttentionKernel):
     name = "reference"
     equal_head_dims = False
     supports_mask = True
     supports_score_mod = True
+    supports_dropout = True
 
     def _scores(self, q, k, scale, score_fn, visible):
         """Raw scaled scores, and the modified + masked scores used by the softmax. With a
@@ -52,18 +63,20 @@ class ReferenceKernel(AttentionKernel):
                 scores = scores.masked_fill(~visible, float("-inf"))
         return raw, scores
 
-    def forward(self, q, k, v, *, causal, scale, mask=None, score_fn=None):
+    def forward(self, q, k, v, *, causal, scale, mask=None, score_fn=None, dropout=None):
         dtype = accumulator_dtype(q.dtype)
         k, v = _expand_heads(k, q.shape[2]), _expand_heads(v, q.shape[2])
         _, scores = self._scores(q, k, scale, score_fn, _visible(q, k, causal, mask))
         scores = scores.detach()
         lse = torch.logsumexp(scores, dim=-1)
         finite_lse = lse.masked_fill(torch.isinf(lse), 0.0)
-        probs = torch.exp(scores - finite_lse.unsqueeze(-1))
+        probs = _dropped(torch.exp(scores - finite_lse.unsqueeze(-1)), dropout)
         out = torch.einsum("bhqk,bkhd->bqhd", probs, v.to(dtype))
         return out.to(q.dtype), lse
 
-    def backward(self, dout, q, k, v, out, lse, *, causal, scale, mask=None, score_fn=None):
+    def backward(
+        self, dout, q, k, v, out, lse, *, causal, scale, mask=None, score_fn=None, dropout=None
+    ):
         dtype = accumulator_dtype(q.dtype)
         heads, heads_kv = q.shape[2], k.shape[2]
         k_e, v_e = _expand_heads(k, heads).to(dtype), _expand_heads(v, heads).to(dtype)
@@ -71,8 +84,9 @@ class ReferenceKernel(AttentionKernel):
         raw, scores = self._scores(q_c, k_e, scale, score_fn, _visible(q, k_e, causal, mask))
         probs = torch.exp(scores.detach() - lse.to(dtype).unsqueeze(-1))
         delta = (dout * out).sum(-1).transpose(1, 2).unsqueeze(-1)  # (b, h, q, 1)
-        dv = torch.einsum("bhqk,bqhd->bkhd", probs, dout)
-        dscores = probs * (torch.einsum("bqhd,bkhd->bhqk", dout, v_e) - delta)
+        dv = torch.einsum("bhqk,bqhd->bkhd", _dropped(probs, dropout), dout)
+        dprobs = _dropped(torch.einsum("bqhd,bkhd->bhqk", dout, v_e), dropout)
+        dscores = probs * (dprobs - delta)
         if score_fn is not None:
             (dscores,) = torch.autograd.grad(scores, raw, dscores)
         dq = torch.einsum("bhqk,bkhd->bqhd", dscores, k_e) * scale
