@@ -11,7 +11,8 @@ functions                              rank ``r`` of ``p`` holds (ringattn layou
 ``zigzag_ring_flash_attn_*``           chunks ``r`` and ``2p - 1 - r`` of ``2p`` (``"zigzag"``)
 ``stripe_flash_attn_*``                tokens ``r, r + p, r + 2p, ...`` (``"striped"``)
 ``*_varlen_*``                         the same split of *every packed document*; ``cu_seqlens``
-                                       are the local boundaries (global ones divided by ``p``)
+                                       are the local boundaries (global ones divided by ``p``);
+                                       the stripe forms are on its development branch only
 ``llama3_flash_attn_varlen_*``         tokens ``r n / p .. (r + 1) n / p`` of the packed sequence
 =====================================  ==========================================================
 
@@ -31,7 +32,7 @@ refused otherwise; ``deterministic`` is honoured. ``group`` is the ring's proces
 
 Returns ``out`` shaped like ``q``; with ``return_attn_probs=True`` the triple
 ``(out, softmax_lse, None)``: ``softmax_lse`` in float32, ``(batch, heads_q, seq_local)`` for
-the batch forms and ``(heads_q, total_local)`` for the varlen ones (flash-attn >= 2.4's layout).
+the batch forms and ``(heads_q, total_local)`` for the varlen ones (current flash-attn's layout).
 Every result is exact: outputs, ``softmax_lse`` and the gradients of q, k and v equal
 single-device attention on the whole sequence.
 """
@@ -104,10 +105,11 @@ def _varlen(split: Split, q, k, v, cu_seqlens, args: FlashArgs, group: GroupLike
 
 def _as_batch_of_one(q, k, v, args: FlashArgs, **ring_args) -> FlashResult:
     """A varlen call as a batch of one; the results without the batch dimension."""
-    if args.alibi_slopes is not None and args.alibi_slopes.dim() != 1:
+    slopes = args.alibi_slopes
+    if isinstance(slopes, torch.Tensor) and slopes.dim() != 1:
         raise ValueError(
             "alibi_slopes of the varlen forms must be (heads,): slopes per packed sequence "
-            f"((num_seqs, heads)) are not supported, got {tuple(args.alibi_slopes.shape)}"
+            f"((num_seqs, heads)) are not supported, got {tuple(slopes.shape)}"
         )
     result = flash_attention(q[None], k[None], v[None], args, **ring_args)
     if not args.return_attn_probs:
