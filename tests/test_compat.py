@@ -7,7 +7,6 @@ every layout, the packed and varlen forms, llama3's slices, world sizes 1-3. The
 from __future__ import annotations
 
 import ast
-import inspect
 import itertools
 from collections.abc import Callable
 from pathlib import Path
@@ -150,6 +149,13 @@ def _batch_job(rank, world):
             grads = torch.autograd.grad(out, local, cut(ref_dout))
             unpacked = [*grads[:-1], *grads[-1].unbind(2)]  # d(q), d(kv) or d(qkv)
             _check(f"{layout} {packed} p={world}", (out, lse, unpacked), ref, cut, 2)
+    # dropout is ring_attention's: the same seed drops the same probabilities
+    local = [_zigzag(t, rank, world) for t in (q, k, v)]
+    torch.manual_seed(11)
+    dropped = rfa.zigzag_ring_flash_attn_func(*local, dropout_p=0.3, causal=True)
+    torch.manual_seed(11)
+    ours = ringattn.ring_attention(*local, dropout_p=0.3, causal=True, layout="zigzag")
+    assert torch.equal(dropped, ours)
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
@@ -336,16 +342,15 @@ def test_yunchang_long_context_attention_matches_reference(pools, world):
 # ---- what is honoured without a ring, and every refusal ----
 
 
-def test_dropout_is_passed_on_or_refused_and_deterministic_is_honoured():
+def test_dropout_and_deterministic_are_ring_attentions():
     q = torch.randn(1, 8, 2, 8)
     plain = rfa.ring_flash_attn_func(q, q, q, causal=True)
     assert torch.equal(rfa.ring_flash_attn_func(q, q, q, causal=True, deterministic=True), plain)
-    if "dropout_p" in inspect.signature(ringattn.ring_attention).parameters:
-        dropped = rfa.ring_flash_attn_func(q, q, q, dropout_p=0.5, causal=True)
-        assert dropped.shape == plain.shape and not torch.equal(dropped, plain)
-    else:
-        with pytest.raises(NotImplementedError, match=r"dropout_p=0.1: .*no attention dropout"):
-            rfa.ring_flash_attn_func(q, q, q, dropout_p=0.1)
+    torch.manual_seed(7)
+    dropped = rfa.ring_flash_attn_func(q, q, q, dropout_p=0.5, causal=True)
+    torch.manual_seed(7)  # the mask's seed is drawn from torch's generator, as in ring_attention
+    ours = ringattn.ring_attention(q, q, q, dropout_p=0.5, causal=True, layout="contiguous")
+    assert torch.equal(dropped, ours) and not torch.equal(dropped, plain)
 
 
 def _refusals():
@@ -358,11 +363,6 @@ def _refusals():
             lambda: rfa.ring_flash_attn_func(q, q, q, dropout_p=1.5),
             ValueError,
             "dropout_p",
-        ),
-        "deterministic not a bool": (
-            lambda: rfa.ring_flash_attn_func(q, q, q, deterministic=None),
-            ValueError,
-            "deterministic",
         ),
         "window_size below -1": (
             lambda: rfa.zigzag_ring_flash_attn_func(q, q, q, window_size=(-2, 0)),

@@ -8,8 +8,6 @@ keyword that computes the same thing over *global* positions, or an error naming
 
 from __future__ import annotations
 
-import functools
-import inspect
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -56,8 +54,10 @@ def flash_attention(
     Args:
         q: ``(batch, seq_local, heads_q, head_dim)``; k, v: ``(batch, seq_local, heads_kv,
             head_dim)``, the shards of ``layout``.
-        args: flash-attn's arguments, see :func:`window`, :func:`score_mod` and
-            :func:`dropout_keywords`.
+        args: flash-attn's arguments, see :func:`window` and :func:`score_mod`; ``dropout_p``
+            and ``deterministic`` are ring_attention's own (its dropout's seed is drawn from
+            torch's default CPU generator on every call: seed every rank alike to get the
+            single-process mask).
         layout, group, cu_seqlens, document_ids: passed on to :func:`ringattn.ring_attention`.
 
     Returns:
@@ -78,7 +78,8 @@ def flash_attention(
         cu_seqlens=cu_seqlens,
         document_ids=document_ids,
         return_lse=args.return_attn_probs,
-        **dropout_keywords(args.dropout_p, args.deterministic),
+        dropout_p=args.dropout_p,
+        deterministic=args.deterministic,
     )
     if not args.return_attn_probs:
         return result
@@ -152,38 +153,6 @@ def _alibi(slopes: torch.Tensor, batch: int, heads: int) -> ScoreMod:
         return score - slope * (q_idx - kv_idx).abs()
 
     return alibi_bias
-
-
-@functools.cache
-def _ring_parameters() -> frozenset[str]:
-    return frozenset(inspect.signature(ring_attention).parameters)
-
-
-def dropout_keywords(dropout_p: float, deterministic: bool) -> dict[str, object]:
-    """``dropout_p`` and ``deterministic`` as keywords of this ringattn's ``ring_attention``.
-
-    Attention dropout is passed on when ``ring_attention`` has it and refused otherwise;
-    ``deterministic`` is passed on when it has it, and otherwise holds already (the results of
-    a fixed world size do not depend on timing).
-    """
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, int | float):
-        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if not isinstance(deterministic, bool):
-        raise ValueError(f"deterministic must be a bool, got {deterministic!r}")
-    parameters = _ring_parameters()
-    keywords: dict[str, object] = {}
-    if dropout_p > 0:
-        if "dropout_p" not in parameters:
-            raise NotImplementedError(
-                f"dropout_p={dropout_p}: this ringattn has no attention dropout; pass "
-                "dropout_p=0.0 (ring-flash-attention lists dropout as unsupported too)"
-            )
-        keywords["dropout_p"] = float(dropout_p)
-    if deterministic and "deterministic" in parameters:
-        keywords["deterministic"] = True
-    return keywords
 
 
 @dataclass(frozen=True)

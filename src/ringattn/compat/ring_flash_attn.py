@@ -26,8 +26,9 @@ Arguments (flash-attn's): ``q`` ``(batch, seq_local, heads_q, head_dim)``, ``k``
 flash-attention itself applies ``window_size`` inside each block, which its README lists as
 unsupported); ``alibi_slopes`` ``(heads,)`` or ``(batch, heads)`` is honoured (ring-flash-attention
 asserts it is ``None``); ``causal=False`` works in every layout (its zigzag and stripe functions
-assert ``causal``). ``dropout_p > 0`` runs where ``ringattn.ring_attention`` has dropout and is
-refused otherwise; ``deterministic`` is honoured. ``group`` is the ring's process group
+assert ``causal``). ``dropout_p`` and ``deterministic`` are ``ringattn.ring_attention``'s (its
+dropout mask does not depend on the world size; its seed comes from torch's default CPU
+generator, so seed every rank alike). ``group`` is the ring's process group
 (``None``: the default group). ``max_seqlen`` is accepted and not needed.
 
 Returns ``out`` shaped like ``q``; with ``return_attn_probs=True`` the triple
