@@ -93,18 +93,35 @@ def _check_dims(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dims: int, wh
             raise ValueError(f"{name} must be {what}, got {shape}")
 
 
-def _batch(split: Split, q, k, v, args: FlashArgs, group: GroupLike) -> FlashResult:
+def _batch(
+    split: Split,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    args: FlashArgs,
+    group: GroupLike,
+) -> FlashResult:
     _check_dims(q, k, v, 4, "(batch, seq_local, heads, head_dim)")
     return flash_attention(q, k, v, args, layout=split, group=group)
 
 
-def _varlen(split: Split, q, k, v, cu_seqlens, args: FlashArgs, group: GroupLike) -> FlashResult:
+def _varlen(
+    split: Split,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    args: FlashArgs,
+    group: GroupLike,
+) -> FlashResult:
     _check_dims(q, k, v, 3, "(total_local, heads, head_dim)")
     layout, global_cu = document_layout(cu_seqlens, q.shape[0], split, group)
     return _as_batch_of_one(q, k, v, args, layout=layout, group=group, cu_seqlens=global_cu)
 
 
-def _as_batch_of_one(q, k, v, args: FlashArgs, **ring_args) -> FlashResult:
+def _as_batch_of_one(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: FlashArgs, **ring_args: object
+) -> FlashResult:
     """A varlen call as a batch of one; the results without the batch dimension."""
     slopes = args.alibi_slopes
     if isinstance(slopes, torch.Tensor) and slopes.dim() != 1:
