@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -28,11 +28,36 @@ from .engine import Granularity, RingAttentionFunction, RingPlan
 from .kernels import AttentionKernel, masked_kernel_for, select_kernel
 from .layout import Layout, LayoutName, checked_layout, get_layout
 from .masks import MaskMod, ScoreMod
+from .ops import compiled_ring_attention
 from .ring_mask import RingMask, agree_call, build_ring_mask, padding_anywhere
 from .rotation import choose_rotation
 
 
-@torch.compiler.disable
+@dataclass(frozen=True)
+class CallOptions:
+    """The options of a :func:`ring_attention` call besides its tensors and masks (see there);
+    ``needs_grad``: whether a backward pass follows (``None``: from q, k, v and the grad mode).
+    Hashable: a compiled graph refers to one by a constant key."""
+
+    scale: float | None = None
+    score_mod: ScoreMod | None = None
+    granularity: Granularity = field(default_factory=Granularity)
+    rotation: str = "auto"
+    kernel: str | AttentionKernel = "auto"
+    check_across_ranks: bool = True
+    dropout_p: float = 0.0
+    dropout_seed: int | None = None
+    max_logits: bool = False
+    deterministic: bool = False
+    needs_grad: bool | None = None
+
+    @classmethod
+    def of(cls, scale, score_mod, granularity, *rest) -> CallOptions:
+        """The options of :func:`ring_attention`'s arguments of the same names, in this order
+        (``granularity`` ``None``: the default)."""
+        return cls(scale, score_mod, Granularity() if granularity is None else granularity, *rest)
+
+
 def ring_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -47,7 +72,7 @@ def ring_attention(
     return_lse: bool = False,
     return_max_logits: bool = False,
     deterministic: bool = False,
-    rotation: Literal["kv", "q", "auto"] = "auto",
+    rotation: Literal["kv", "q", "auto", "allgather"] = "auto",
     kernel: str | AttentionKernel = "auto",
     granularity: Granularity | None = None,
     check_across_ranks: bool = True,
@@ -120,7 +145,9 @@ def ring_attention(
         rotation: "kv" moves keys/values around the ring (training, full prefill), "q" moves
             queries and returns partial outputs (few queries against many keys); "auto" picks
             the one that moves fewer bytes, see :func:`ringattn.choose_rotation`, from values
-            every rank has agreed on. Both are exact, forward and backward.
+            every rank has agreed on (never "allgather"). "allgather" all-gathers every rank's
+            K/V and reduce-scatters fp32 dK/dV (TransformerEngine's all-gather mode; holds all
+            K/V). All are exact, forward and backward.
         kernel: "auto", "cpu_flash", "cuda_flash", "cuda_efficient", "cuda_cudnn", "reference",
             or an :class:`~ringattn.kernels.AttentionKernel`.
         granularity: how finely blocks are pipelined through the ring (memory against kernel-call
@@ -158,9 +185,36 @@ def ring_attention(
     Raises:
         RingInputError: (a ``ValueError``) on every rank when any rank's inputs cannot work.
     """
-    granularity = Granularity() if granularity is None else granularity
-    options = CallOptions(dropout_p, dropout_seed, return_max_logits)
-    keywords = MaskArgs(causal, window, cu_seqlens, document_ids, attention_mask, seq_len, mask_mod)
+    options = (scale, score_mod, granularity, rotation, kernel, check_across_ranks, dropout_p)
+    options += (dropout_seed, return_max_logits, deterministic)  # CallOptions' fields, in order
+    only_mask = (
+        isinstance(mask, RingMask)
+        and causal is False
+        and window is None
+        and cu_seqlens is None
+        and document_ids is None
+        and attention_mask is None
+        and seq_len is None
+        and mask_mod is None
+        and layout is None
+        and group is None
+    )
+    if torch.compiler.is_compiling() and only_mask:
+        out, lse, peak = compiled_ring_attention(q, k, v, sinks, mask, options)
+    else:
+        keywords = MaskArgs(
+            causal, window, cu_seqlens, document_ids, attention_mask, seq_len, mask_mod
+        )
+        call = CallOptions.of(*options)
+        out, lse, peak = _eager_ring_attention(q, k, v, sinks, mask, keywords, layout, group, call)
+    results = (out, *((lse,) if return_lse else ()), *((peak,) if return_max_logits else ()))
+    return results if len(results) > 1 else out
+
+
+@torch.compiler.disable
+def _eager_ring_attention(q, k, v, sinks, mask, keywords, layout, group, call: CallOptions):
+    """:func:`ring_attention` outside a compiled graph (a graph break inside one)."""
+    conflict = None
     if mask is None:
         mask = mask_for_call(
             q,
@@ -169,27 +223,44 @@ def ring_attention(
             keywords,
             layout,
             group,
-            scale,
-            score_mod,
-            granularity,
-            rotation,
-            check_across_ranks,
+            call.scale,
+            call.score_mod,
+            call.granularity,
+            call.rotation,
+            call.check_across_ranks,
             sinks,
-            options,
+            call,
         )
     else:
         conflict = _mask_problem_of_call(mask, keywords, layout, group)
         if not isinstance(mask, RingMask):  # raise on every rank of the group named
             process_group = resolve_group(group)
             _, world_size = group_rank_and_size(process_group)
-            agree_call(conflict, None, None, process_group, world_size, check_across_ranks, set())
-        call_args = (scale, score_mod, granularity, rotation, sinks, options)
-        problem, signature = _check_call(
-            q, k, v, mask.layout, mask.world_size, mask.group, *call_args
-        )
-        problem = conflict or problem or mask.call_problem(q, k)
-        mask.agree_call(problem, None if problem else signature, check_across_ranks)
-    main_kernel = select_kernel(kernel, q, v.shape[-1], deterministic)
+            agree_call(
+                conflict, None, None, process_group, world_size, call.check_across_ranks, set()
+            )
+    plan = plan_call(q, k, v, sinks, mask, call, conflict=conflict)
+    return RingAttentionFunction.apply(q, k, v, sinks, plan, call.max_logits)
+
+
+def plan_call(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sinks: torch.Tensor | None,
+    mask: RingMask,
+    call: CallOptions,
+    conflict: str | None = None,
+    seed: int | None = None,
+) -> RingPlan:
+    """The :class:`RingPlan` of a call with ``mask``, after its check across ranks (none when
+    the mask agreed this call's signature before). ``seed``: the dropout seed to use (default:
+    ``call.dropout_seed``, else drawn from torch's default generator)."""
+    problem, signature = _check_call(q, k, v, mask.layout, mask.world_size, mask.group, sinks, call)
+    problem = conflict or problem or mask.call_problem(q, k)
+    mask.agree_call(problem, None if problem else signature, call.check_across_ranks)
+    main_kernel = select_kernel(call.kernel, q, v.shape[-1], call.deterministic)
+    rotation = call.rotation
     if rotation == "auto":  # from values the check above found equal on every rank
         rotation = choose_rotation(
             q.shape[1],
@@ -198,50 +269,46 @@ def ring_attention(
             k.shape[2],
             q.shape[3],
             q.dtype,
-            needs_grad(q, k, v),
+            _needs_grad(q, k, v, call),
             head_dim_v=v.shape[3],
         )
-    plan = RingPlan(
+    dropout = None
+    if call.dropout_p > 0:
+        if seed is None:
+            seed = draw_seed() if call.dropout_seed is None else call.dropout_seed
+        dropout = Dropout(call.dropout_p, seed)
+    return RingPlan(
         mask=mask,
         kernel=main_kernel,
-        masked_kernel=masked_kernel_for(main_kernel, score_mod is not None, dropout_p > 0),
-        scale=_scale(q, scale),
+        masked_kernel=masked_kernel_for(
+            main_kernel, call.score_mod is not None, dropout is not None
+        ),
+        scale=_scale(q, call.scale),
         rotation=rotation,
-        granularity=granularity,
-        score_mod=score_mod,
+        granularity=call.granularity,
+        score_mod=call.score_mod,
         batch=q.shape[0],
         heads=q.shape[2],
-        dropout=Dropout(dropout_p, draw_seed() if dropout_seed is None else dropout_seed)
-        if dropout_p > 0
-        else None,
-        deterministic=deterministic,
+        dropout=dropout,
+        deterministic=call.deterministic,
     )
-    out, lse, peak = RingAttentionFunction.apply(q, k, v, sinks, plan, return_max_logits)
-    results = (out, *((lse,) if return_lse else ()), *((peak,) if return_max_logits else ()))
-    return results if len(results) > 1 else out
 
 
 def _scale(q: torch.Tensor, scale: float | None) -> float:
     return q.shape[-1] ** -0.5 if scale is None else float(scale)
 
 
-@dataclass(frozen=True)
-class CallOptions:
-    """Options of a :func:`ring_attention` call that every rank must agree on, besides the
-    tensors and the masks (for :func:`mask_for_call`)."""
-
-    dropout_p: float = 0.0
-    dropout_seed: int | None = None
-    max_logits: bool = False
+def _needs_grad(q, k, v, call: CallOptions) -> bool:
+    return needs_grad(q, k, v) if call.needs_grad is None else call.needs_grad
 
 
 def _check_call(
-    q, k, v, layout, world_size, group, scale, score_mod, granularity, rotation, sinks, options
+    q, k, v, layout, world_size, group, sinks, call: CallOptions
 ) -> tuple[str | None, tuple[float, ...] | None]:
     """This rank's problem with a call, or else ``None`` and the call's signature."""
     problem = local_problem(q, k, v, layout, world_size, group)
     problem = problem or call_values_problem(
-        scale, rotation, granularity, options.dropout_p, options.dropout_seed
+        call.scale, call.rotation, call.granularity, call.dropout_p, call.dropout_seed
     )
     problem = problem or sinks_problem(sinks, q)
     if problem:
@@ -250,13 +317,14 @@ def _check_call(
         q,
         k,
         v,
-        _scale(q, scale),
-        score_mod,
-        granularity,
-        rotation,
+        _scale(q, call.scale),
+        call.score_mod,
+        call.granularity,
+        call.rotation,
         sinks,
-        options.dropout_p,
-        options.max_logits,
+        call.dropout_p,
+        call.max_logits,
+        _needs_grad(q, k, v, call),
     )
 
 
@@ -308,7 +376,17 @@ def mask_for_call(
     """The :class:`RingMask` of a call that passes its masks as keywords, after one check of
     the call and the mask together across ranks (the only collective besides the gathers of
     per-token masks). The mask remembers the call as agreed: reused by calls with the same
-    signature (the other layers of a model), it costs no further check."""
+    signature (the other layers of a model), it costs no further check. ``options`` gives the
+    call's other options (its scale, score_mod, granularity, rotation and check flag are
+    replaced by the arguments of the same meaning)."""
+    options = replace(
+        options or CallOptions(),
+        scale=scale,
+        score_mod=score_mod,
+        granularity=granularity,
+        rotation=rotation,
+        check_across_ranks=across_ranks,
+    )
     process_group = resolve_group(group)
     _, world_size = group_rank_and_size(process_group)
     try:
@@ -316,8 +394,7 @@ def mask_for_call(
     except ValueError as exc:
         problem, call = str(exc), None
     else:
-        call_args = (scale, score_mod, granularity, rotation, sinks, options or CallOptions())
-        problem, call = _check_call(q, k, v, chosen, world_size, process_group, *call_args)
+        problem, call = _check_call(q, k, v, chosen, world_size, process_group, sinks, options)
     if problem is None:
         problem = masks.problem(q.shape[0], q.shape[1], k.shape[1], world_size)
     mask_values = None

@@ -28,7 +28,7 @@ from .engine import Granularity
 from .layout import LAYOUTS, Layout, global_order, layout_problem
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_ROTATIONS = ("kv", "q", "auto")
+_ROTATIONS = ("kv", "q", "auto", "allgather")  # appended: call signatures index it
 _ABSENT = -2.0
 _UNBOUNDED = -1.0
 
@@ -371,8 +371,10 @@ def call_signature(
     sinks: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     max_logits: bool = False,
+    grad: bool | None = None,
 ) -> tuple[float, ...]:
-    """The values of :data:`CALL_FIELDS` for a call whose inputs have no local problem."""
+    """The values of :data:`CALL_FIELDS` for a call whose inputs have no local problem
+    (``grad``: whether a backward follows, default from the inputs and the grad mode)."""
     return (
         q.shape[0],
         q.shape[1],
@@ -391,7 +393,7 @@ def call_signature(
         float(sinks is not None),
         float(dropout_p),
         float(max_logits),
-        float(needs_grad(q, k, v)),
+        float(needs_grad(q, k, v) if grad is None else grad),
     )
 
 

@@ -1,4 +1,4 @@
-"""The ring engine: one loop, two rotations, as one autograd Function.
+"""The ring engine: one loop, two rotations and an all-gather mode, as one autograd Function.
 
 At step ``s`` of a pass, rank ``r`` holds the travelling block of rank ``r - s``; it posts that
 block's transfer to ``r + 1`` before computing, so communication overlaps compute. What travels is
@@ -24,6 +24,17 @@ buffer it arrived in — and arrives back after ``p`` steps. Each step computes 
 (:mod:`ringattn.masks`) of the (queries x keys) block through the local kernel and merges
 ``(out, lse)`` with the fp32 online softmax (:mod:`ringattn.merge`). Gradients of a tile use the
 final ``out`` and ``lse`` of its rows.
+
+``rotation="allgather"`` (TransformerEngine's and Megatron's all-gather context parallelism,
+Llama 3's training) moves nothing around the ring: each pass all-gathers every rank's K and V
+(the ``heads_kv`` heads) once, posted before this rank attends its own keys, and attends its
+queries to each rank's shard with the ring's own tiles and kernels (``RingPlan.tiles((rank,
+None), (source, None))``). Its backward gathers K/V again, sums dQ locally and computes fp32
+dK/dV for every rank's keys, one source at a time; each is sent straight to its owner while
+the next is computed (a reduce-scatter as ``p - 1`` pairwise exchanges), and the owner adds
+what arrives in a fixed order. A rank holds every rank's K/V, and at most three fp32 dK/dV
+shards in transit (one filled, one sent, one arriving) — not ``p`` as a reduce-scatter
+collective needs.
 """
 
 from __future__ import annotations
@@ -36,7 +47,14 @@ from typing import TYPE_CHECKING, Literal
 import torch
 import torch.distributed as dist
 
-from .comm import RingComm, all_reduce_bounded
+from .comm import (
+    PendingExchange,
+    RingComm,
+    all_reduce_bounded,
+    host_timeout,
+    transfer_device,
+    wait_bounded,
+)
 from .dropout import Dropout
 from .kernels import AttentionKernel
 from .layout import Segment, SubBlock, sub_blocks
@@ -47,8 +65,8 @@ from .trace import StepTimer, current_observers, current_trace, observed_by
 if TYPE_CHECKING:
     from .ring_mask import RingMask
 
-Rotation = Literal["kv", "q"]
-_TRAVEL_TAG, _RETURN_TAG = 0, 16
+Rotation = Literal["kv", "q", "allgather"]
+_TRAVEL_TAG, _RETURN_TAG, _SCATTER_TAG = 0, 16, 32
 
 Part = tuple[int, int | None]
 """``(rank, sub-block index)``: a rank's whole shard (index ``None``) or one of its sub-blocks."""
@@ -298,6 +316,11 @@ def _covers(index: slice, like: torch.Tensor) -> bool:
     return index.start == 0 and index.stop == like.shape[1]
 
 
+def _score_args(args: dict) -> dict:
+    """The arguments of a kernel call that shape its scores (for ``max_scores``)."""
+    return {n: args[n] for n in ("causal", "scale", "mask", "score_fn") if n in args}
+
+
 def _attend(
     plan, q_part: Part, k_part: Part, q, k, v, acc: Output | None, peak: torch.Tensor | None
 ) -> Output | None:
@@ -313,8 +336,7 @@ def _attend(
         args = plan.tile_args(t, q_part, k_part, q.device)
         kernel = plan.kernel_for(t)
         if peak is not None:
-            scores = {n: args[n] for n in ("causal", "scale", "mask", "score_fn") if n in args}
-            tile_peak = kernel.max_scores(q[:, rows], k[:, cols], **scores)
+            tile_peak = kernel.max_scores(q[:, rows], k[:, cols], **_score_args(args))
             torch.maximum(peak, tile_peak, out=peak)
         out_t, lse_t = kernel.forward(q[:, rows], k[:, cols], v[:, cols], **args)
         if "mask" in args:  # rows the tile hides entirely carry no probability mass
@@ -482,9 +504,11 @@ def _forward(q, k, v, plan: RingPlan, peak: torch.Tensor | None):
         args = plan.tile_args(single, (rank, None), (rank, None), q.device)
         kernel = plan.kernel_for(single)
         if peak is not None:
-            peak.copy_(kernel.max_scores(q, k, **args))
+            peak.copy_(kernel.max_scores(q, k, **_score_args(args)))
         out, lse = _one_step("forward", q.device, kernel.forward, q, k, v, **args)
         return out.contiguous(), lse
+    if plan.rotation == "allgather":
+        return _allgather_forward(q, k, v, plan, peak)
     if plan.rotation == "kv":
         acc: Output | None = None
 
@@ -558,6 +582,8 @@ def _backward(dout, q, k, v, out, lse, plan: RingPlan):
         kernel = plan.kernel_for(single)
         grads = _one_step("backward", q.device, kernel.backward, dout, q, k, v, out, lse, **args)
         return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v), strict=True))
+    if plan.rotation == "allgather":
+        return _allgather_backward(dout, q, k, v, out, lse, plan)
     if plan.rotation == "kv":
         dq = _GradSum(q, plan.band(queries=True))
 
@@ -593,6 +619,187 @@ def _backward(dout, q, k, v, out, lse, plan: RingPlan):
     return dq_result, dk.result(), dv.result()
 
 
+def attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sinks: torch.Tensor | None,
+    plan: RingPlan,
+    max_logits: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`ring_forward` with the sinks applied: ``(out, lse, peak)`` as the backward needs
+    them (``peak`` empty without ``max_logits``)."""
+    out, lse, peak = ring_forward(q, k, v, plan, max_logits)
+    if sinks is not None:
+        out, lse = with_sinks(out, lse, sinks)
+    return out, lse, lse.new_empty(0) if peak is None else peak
+
+
+def attention_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    sinks: torch.Tensor | None,
+    plan: RingPlan,
+    needs: Sequence[bool] = (True, True, True, True),
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients ``dq, dk, dv, dsinks`` for the ``out``, ``lse`` of :func:`attention_forward`
+    (``None`` where ``needs`` — for q, k, v, sinks — says none is wanted)."""
+    dq = dk = dv = dsinks = None
+    if any(needs[:3]):
+        dq, dk, dv = ring_backward(dout, q, k, v, out, lse, plan)
+    if sinks is not None and needs[3]:
+        dsinks = sink_grad(dout, out, lse, sinks)
+    return dq, dk, dv, dsinks
+
+
+def _count_sent(timer: StepTimer, nbytes: int) -> None:
+    """Bytes this rank sends in the single step of an all-gather pass, in the step record and
+    the trace's total (as :meth:`RingComm.exchange` counts the ring's)."""
+    timer.sent(0, nbytes)
+    trace = current_trace()
+    if trace is not None:
+        trace.bytes_sent += nbytes
+
+
+def _post_gather(
+    plan: RingPlan, tensors: Tensors, timer: StepTimer
+) -> Callable[[], list[list[torch.Tensor]]]:
+    """Post the all-gather of ``tensors`` (this rank's K and V shards) over the ring's group;
+    returns the wait, which gives ``[every rank's shard of tensors[i]]`` for each ``i``. This
+    rank's own shard is the tensor itself, never a copy; the others are new tensors. Counted as
+    sending ``p - 1`` shards (what a ring all-gather sends per rank)."""
+    comm = plan.comm
+    world, rank = comm.world_size, comm.rank
+    if world == 1:
+        return lambda: [[t] for t in tensors]
+    device = tensors[0].device
+    staging = transfer_device(comm.group, device)
+    works, gathered = [], []
+    for t in tensors:
+        sent = t.to(staging).contiguous()
+        parts = [sent if r == rank else torch.empty_like(sent) for r in range(world)]
+        works.append(dist.all_gather(parts, sent, group=comm.group, async_op=True))
+        gathered.append(parts)
+    _count_sent(timer, (world - 1) * sum(t.numel() * t.element_size() for t in tensors))
+    timeout = host_timeout(staging, comm.group, comm._timeout_s)
+
+    def wait() -> list[list[torch.Tensor]]:
+        with timer.waiting(0):
+            for work in works:
+                wait_bounded(work, timeout, f"all-gather of K/V over the ring's {world} ranks")
+        return [
+            [mine if r == rank else part.to(device) for r, part in enumerate(parts)]
+            for mine, parts in zip(tensors, gathered, strict=True)
+        ]
+
+    return wait
+
+
+def _post_pairwise(
+    comm: RingComm, tensors: Tensors, to: int, source: int, what: str
+) -> PendingExchange:
+    """Post sends of ``tensors`` to ring rank ``to`` and receives of same-shaped tensors from
+    ring rank ``source``, bounded as the ring's exchanges are."""
+    device = tensors[0].device
+    staging = transfer_device(comm.group, device)
+    sent = [t.to(staging).contiguous() for t in tensors]
+    received = [torch.empty_like(t) for t in sent]
+    peers = [(to, "sending to"), (source, "receiving from")]
+    global_ranks = [dist.get_global_rank(comm.group, r) for r, _ in peers]
+    ops, whats = [], []
+    for i, (out, into) in enumerate(zip(sent, received, strict=True)):
+        ops.append(dist.P2POp(dist.isend, out, global_ranks[0], comm.group, _SCATTER_TAG + i))
+        ops.append(dist.P2POp(dist.irecv, into, global_ranks[1], comm.group, _SCATTER_TAG + i))
+        whats += [
+            f"{what}: {verb} rank {r} of the ring (global rank {g})"
+            for (r, verb), g in zip(peers, global_ranks, strict=True)
+        ]
+    works = dist.batch_isend_irecv(ops)
+    if len(works) == len(ops):
+        named = list(zip(works, whats, strict=True))
+    else:  # a backend that coalesces the operations
+        named = [(work, f"{what} with ranks {to} and {source} of the ring") for work in works]
+    timeout = host_timeout(staging, comm.group, comm._timeout_s)
+    nbytes = sum(t.numel() * t.element_size() for t in sent)
+    return PendingExchange(named, received, timeout, device, nbytes)
+
+
+def _allgather_forward(q, k, v, plan: RingPlan, peak: torch.Tensor | None):
+    """The forward of ``rotation="allgather"``: this rank's queries against every rank's
+    gathered K/V shard, in the ring's order of sources, as one traced step."""
+    rank, world = plan.comm.rank, plan.comm.world_size
+    timer = StepTimer("forward", q.device, 1, 1, world)
+    wait = _post_gather(plan, (k, v), timer)
+    acc: Output | None = None
+
+    def attend(source: int, k_s: torch.Tensor, v_s: torch.Tensor) -> None:
+        nonlocal acc
+        with timer.computing(0):
+            acc = _attend(plan, (rank, None), (source, None), q, k_s, v_s, acc, peak)
+        timer.unit_done(0)
+
+    attend(rank, k, v)  # while the gather is in flight
+    keys, values = wait()
+    for step in range(1, world):
+        source = plan.source(step)
+        attend(source, keys[source], values[source])
+        keys[source] = values[source] = None  # each gathered shard is freed once attended
+    timer.finish()
+    out, lse = acc if acc is not None else empty_partial(q, v.shape[-1])
+    return out.to(q.dtype).contiguous(), lse
+
+
+def _allgather_backward(dout, q, k, v, out, lse, plan: RingPlan):
+    """The backward of ``rotation="allgather"``: K/V gathered again, dQ summed here, fp32 dK/dV
+    of each source's keys sent to their owner (a reduce-scatter as ``p - 1`` pairwise
+    exchanges, each posted before the next source is computed); the owner adds its own part and
+    then what rank ``r + 1``, ``r + 2``, ... sent, in that order."""
+    comm = plan.comm
+    rank, world = comm.rank, comm.world_size
+    timer = StepTimer("backward", q.device, 1, 1, world)
+    wait = _post_gather(plan, (k, v), timer)
+    dq = _GradSum(q, plan.band(queries=True))
+
+    def grads_of(source: int, k_s: torch.Tensor, v_s: torch.Tensor) -> list[torch.Tensor]:
+        with timer.computing(0):
+            sums = [dq, _GradSum(k_s), _GradSum(v_s)]
+            _tile_grads(plan, (rank, None), (source, None), dout, q, k_s, v_s, out, lse, sums)
+            result = [sums[1].accumulated(), sums[2].accumulated()]
+        timer.unit_done(0)
+        return result
+
+    own = grads_of(rank, k, v)  # while the gather is in flight
+
+    def fold(pending: PendingExchange) -> None:
+        with timer.waiting(0):
+            arrived = pending.wait()
+        with timer.computing(0):
+            for total, part in zip(own, arrived, strict=True):
+                total += part
+
+    keys, values = wait()
+    in_flight = None
+    for step in range(1, world):
+        owner = plan.source(step)
+        part = grads_of(owner, keys[owner], values[owner])
+        keys[owner] = values[owner] = None
+        if in_flight is not None:
+            fold(in_flight)
+        # to the keys' owner; from the rank whose step `step` holds this rank's keys
+        sender = (rank + step) % world
+        in_flight = _post_pairwise(comm, part, owner, sender, "reduce-scatter of dK/dV")
+        _count_sent(timer, in_flight.bytes_sent)
+        del part  # only the copy in flight stays alive
+    if in_flight is not None:
+        fold(in_flight)
+    timer.finish()
+    return dq.result(), own[0].to(k.dtype), own[1].to(v.dtype)
+
+
 class RingAttentionFunction(torch.autograd.Function):
     """Autograd wrapper: ``apply(q, k, v, sinks, plan, max_logits) -> (out, lse, peak)``
     (``sinks``: ``(heads_q,)`` logits or ``None``, see :func:`ringattn.merge.with_sinks`;
@@ -601,10 +808,7 @@ class RingAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, sinks, plan: RingPlan, max_logits: bool):
-        out, lse, peak = ring_forward(q, k, v, plan, max_logits)
-        if sinks is not None:
-            out, lse = with_sinks(out, lse, sinks)
-        peak = lse.new_empty(0) if peak is None else peak
+        out, lse, peak = attention_forward(q, k, v, sinks, plan, max_logits)
         ctx.save_for_backward(q, k, v, out, lse, sinks)
         ctx.plan = plan
         ctx.observers = current_observers()
@@ -615,11 +819,8 @@ class RingAttentionFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout, _dlse, _dpeak):
         q, k, v, out, lse, sinks = ctx.saved_tensors
-        dout = dout.contiguous()
-        dq = dk = dv = dsinks = None
-        if any(ctx.needs_input_grad[:3]):
-            with observed_by(ctx.observers):
-                dq, dk, dv = ring_backward(dout, q, k, v, out, lse, ctx.plan)
-        if sinks is not None and ctx.needs_input_grad[3]:
-            dsinks = sink_grad(dout, out, lse, sinks)
-        return dq, dk, dv, dsinks, None, None
+        with observed_by(ctx.observers):
+            grads = attention_backward(
+                dout.contiguous(), q, k, v, out, lse, sinks, ctx.plan, ctx.needs_input_grad[:4]
+            )
+        return *grads, None, None

@@ -39,6 +39,7 @@ from .masks import (
     coalesce,
     one_stride,
 )
+from .ops import register_mask
 
 
 class RingMask:
@@ -51,6 +52,8 @@ class RingMask:
         seq_q_local, seq_kv_local: tokens of each rank's shard, ``q_len // world_size`` etc.
         batch, heads: the sizes the mask was built for (``None``: any).
         spec: the global per-position masks (:class:`~ringattn.MaskSpec`).
+        key: an int64 scalar tensor that names this mask inside compiled graphs
+            (:mod:`ringattn.ops`).
     """
 
     def __init__(
@@ -70,6 +73,7 @@ class RingMask:
         self.seq_q_local, self.seq_kv_local = q_len // self.world_size, kv_len // self.world_size
         self.batch, self.heads = batch, heads
         self.signature = tuple(signature)
+        self.key = register_mask(self)
         self.comm = RingComm(group)
         self.agreed_calls: set[tuple[float, ...]] = set()
         self._pairs: dict[tuple[int, int], tuple[Tile, ...]] = {}

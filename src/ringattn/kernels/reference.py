@@ -7,11 +7,14 @@ autograd on the tile) and dropout, so it runs every tile that the fused kernels 
 
 from __future__ import annotations
 
+import concurrent.futures
+from contextlib import nullcontext
+
 import torch
 
 from ..dropout import TileDropout
 from ..merge import accumulator_dtype
-from .base import AttentionKernel
+from .base import AttentionKernel, ScoreFn
 
 
 def _expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -43,6 +46,31 @@ def _dropped(probs: torch.Tensor, dropout: TileDropout | None) -> torch.Tensor:
     return probs * dropout.keep / (1.0 - dropout.p)
 
 
+_AUTOGRAD_THREAD = concurrent.futures.ThreadPoolExecutor(1, "ringattn-score-mod-vjp")
+
+
+def _score_fn_vjp(score_fn: ScoreFn, raw: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``grad`` (w.r.t. ``score_fn(raw)``) taken back through ``score_fn`` by autograd.
+
+    Inside the custom op of :mod:`ringattn.ops` the dispatcher excludes autograd on this
+    thread, so there the derivative is taken on a worker thread, whose dispatcher state is the
+    default one (on the caller's CUDA stream)."""
+    stream = torch.cuda.current_stream(raw.device) if raw.is_cuda else None
+
+    def vjp() -> torch.Tensor | None:
+        with torch.enable_grad(), torch.cuda.stream(stream) if stream else nullcontext():
+            leaf = raw.detach().requires_grad_()
+            modified = score_fn(leaf)
+            if modified.grad_fn is None:
+                return None
+            return torch.autograd.grad(modified, leaf, grad)[0]
+
+    result = vjp()
+    if result is None:  # autograd is off here (or score_fn ignores the scores)
+        result = _AUTOGRAD_THREAD.submit(vjp).result()
+    return torch.zeros_like(raw) if result is None else result
+
+
 class ReferenceKernel(AttentionKernel):
     name = "reference"
     equal_head_dims = False
@@ -51,23 +79,19 @@ class ReferenceKernel(AttentionKernel):
     supports_dropout = True
 
     def _scores(self, q, k, scale, score_fn, visible):
-        """Raw scaled scores, and the modified + masked scores used by the softmax. With a
-        ``score_fn`` the raw scores require grad, so its derivative can be taken later."""
+        """Raw scaled scores, and the modified + masked scores used by the softmax."""
         dtype = accumulator_dtype(q.dtype)
         raw = torch.einsum("bqhd,bkhd->bhqk", q.to(dtype), k.to(dtype)) * scale
-        if score_fn is not None:
-            raw.requires_grad_(True)
-        with torch.set_grad_enabled(score_fn is not None):
+        with torch.no_grad():
             scores = raw if score_fn is None else score_fn(raw)
-            if visible is not None:
-                scores = scores.masked_fill(~visible, float("-inf"))
+        if visible is not None:
+            scores = scores.masked_fill(~visible, float("-inf"))
         return raw, scores
 
     def forward(self, q, k, v, *, causal, scale, mask=None, score_fn=None, dropout=None):
         dtype = accumulator_dtype(q.dtype)
         k, v = _expand_heads(k, q.shape[2]), _expand_heads(v, q.shape[2])
         _, scores = self._scores(q, k, scale, score_fn, _visible(q, k, causal, mask))
-        scores = scores.detach()
         lse = torch.logsumexp(scores, dim=-1)
         finite_lse = lse.masked_fill(torch.isinf(lse), 0.0)
         probs = _dropped(torch.exp(scores - finite_lse.unsqueeze(-1)), dropout)
@@ -82,13 +106,13 @@ class ReferenceKernel(AttentionKernel):
         k_e, v_e = _expand_heads(k, heads).to(dtype), _expand_heads(v, heads).to(dtype)
         q_c, dout, out = q.to(dtype), dout.to(dtype), out.to(dtype)
         raw, scores = self._scores(q_c, k_e, scale, score_fn, _visible(q, k_e, causal, mask))
-        probs = torch.exp(scores.detach() - lse.to(dtype).unsqueeze(-1))
+        probs = torch.exp(scores - lse.to(dtype).unsqueeze(-1))
         delta = (dout * out).sum(-1).transpose(1, 2).unsqueeze(-1)  # (b, h, q, 1)
         dv = torch.einsum("bhqk,bqhd->bkhd", _dropped(probs, dropout), dout)
         dprobs = _dropped(torch.einsum("bqhd,bkhd->bhqk", dout, v_e), dropout)
         dscores = probs * (dprobs - delta)
         if score_fn is not None:
-            (dscores,) = torch.autograd.grad(scores, raw, dscores)
+            dscores = _score_fn_vjp(score_fn, raw, dscores)
         dq = torch.einsum("bhqk,bkhd->bqhd", dscores, k_e) * scale
         dk = torch.einsum("bhqk,bqhd->bkhd", dscores, q_c) * scale
         return dq, _fold_heads(dk, heads_kv), _fold_heads(dv, heads_kv)
