@@ -91,7 +91,13 @@ def masked_reference(q, k, v, allowed: torch.Tensor, score_mod=None, sinks=None)
     return torch.einsum("bhqk,bkhd->bqhd", probs, v), lse
 
 
-MASK_CASES = ("full", "causal", "window", "documents", "softcap")
+MASK_CASES = ("full", "causal", "window", "documents", "softcap", "mask_mod")
+
+
+def _every_third_key_hidden(b, h, q_idx, kv_idx):
+    """A FlexAttention mask_mod over global indices: causal, and key ``j`` hidden from query
+    ``i`` when ``(i - j) % 3 == 2``."""
+    return (kv_idx <= q_idx) & ((q_idx - kv_idx) % 3 != 2)
 
 
 def mask_case(name: str, seq_len: int):
@@ -107,6 +113,8 @@ def mask_case(name: str, seq_len: int):
         return {"window": (5, 2)}, (j >= i - 5) & (j <= i + 2), None
     if name == "softcap":
         return {"causal": True, "score_mod": ringattn.softcap(2.0)}, j <= i, ringattn.softcap(2.0)
+    if name == "mask_mod":
+        return {"mask_mod": _every_third_key_hidden}, (j <= i) & ((i - j) % 3 != 2), None
     assert name == "documents", name
     cu = torch.tensor([0, 3, 4, seq_len - 5, seq_len])
     docs = torch.searchsorted(cu[1:], torch.arange(seq_len), right=True)

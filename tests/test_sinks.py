@@ -1,14 +1,14 @@
 """Learnable attention sinks (gpt-oss) in ring mode: a per-head logit in every row's softmax
 denominator, against a float64 reference with the sink as an extra zero-valued key, forward and
 backward (q, k, v and the sinks, whose per-rank gradients sum to the reference's), every layout,
-causal, full and packed documents, both rotations, world sizes 1-3."""
+the masks of helpers.MASK_CASES, both rotations, world sizes 1-4."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import assert_close, mask_case, masked_reference, random_qkv
+from helpers import MASK_CASES, assert_close, mask_case, masked_reference, random_qkv
 
 import ringattn
 
@@ -17,13 +17,15 @@ BATCH, HEADS_Q, HEADS_KV, DIM = 2, 4, 2, 16
 
 
 def _sinks_job(rank, world, layout, rotation):
-    for seed, name in enumerate(("full", "causal", "documents")):
+    for seed, name in enumerate(MASK_CASES):
         seq_len = 12 * world
-        kwargs, allowed, _ = mask_case(name, seq_len)
+        kwargs, allowed, score_mod = mask_case(name, seq_len)
         q, k, v, dout = random_qkv(BATCH, seq_len, HEADS_Q, HEADS_KV, DIM, seed)
         sinks = torch.tensor([-1.0, 0.0, 1.5, 3.0], dtype=torch.float64)
         full = [t.clone().requires_grad_() for t in (q, k, v, sinks)]
-        ref_out, ref_lse = masked_reference(*full[:3], allowed[None, None], sinks=full[3])
+        ref_out, ref_lse = masked_reference(
+            *full[:3], allowed[None, None], score_mod=score_mod, sinks=full[3]
+        )
         ref_grads = torch.autograd.grad(ref_out, full, dout)
         local = [ringattn.shard(t, layout).float().requires_grad_() for t in (q, k, v)]
         local_sinks = sinks.float().requires_grad_()
@@ -44,7 +46,7 @@ def _sinks_job(rank, world, layout, rotation):
         assert_close(f"{label} dsinks", dsinks, ref_grads[3], FP32_TOL)
 
 
-@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag", "striped"])
 def test_sinks_match_reference(pools, world, layout):
     pools(world).run(_sinks_job, layout, "kv")
