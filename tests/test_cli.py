@@ -288,12 +288,23 @@ def test_plan_gpus_per_node(capsys):
     assert main([*args, "--gpus-per-node", "8"]) == 0
     out = capsys.readouterr().out
     assert "the ring spans 8 nodes" in out and "400 Gbit/s" in out and "communication-bound" in out
+    assert "configurations of 64 devices, 8 per node" in out and "choice: ulysses" in out
     assert main([*args, "--gpus-per-node", "64"]) == 0
     assert "spans" not in capsys.readouterr().out
     assert main([*args, "--inter-node-gbps", "100"]) == 2
     assert "needs --gpus-per-node" in capsys.readouterr().err
     assert main(["plan", "--hardware", "cpu-2core", "--devices", "4", "--gpus-per-node", "2"]) == 2
     assert "--inter-node-gbps" in capsys.readouterr().err
+
+
+def test_plan_ranks_configurations_on_one_node(capsys):
+    from ringattn.tools.cli import main
+
+    args = ["plan", "--hardware", "cpu-2core", "--devices", "4", "--seq-len", "16K"]
+    assert main([*args, "--heads", "8", "--kv-heads", "8", "--configurations"]) == 0
+    out = capsys.readouterr().out
+    for name in ("ulysses 4 x ring 1", "ulysses 2 x ring 2", "ulysses 1 x ring 4", "all-gather"):
+        assert name in out, name
 
 
 def test_plan_refuses_unknown_hardware(capsys):

@@ -270,3 +270,43 @@ def test_value_head_dim_is_counted():
         / predict(same, PROFILES["a100-nvlink"]).comm_step_s
     )
     assert ratio == pytest.approx((192 + 128) / 384, rel=0.01)
+
+
+def test_node_aware_ranking_follows_published_behaviour():
+    """USP/LoongTrain: on multi-node clusters, head-parallel all-to-all inside a node and the
+    ring across nodes beat either alone. 256K MHA tokens on 64 H100s in 8 nodes: the pure ring
+    waits for InfiniBand at every step (4K tokens per device, under the inter-node minimum);
+    Ulysses 8 x ring 8 keeps the all-to-all on NVLink and gives the ring blocks long enough to
+    hide it; Ulysses across nodes pays for InfiniBand all-to-alls."""
+    from ringattn.tools.cluster import rank
+
+    config = Config(seq_len=256 * 1024, devices=64, heads=32, kv_heads=32, head_dim=128)
+    ranked = rank(config, PROFILES["h100-nvlink"], gpus_per_node=8)
+    best = ranked[0].strategy
+    assert (best.ulysses, best.ring, best.rotation) == (8, 8, "kv"), ranked[0]
+    by = {(r.strategy.ulysses, r.strategy.rotation, r.strategy.layout): r for r in ranked}
+    pure_ring = by[(1, "kv", "zigzag")]
+    assert "waits" in pure_ring.reason and pure_ring.total_s > 3 * ranked[0].total_s
+    assert by[(16, "kv", "zigzag")].total_s > ranked[0].total_s
+    assert "across nodes" in by[(16, "kv", "zigzag")].reason
+
+
+def test_ranking_parts():
+    """A Ulysses degree of 1 is the 1-D ring's own prediction; KV heads are repeated to the
+    Ulysses degree; all-gather holds every rank's K/V, more memory than the ring; a strategy
+    that does not fit ranks after every one that does."""
+    from ringattn.tools.cluster import Strategy, rank, ring_config
+
+    config = Config(seq_len=64 * 1024, devices=16, heads=16, kv_heads=2, head_dim=128)
+    hardware = PROFILES["h100-nvlink"]
+    ranked = rank(config, hardware, gpus_per_node=8)
+    ring = next(r for r in ranked if r.strategy == Strategy(1, 16, "kv", "zigzag"))
+    spans = across_nodes(hardware, 16, 8)
+    assert ring.total_s == pytest.approx(predict(replace(config, rotation="kv"), spans).total_s)
+    assert ring_config(config, Strategy(4, 4, "kv", "zigzag")).kv_heads == 1  # lcm(2, 4) / 4
+    assert ring_config(config, Strategy(4, 4, "kv", "zigzag")).heads == 4
+    gather = next(r for r in ranked if r.strategy == Strategy(1, 16, "allgather", "zigzag"))
+    assert gather.memory_bytes > ring.memory_bytes
+    small = replace(hardware, memory=ring.memory_bytes * 1.01)
+    fits = [r.fits for r in rank(config, small, gpus_per_node=8)]
+    assert fits == sorted(fits, reverse=True) and any(fits) and not all(fits)

@@ -396,7 +396,14 @@ def _plan_parser(sub) -> None:
         default=None,
         help="devices per node: a ring of more devices spans nodes, and every step then waits "
         "for the inter-node link (the profile's paired InfiniBand link for a100-nvlink and "
-        "h100-nvlink, or --inter-node-gbps)",
+        "h100-nvlink, or --inter-node-gbps); also ranks every Ulysses x ring configuration "
+        "(all-to-alls inside a node, the ring across nodes), pass-KV/pass-Q/all-gather and layout",
+    )
+    p.add_argument(
+        "--configurations",
+        action="store_true",
+        help="rank every Ulysses x ring configuration, rotation and layout of --devices by "
+        "predicted time (implied by --gpus-per-node)",
     )
     p.add_argument(
         "--inter-node-gbps",
@@ -502,6 +509,7 @@ def _run_plan(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    one_device = hardware  # the parts of a 2-D configuration are priced link by link
     if args.gpus_per_node is not None:
         if args.link_gbps is not None:
             print("ringattn plan: error: give --link-gbps or --gpus-per-node", file=sys.stderr)
@@ -563,8 +571,23 @@ def _run_plan(args: argparse.Namespace) -> int:
         f"{best.config.rotation.upper()}, {best.total_s:.4f} s (efficiency "
         f"{best.efficiency:.2f})"
     )
+    if args.gpus_per_node is not None or args.configurations:
+        _print_ranking(config, one_device, args.gpus_per_node, args.inter_node_gbps)
     print(f"hardware source: {hardware.source}")
     return 0
+
+
+def _print_ranking(config, hardware, gpus_per_node: int | None, inter_node_gbps) -> None:
+    """The node-aware ranking of Ulysses x ring configurations (:mod:`.cluster`)."""
+    from .cluster import rank, ranking_table
+
+    ranked = rank(config, hardware, gpus_per_node, inter_node_gbps)
+    nodes = "" if gpus_per_node is None else f", {gpus_per_node} per node"
+    print(f"\nconfigurations of {config.devices} devices{nodes}, fastest that fits first:")
+    print(ranking_table(ranked))
+    best = ranked[0]
+    fits = "fits" if best.fits else "does not fit: nothing does"
+    print(f"choice: {best.strategy} ({best.total_s:.4f} s per call, {fits}; {best.reason})")
 
 
 def build_parser() -> argparse.ArgumentParser:
