@@ -7,6 +7,7 @@ out = ringattn.ring_attention(q, k, v, causal=True)          # one call: keyword
 local = ringattn.shard(x, layout="zigzag")                    # full -> this rank's shard
 full = ringattn.unshard(local, layout="zigzag")               # inverse, differentiable
 pos = ringattn.positions(seq_len, layout="zigzag")            # global positions, for RoPE
+mesh = ringattn.context_mesh(ulysses=2, ring=2)               # 2-D: pass group=mesh to the above
 """
 
 from .api import padded_length, positions, ring_attention, shard, unshard
@@ -21,6 +22,7 @@ from .mods import alibi, alibi_slopes, prefix_lm, softcap
 from .ring_mask import RingMask, create_ring_mask
 from .rotation import choose_rotation
 from .trace import RingProgress, RingTrace, record_ring, report_progress
+from .ulysses import context_mesh, ulysses_degrees
 
 __version__ = "0.1.0"
 
@@ -41,6 +43,7 @@ __all__ = [
     "alibi",
     "alibi_slopes",
     "choose_rotation",
+    "context_mesh",
     "create_ring_mask",
     "merge_across_ranks",
     "padded_length",
@@ -52,5 +55,6 @@ __all__ = [
     "ring_attention",
     "shard",
     "softcap",
+    "ulysses_degrees",
     "unshard",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -21,7 +22,7 @@ from .comm import (
     all_reduce_bounded,
     gather_sequence,
     group_rank_and_size,
-    resolve_group,
+    split_context,
 )
 from .dropout import Dropout, draw_seed
 from .engine import Granularity, RingAttentionFunction, RingPlan
@@ -31,6 +32,7 @@ from .masks import MaskMod, ScoreMod
 from .ops import compiled_ring_attention
 from .ring_mask import RingMask, agree_call, build_ring_mask, padding_anywhere
 from .rotation import choose_rotation
+from .ulysses import gather_pieces, input_problem, stand_ins, ulysses_attention
 
 
 @dataclass(frozen=True)
@@ -199,7 +201,7 @@ def ring_attention(
         and layout is None
         and group is None
     )
-    if torch.compiler.is_compiling() and only_mask:
+    if torch.compiler.is_compiling() and only_mask and mask.ulysses is None:
         out, lse, peak = compiled_ring_attention(q, k, v, sinks, mask, options)
     else:
         keywords = MaskArgs(
@@ -215,6 +217,14 @@ def ring_attention(
 def _eager_ring_attention(q, k, v, sinks, mask, keywords, layout, group, call: CallOptions):
     """:func:`ring_attention` outside a compiled graph (a graph break inside one)."""
     conflict = None
+    if isinstance(mask, RingMask):
+        conflict = _mask_problem_of_call(mask, keywords, layout, group)
+        if mask.ulysses is not None:
+            if conflict:
+                mask.agree_call(conflict, None, call.check_across_ranks)
+            return ulysses_attention(q, k, v, sinks, mask, keywords, layout, group, call)
+    elif mask is None and split_context(group)[1] is not None:
+        return ulysses_attention(q, k, v, sinks, None, keywords, layout, group, call)
     if mask is None:
         mask = mask_for_call(
             q,
@@ -231,14 +241,13 @@ def _eager_ring_attention(q, k, v, sinks, mask, keywords, layout, group, call: C
             sinks,
             call,
         )
-    else:
+    elif not isinstance(mask, RingMask):  # raise on every rank of the group named
         conflict = _mask_problem_of_call(mask, keywords, layout, group)
-        if not isinstance(mask, RingMask):  # raise on every rank of the group named
-            process_group = resolve_group(group)
-            _, world_size = group_rank_and_size(process_group)
-            agree_call(
-                conflict, None, None, process_group, world_size, call.check_across_ranks, set()
-            )
+        process_group, ulysses = split_context(group)
+        _, world_size = group_rank_and_size(process_group)
+        agree_call(
+            conflict, None, None, process_group, world_size, call.check_across_ranks, set(), ulysses
+        )
     plan = plan_call(q, k, v, sinks, mask, call, conflict=conflict)
     return RingAttentionFunction.apply(q, k, v, sinks, plan, call.max_logits)
 
@@ -252,10 +261,12 @@ def plan_call(
     call: CallOptions,
     conflict: str | None = None,
     seed: int | None = None,
+    head_offset: int = 0,
 ) -> RingPlan:
     """The :class:`RingPlan` of a call with ``mask``, after its check across ranks (none when
     the mask agreed this call's signature before). ``seed``: the dropout seed to use (default:
-    ``call.dropout_seed``, else drawn from torch's default generator)."""
+    ``call.dropout_seed``, else drawn from torch's default generator). ``head_offset``: the
+    global index of ``q``'s first head (a Ulysses rank's share)."""
     problem, signature = _check_call(q, k, v, mask.layout, mask.world_size, mask.group, sinks, call)
     problem = conflict or problem or mask.call_problem(q, k)
     mask.agree_call(problem, None if problem else signature, call.check_across_ranks)
@@ -291,6 +302,7 @@ def plan_call(
         heads=q.shape[2],
         dropout=dropout,
         deterministic=call.deterministic,
+        head_offset=head_offset,
     )
 
 
@@ -341,8 +353,14 @@ def _mask_problem_of_call(
     ]
     if layout is not None and _layout_or_none(layout) != mask.layout:
         given.append("layout")
-    if group is not None and resolve_group(group) is not mask.group:
-        given.append("group")
+    if group is not None:
+        try:
+            ring, ulysses = split_context(group)
+        except (TypeError, ValueError):
+            ring, ulysses = None, None
+        mask_ulysses = mask.ulysses.group if mask.ulysses else None
+        if ring is not mask.group or (ulysses.group if ulysses else None) is not mask_ulysses:
+            given.append("group")
     if given:
         return (
             "pass the masks either as a RingMask or as keywords, not both: got mask= and "
@@ -387,33 +405,67 @@ def mask_for_call(
         rotation=rotation,
         check_across_ranks=across_ranks,
     )
-    process_group = resolve_group(group)
+    process_group, ulysses = split_context(group)
     _, world_size = group_rank_and_size(process_group)
+    pieces = ulysses.size if ulysses else 1  # a 2-D mesh: q, k, v are pieces of ring shards
     try:
         chosen = get_layout("zigzag" if layout is None else layout)
     except ValueError as exc:
         problem, call = str(exc), None
     else:
-        problem, call = _check_call(q, k, v, chosen, world_size, process_group, sinks, options)
+        checked, problem, call = (q, k, v, sinks), None, None
+        if ulysses is not None:  # check the call as the ring will see it, after the all-to-all
+            problem = input_problem(q, k, v, sinks, ulysses)
+            if problem is None:
+                options = replace(options, needs_grad=_needs_grad(q, k, v, options))
+                checked = stand_ins(q, k, v, sinks, ulysses)
+        if problem is None:
+            q_, k_, v_, sinks_ = checked
+            problem, call = _check_call(
+                q_, k_, v_, chosen, world_size, process_group, sinks_, options
+            )
     if problem is None:
-        problem = masks.problem(q.shape[0], q.shape[1], k.shape[1], world_size)
+        problem = masks.problem(q.shape[0], q.shape[1], k.shape[1], world_size * pieces)
     mask_values = None
     if problem is None:
         # heads matter only to a mask_mod: without one the mask serves any head count
         heads = q.shape[2] if masks.mask_mod is not None else None
-        shape = (q.shape[1] * world_size, k.shape[1] * world_size, q.shape[0], heads, q.device)
+        everyone = world_size * pieces
+        shape = (q.shape[1] * everyone, k.shape[1] * everyone, q.shape[0], heads, q.device)
         mask_values = mask_signature(masks, chosen, world_size, *shape)
-    shared = agree_call(problem, call, mask_values, process_group, world_size, across_ranks, set())
+    shared = agree_call(
+        problem, call, mask_values, process_group, world_size, across_ranks, set(), ulysses
+    )
     padding = padding_anywhere(shared, masks)
-    mask = build_ring_mask(masks, chosen, process_group, *shape, mask_values, padding)
+    mask = build_ring_mask(masks, chosen, process_group, *shape, mask_values, padding, ulysses)
     mask.agreed_calls.add(call)
     return mask
 
 
-def padded_length(seq_len: int, layout: LayoutName | Layout, world_size: int) -> int:
-    """The smallest length ``>= seq_len`` that ``layout`` can split over ``world_size`` ranks."""
+def padded_length(
+    seq_len: int, layout: LayoutName | Layout, world_size: int, *, ulysses: int = 1
+) -> int:
+    """The smallest length ``>= seq_len`` that ``layout`` can split over ``world_size`` ranks;
+    on a ``(ulysses, ring)`` mesh pass the ring degree as ``world_size`` and the Ulysses degree
+    as ``ulysses`` (every ring shard must then split into ``ulysses`` equal pieces)."""
     multiple = get_layout(layout).seq_multiple(world_size)
+    multiple = math.lcm(multiple, world_size * ulysses)
     return -(-seq_len // multiple) * multiple
+
+
+def _context(group: GroupLike) -> tuple:
+    """``(ring group, Ulysses group or None, ring rank, ring size, Ulysses degree)``."""
+    process_group, ulysses = split_context(group)
+    rank, world_size = group_rank_and_size(process_group)
+    return process_group, ulysses, rank, world_size, ulysses.size if ulysses else 1
+
+
+def _piece(index: torch.Tensor, ulysses) -> torch.Tensor:
+    """This rank's contiguous piece of a ring shard's ``index`` (all of it without Ulysses)."""
+    if ulysses is None:
+        return index
+    length = index.shape[0] // ulysses.size
+    return index[ulysses.rank * length : (ulysses.rank + 1) * length]
 
 
 def positions(
@@ -427,12 +479,13 @@ def positions(
 
     With ``cu_seqlens`` the positions restart at 0 in every packed document. ``seq_local`` is
     ``padded_length(seq_len, layout, world_size) // world_size``; padding positions continue
-    past ``seq_len`` (they are masked anyway).
+    past ``seq_len`` (they are masked anyway). On a ``(ulysses, ring)`` mesh: the positions of
+    this rank's piece of its ring shard (see :mod:`ringattn.ulysses`).
     """
-    process_group = resolve_group(group)
-    rank, world_size = group_rank_and_size(process_group)
-    seq_local = padded_length(seq_len, layout, world_size) // world_size
+    _, ulysses, rank, world_size, pieces = _context(group)
+    seq_local = padded_length(seq_len, layout, world_size, ulysses=pieces) // world_size
     pos = checked_layout(layout, world_size, seq_local).positions(rank, world_size, seq_local)
+    pos = _piece(pos, ulysses)
     if cu_seqlens is None:
         return pos
     starts = cu_seqlens.to(torch.long)
@@ -447,19 +500,21 @@ def shard(
 
     Any length works: ``x`` is padded with zeros to :func:`padded_length` first. Pass the real
     length as ``ring_attention(..., seq_len=)`` (or a ``cu_seqlens`` / ``attention_mask``) so the
-    padding is masked, and to :func:`unshard` to drop it again.
+    padding is masked, and to :func:`unshard` to drop it again. On a ``(ulysses, ring)`` mesh
+    (:func:`ringattn.context_mesh`) the layout splits the sequence over the ring ranks and each
+    ring shard is cut contiguously into ``ulysses`` pieces: mesh rank ``(u, r)`` gets piece
+    ``u`` of ring shard ``r``.
     """
-    process_group = resolve_group(group)
-    rank, world_size = group_rank_and_size(process_group)
+    _, ulysses, rank, world_size, pieces = _context(group)
     seq_len = x.shape[dim]
-    padded = padded_length(seq_len, layout, world_size)
+    padded = padded_length(seq_len, layout, world_size, ulysses=pieces)
     chosen = checked_layout(layout, world_size, padded // world_size)
     if padded != seq_len:
         pad_shape = list(x.shape)
         pad_shape[dim] = padded - seq_len
         x = torch.cat([x, x.new_zeros(pad_shape)], dim)
-    index = chosen.positions(rank, world_size, padded // world_size).to(x.device)
-    return x.index_select(dim, index)
+    index = _piece(chosen.positions(rank, world_size, padded // world_size), ulysses)
+    return x.index_select(dim, index.to(x.device))
 
 
 @torch.compiler.disable
@@ -474,12 +529,13 @@ def unshard(
 
     ``seq_len`` drops the padding that :func:`shard` added. Differentiable: the gradient of each
     rank's shard is the sum over ranks of the gradients flowing into their copies of the full
-    tensor.
+    tensor (on a ``(ulysses, ring)`` mesh: over every rank of the mesh).
     """
-    process_group = resolve_group(group)
-    _, world_size = group_rank_and_size(process_group)
+    process_group, ulysses, _, world_size, _ = _context(group)
     chosen = get_layout(layout)
     dim = dim % local.dim()
+    if ulysses is not None:  # this rank's ring shard, from the pieces of its Ulysses group
+        local = gather_pieces(local, dim, ulysses)
     if local.shape[dim] % chosen.local_multiple(world_size):
         raise ValueError(
             f"a {chosen.name!r} shard must have a multiple of "

@@ -50,12 +50,47 @@ def resolve_group(group: GroupLike) -> dist.ProcessGroup | None:
         if group.ndim != 1:
             raise ValueError(
                 f"group is a {group.ndim}-D DeviceMesh; pass its context-parallel dimension, "
-                f"e.g. mesh['cp'] (dims: {group.mesh_dim_names})"
+                f"e.g. mesh['cp'] (dims: {group.mesh_dim_names}); ring_attention, "
+                "create_ring_mask, shard, unshard, positions and the HF integration also take a "
+                "2-D mesh with dims named 'ulysses' and 'ring' (ringattn.context_mesh)"
             )
         return group.get_group()
     raise TypeError(
         f"group must be a ProcessGroup, a 1-D DeviceMesh or None, got {type(group).__name__}"
     )
+
+
+@dataclass(frozen=True, eq=False)
+class UlyssesGroup:
+    """The Ulysses dimension of a ``("ulysses", "ring")`` mesh, as this rank sees it: the
+    process ``group`` of this rank's Ulysses peers, this rank's index ``rank`` in it and its
+    ``size`` (the Ulysses degree). See :mod:`ringattn.ulysses`."""
+
+    group: dist.ProcessGroup
+    rank: int
+    size: int
+
+
+MESH_DIMS = ("ulysses", "ring")
+"""The dimension names of a 2-D context-parallel mesh (:func:`ringattn.context_mesh`)."""
+
+
+def split_context(group: GroupLike) -> tuple[dist.ProcessGroup | None, UlyssesGroup | None]:
+    """``(ring group, Ulysses group)`` of ``group``: for a 2-D DeviceMesh with dims named
+    "ulysses" and "ring", its ring dimension's group and its Ulysses dimension (``None`` when
+    the Ulysses degree is 1: the mesh is then a plain ring); for anything else,
+    ``(resolve_group(group), None)``."""
+    if group is None or isinstance(group, dist.ProcessGroup) or getattr(group, "ndim", 1) == 1:
+        return resolve_group(group), None
+    names = tuple(getattr(group, "mesh_dim_names", None) or ())
+    if group.ndim != 2 or sorted(names) != sorted(MESH_DIMS):
+        resolve_group(group)  # raises, naming the dims
+    ring = group["ring"].get_group()
+    ulysses = group["ulysses"].get_group()
+    size = dist.get_world_size(ulysses)
+    if size == 1:
+        return ring, None
+    return ring, UlyssesGroup(ulysses, dist.get_rank(ulysses), size)
 
 
 def backend_for(group: dist.ProcessGroup, device_type: str) -> str | None:

@@ -125,6 +125,7 @@ class RingPlan:
     heads: int = 1
     dropout: Dropout | None = None
     deterministic: bool = False
+    head_offset: int = 0  # global index of head 0 (a Ulysses rank's share of the heads)
 
     @property
     def comm(self) -> RingComm:
@@ -199,9 +200,15 @@ class RingPlan:
         q_pos = self._positions(q_part, True, device)[tile.q_start : tile.q_end]
         k_pos = self._positions(k_part, False, device)[tile.k_start : tile.k_end]
         if tile.masked:
-            args["mask"] = self.mask.spec.dense(q_pos, k_pos)
+            mask = self.mask.spec.dense(q_pos, k_pos)
+            if mask.shape[1] > self.heads:  # a mask_mod over all heads: this share of them
+                mask = mask[:, self.head_offset : self.head_offset + self.heads]
+            args["mask"] = mask
+        if self.score_mod is not None or self.dropout is not None:
+            b, h, q_idx, k_idx = index_grids(self.batch, self.heads, q_pos, k_pos, device)
+            h = h + self.head_offset  # global head indices (a Ulysses rank's share of them)
         if self.score_mod is not None:
-            grids = index_grids(self.batch, self.heads, q_pos, k_pos, device)
+            grids = (b, h, q_idx, k_idx)
             score_mod = self.score_mod
 
             def score_fn(scores: torch.Tensor) -> torch.Tensor:
@@ -209,7 +216,7 @@ class RingPlan:
 
             args["score_fn"] = score_fn
         if self.dropout is not None:
-            args["dropout"] = self.dropout.tile(self.batch, self.heads, q_pos, k_pos)
+            args["dropout"] = self.dropout.tile(b, h, q_pos, k_pos)
         return args
 
     def single_call(self) -> Tile | None:

@@ -22,12 +22,18 @@ from .checks import (
     MASK_FIELDS,
     MaskArgs,
     RingInputError,
-    agree,
     backend_problem,
     lengths_problem,
     mask_signature,
 )
-from .comm import GroupLike, RingComm, gather_sequence, group_rank_and_size, resolve_group
+from .comm import (
+    GroupLike,
+    RingComm,
+    UlyssesGroup,
+    gather_sequence,
+    group_rank_and_size,
+    split_context,
+)
 from .layout import Layout, LayoutName, Segment, SubBlock, get_layout, segment_positions
 from .masks import (
     MaskMod,
@@ -40,6 +46,7 @@ from .masks import (
     one_stride,
 )
 from .ops import register_mask
+from .ulysses import agree_on_mesh, concat_pieces
 
 
 class RingMask:
@@ -54,6 +61,9 @@ class RingMask:
         spec: the global per-position masks (:class:`~ringattn.MaskSpec`).
         key: an int64 scalar tensor that names this mask inside compiled graphs
             (:mod:`ringattn.ops`).
+        ulysses: the Ulysses dimension of a ``(ulysses, ring)`` mesh (:mod:`ringattn.ulysses`),
+            else ``None``; ``group``, ``world_size`` and the local lengths are then the ring's
+            (a ring shard is ``ulysses.size`` ranks' pieces).
     """
 
     def __init__(
@@ -66,8 +76,10 @@ class RingMask:
         batch: int | None,
         heads: int | None,
         signature: Sequence[float],
+        ulysses: UlyssesGroup | None = None,
     ):
         self.spec, self.layout, self.group = spec, layout, group
+        self.ulysses = ulysses
         self.rank, self.world_size = group_rank_and_size(group)
         self.q_len, self.kv_len = q_len, kv_len
         self.seq_q_local, self.seq_kv_local = q_len // self.world_size, kv_len // self.world_size
@@ -192,8 +204,9 @@ class RingMask:
                 )
         if self.batch is not None and q.shape[0] != self.batch:
             return f"q has batch {q.shape[0]} but the RingMask was built for batch={self.batch}"
-        if self.heads is not None and q.shape[2] != self.heads:
-            return f"q has {q.shape[2]} heads but the RingMask was built for heads={self.heads}"
+        heads = q.shape[2] * (self.ulysses.size if self.ulysses else 1)  # q's, after all-to-all
+        if self.heads is not None and heads != self.heads:
+            return f"q has {heads} heads but the RingMask was built for heads={self.heads}"
         spec = self.spec
         holds_data = spec.doc_ids is not None or spec.valid is not None or spec.mask_mod
         if holds_data and spec.device != q.device:
@@ -216,6 +229,7 @@ class RingMask:
             self.world_size,
             across_ranks,
             self.agreed_calls,
+            self.ulysses,
         )
 
 
@@ -227,11 +241,14 @@ def agree_call(
     world_size: int,
     across_ranks: bool,
     agreed: set[tuple[float, ...]],
+    ulysses: UlyssesGroup | None = None,
 ) -> dict[str, list[float]] | None:
     """The check of a ``ring_attention`` call (see :meth:`RingMask.agree_call`); ``agreed``
     holds the signatures agreed before and gains this one. Returns what :func:`agree`
-    shares, or ``None`` when no check ran."""
-    if world_size == 1 or not across_ranks or (problem is None and signature in agreed):
+    shares, or ``None`` when no check ran. With ``ulysses`` (a 2-D mesh) the check covers
+    the Ulysses peers too (:func:`ringattn.ulysses.agree_on_mesh`)."""
+    everyone = world_size * (ulysses.size if ulysses else 1)
+    if everyone == 1 or not across_ranks or (problem is None and signature in agreed):
         if problem:
             raise RingInputError(f"ring_attention: {problem}")
         return None
@@ -240,7 +257,8 @@ def agree_call(
         # waiting in the ring, which then ends in its timeout error.
         raise RingInputError(f"ring_attention: {problem} (found on this rank only)")
     full = None if problem else (*signature, *mask_signature)
-    shared = agree("ring_attention", problem, CALL_FIELDS + MASK_FIELDS, full, group, world_size)
+    fields = CALL_FIELDS + MASK_FIELDS
+    shared = agree_on_mesh("ring_attention", problem, fields, full, group, world_size, ulysses)
     agreed.add(signature)
     return shared
 
@@ -292,7 +310,9 @@ def create_ring_mask(
             as in :func:`ringattn.ring_attention` (``document_ids`` and ``attention_mask`` of this
             rank's shard, ``(batch, seq_kv_local)``).
         layout: the layout of the shards.
-        group: a ProcessGroup, a 1-D DeviceMesh, or ``None`` for the default group.
+        group: a ProcessGroup, a 1-D DeviceMesh, a ``(ulysses, ring)`` DeviceMesh
+            (:func:`ringattn.context_mesh`; per-token tensors are then this rank's piece), or
+            ``None`` for the default group.
         batch, heads: the batch size and query heads the mask serves; ``mask_mod`` is called with
             ``b`` in ``range(batch)`` and ``h`` in ``range(heads)``. ``None`` (the default) means
             any: ``mask_mod`` then must not depend on that index (it sees only 0), as with
@@ -307,8 +327,9 @@ def create_ring_mask(
     Raises:
         RingInputError: on every rank when any rank's arguments cannot work.
     """
-    process_group = resolve_group(group)
+    process_group, ulysses = split_context(group)
     _, world_size = group_rank_and_size(process_group)
+    pieces = ulysses.size if ulysses else 1
     masks = MaskArgs(
         causal, window, cu_seqlens, document_ids, attention_mask, seq_len, mask_mod, tile_size
     )
@@ -325,22 +346,25 @@ def create_ring_mask(
     except (ValueError, RuntimeError) as exc:
         chosen, problem = None, str(exc)
     else:
-        problem = _mask_problem(masks, chosen, world_size, q_len, kv_len, batch, heads)
+        problem = _mask_problem(masks, chosen, world_size, q_len, kv_len, batch, heads, pieces)
         if problem is None and world_size > 1:
             problem = backend_problem(where.type, process_group)
+        if problem is None and ulysses is not None:
+            problem = backend_problem(where.type, ulysses.group)
     signature = None
     if problem is None:
         shape = (q_len, kv_len, batch, heads, where)
         signature = mask_signature(masks, chosen, world_size, *shape)
     shared = None
-    if world_size > 1 and check_across_ranks:
-        shared = agree(
-            "create_ring_mask", problem, MASK_FIELDS, signature, process_group, world_size
+    if world_size * pieces > 1 and check_across_ranks:
+        shared = agree_on_mesh(
+            "create_ring_mask", problem, MASK_FIELDS, signature, process_group, world_size, ulysses
         )
     elif problem:
         raise RingInputError(f"create_ring_mask: {problem}")
+    padding = padding_anywhere(shared, masks)
     mask = build_ring_mask(
-        masks, chosen, process_group, *shape, signature, padding_anywhere(shared, masks)
+        masks, chosen, process_group, *shape, signature, padding, ulysses=ulysses
     )
     mask.classify()
     return mask
@@ -362,11 +386,14 @@ def _mask_problem(
     kv_len: object,
     batch: object,
     heads: object,
+    pieces: int = 1,
 ) -> str | None:
+    """``pieces``: the Ulysses degree of a 2-D mesh (each ring shard is cut into that many)."""
+    everyone = world_size * pieces
     for name, value in (("q_len", q_len), ("kv_len", kv_len)):
-        if not isinstance(value, int) or value < 0 or value % world_size:
+        if not isinstance(value, int) or value < 0 or value % everyone:
             return (
-                f"{name} must be an int >= 0 that {world_size} ranks share equally (the global "
+                f"{name} must be an int >= 0 that {everyone} ranks share equally (the global "
                 f"length of the sharded tensor, see ringattn.padded_length), got {value!r}"
             )
     if q_len > kv_len:
@@ -375,7 +402,7 @@ def _mask_problem(
         if value is not None and (not isinstance(value, int) or value < 1):
             return f"{name} must be a positive int or None, got {value!r}"
     problem = lengths_problem(layout, world_size, q_len // world_size, kv_len // world_size)
-    return problem or masks.problem(batch, q_len // world_size, kv_len // world_size, world_size)
+    return problem or masks.problem(batch, q_len // everyone, kv_len // everyone, everyone)
 
 
 def build_ring_mask(
@@ -389,12 +416,22 @@ def build_ring_mask(
     device: torch.device,
     signature: Sequence[float],
     gather_padding: bool = True,
+    ulysses: UlyssesGroup | None = None,
 ) -> RingMask:
     """A :class:`RingMask` from arguments already checked: per-shard tensors are gathered into
     global per-position ones (one all-gather each; the ``attention_mask`` only when
-    ``gather_padding``, i.e. some rank has padding); tiles are classified when first needed."""
+    ``gather_padding``, i.e. some rank has padding); tiles are classified when first needed.
+    With ``ulysses`` (a 2-D mesh) per-token tensors are pieces, first gathered into the ring
+    shard over the Ulysses group."""
     _, world_size = group_rank_and_size(group)
-    seq_local = kv_len // world_size
+    pieces = ulysses.size if ulysses else 1
+    seq_local = kv_len // (world_size * pieces)
+
+    def gathered(local: torch.Tensor) -> torch.Tensor:
+        if ulysses is not None:
+            local = concat_pieces(local, 1, ulysses)
+        return gather_sequence(local, layout, 1, group, world_size)
+
     doc_ids = valid = None
     real_len = masks.seq_len
     if masks.cu_seqlens is not None:
@@ -407,10 +444,10 @@ def build_ring_mask(
         local_ids = masks.document_ids.to(device=device, dtype=torch.long)
         # (seq,) ids serve every row: gather the same (batch, seq) shape on every rank
         local_ids = local_ids.reshape(-1, seq_local).expand(batch or 1, -1)
-        doc_ids = gather_sequence(local_ids, layout, 1, group, world_size)
+        doc_ids = gathered(local_ids)
     if masks.attention_mask is not None and gather_padding:
         local_valid = masks.attention_mask.to(device=device).bool().to(torch.uint8)
-        valid = gather_sequence(local_valid, layout, 1, group, world_size).bool()
+        valid = gathered(local_valid).bool()
     if real_len is not None and real_len < kv_len:
         in_range = (torch.arange(kv_len, device=device) < real_len)[None]
         valid = in_range if valid is None else valid & in_range
@@ -427,4 +464,4 @@ def build_ring_mask(
         tile_size=masks.tile_size,
         device=device,
     )
-    return RingMask(spec, layout, group, q_len, kv_len, batch, heads, signature)
+    return RingMask(spec, layout, group, q_len, kv_len, batch, heads, signature, ulysses)

@@ -60,7 +60,13 @@ import torch.nn.functional as F
 import ringattn
 from ringattn.api import CallOptions, mask_for_call
 from ringattn.checks import MaskArgs
-from ringattn.comm import GroupLike, all_reduce_bounded, group_rank_and_size, resolve_group
+from ringattn.comm import (
+    GroupLike,
+    all_reduce_bounded,
+    group_rank_and_size,
+    resolve_group,
+    split_context,
+)
 from ringattn.engine import Granularity
 from ringattn.layout import Layout, LayoutName
 
@@ -338,9 +344,10 @@ def shard_batch(
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
     bsz, seq_len = input_ids.shape
-    process_group = resolve_group(group)
-    _, world_size = group_rank_and_size(process_group)
-    padded = ringattn.padded_length(seq_len, layout, world_size)
+    ring_group, ulysses = split_context(group)
+    _, world_size = group_rank_and_size(ring_group)
+    pieces = ulysses.size if ulysses else 1
+    padded = ringattn.padded_length(seq_len, layout, world_size, ulysses=pieces)
 
     out = dict(batch)
     tensors: dict[str, tuple[torch.Tensor, int]] = {"input_ids": (input_ids, pad_token_id)}
@@ -380,9 +387,9 @@ def shard_batch(
             else:
                 pad = tensor.new_full((bsz, padded - seq_len, *tensor.shape[2:]), pad_value)
             tensor = torch.cat([tensor, pad], dim=1)
-        out[key] = ringattn.shard(tensor, layout=layout, dim=1, group=process_group)
+        out[key] = ringattn.shard(tensor, layout=layout, dim=1, group=group)
     if "position_ids" not in tensors:
-        pos = ringattn.positions(seq_len, layout=layout, group=process_group)
+        pos = ringattn.positions(seq_len, layout=layout, group=group)
         out["position_ids"] = pos.to(input_ids.device).unsqueeze(0).expand(bsz, -1)
     if cu_seqlens is not None:
         out["cu_seq_lens_q"] = out["cu_seq_lens_k"] = cu_seqlens
@@ -422,12 +429,14 @@ def cp_loss(
         reduction="sum",
     )
     stats = torch.stack([local_sum.detach(), (flat_labels != ignore_index).sum().to(torch.float32)])
-    process_group = resolve_group(group)
-    _, world_size = group_rank_and_size(process_group)
-    if world_size > 1 and torch.compiler.is_compiling():  # traceable: no async collective
-        dist.all_reduce(stats, group=process_group)
-    elif world_size > 1:
-        all_reduce_bounded(stats, process_group, "summing the loss over the ranks")
+    ring_group, ulysses = split_context(group)
+    _, world_size = group_rank_and_size(ring_group)
+    groups = ([ulysses.group] if ulysses else []) + ([ring_group] if world_size > 1 else [])
+    for process_group in groups:  # a (ulysses, ring) mesh: over both dims
+        if torch.compiler.is_compiling():  # traceable: no async collective
+            dist.all_reduce(stats, group=process_group)
+        else:
+            all_reduce_bounded(stats, process_group, "summing the loss over the ranks")
     total, count = stats[0], stats[1].clamp_min(1.0)
     return (local_sum + (total - local_sum.detach())) / count
 
