@@ -82,8 +82,10 @@ def strategies(config: Config) -> list[Strategy]:
             for layout in LAYOUTS
             if config.seq_len % (LAYOUTS[layout].seq_multiple(ring) * ulysses) == 0
         ]
+        if not layouts:
+            continue
         if ring == 1:
-            found += [Strategy(ulysses, 1, "kv", layout) for layout in layouts[:1]]
+            found += [Strategy(ulysses, 1, "kv", "zigzag" if "zigzag" in layouts else layouts[0])]
             continue
         found += [Strategy(ulysses, ring, r, layout) for layout in layouts for r in ROTATIONS]
     return found
