@@ -163,7 +163,13 @@ def ring_attention(
         layout: "contiguous", "zigzag" (the default; balanced causal work), "striped", or a
             :class:`ringattn.Layout`.
         group: a ProcessGroup, a 1-D DeviceMesh, or ``None`` for the default group (a world of
-            one when ``torch.distributed`` is not initialised: plain attention).
+            one when ``torch.distributed`` is not initialised: plain attention). A 2-D
+            DeviceMesh with dims named "ulysses" and "ring" (:func:`ringattn.context_mesh`)
+            runs Ulysses x ring: q, k, v (and per-token masks) are this rank's piece of its ring
+            shard (see :func:`shard`), all-to-alls over "ulysses" trade sequence for heads, the
+            ring runs over "ring"; ``sinks``, ``score_mod``, ``mask_mod`` and dropout see global
+            head indices (:mod:`ringattn.ulysses`). Under ``torch.compile`` such a call is a
+            graph break.
         window: ``(left, right)``: query ``i`` sees keys ``i - left <= j <= i + right`` (a side
             may be ``None``: unbounded); an int ``w`` means ``(w, 0)``, a causal left window.
         cu_seqlens: packed documents as global cumulative lengths ``[0, l1, l1 + l2, ...]``

@@ -104,6 +104,8 @@ class RingMask:
         if spec.mask_mod is not None:
             parts.append("mask_mod=True")
         parts.append(f"world_size={self.world_size}")
+        if self.ulysses is not None:
+            parts.append(f"ulysses={self.ulysses.size}")
         return f"RingMask({', '.join(parts)})"
 
     @property

@@ -290,8 +290,10 @@ def register(
     (:func:`make_mask_function`) through ``transformers.masking_utils.AttentionMaskInterface``, so
     no dense ``(seq, seq)`` mask is ever built. Use it with
     ``from_pretrained(..., attn_implementation=name)`` or ``model.set_attn_implementation(name)``.
-    Inputs must be sharded in ``layout`` over ``group`` (see :func:`shard_batch`). Registering the
-    same name again replaces the previous functions. Returns ``name``.
+    Inputs must be sharded in ``layout`` over ``group`` (see :func:`shard_batch`). ``group`` may
+    be a ``(ulysses, ring)`` DeviceMesh (:func:`ringattn.context_mesh`): pass the same mesh to
+    :func:`shard_batch` and :func:`cp_loss`, and sum parameter gradients over all its ranks.
+    Registering the same name again replaces the previous functions. Returns ``name``.
     """
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
