@@ -168,6 +168,7 @@ def _ring_mask_job(rank, world, shape):
             out, lse, peak = ringattn.ring_attention(
                 *local,
                 mask=mask,
+                **({"group": mesh, "layout": layout} if dropout else {}),  # the mask's: allowed
                 dropout_p=dropout,
                 dropout_seed=5,
                 return_lse=True,
