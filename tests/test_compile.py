@@ -121,4 +121,49 @@ def test_custom_ops_pass_opcheck():
         if hasattr(_call_key, "__wrapped__")
         else _call_key(options, True)
     )
-    torch.library.opcheck(torch.ops.ringattn.ring_attention.default, (q, k, v, None, mask.key, key))
+    args = (q, k, v, None, mask.key, key, None, 0.0, None)
+    torch.library.opcheck(torch.ops.ringattn.ring_attention.default, args)
+
+
+def _per_step_job(rank, world):
+    """Values that change every step — the dropout seed, or none (drawn from torch's generator
+    inside the op) — recompile at most once and equal eager; an identity score_mod keeps the
+    gradients of q and k."""
+    torch.manual_seed(0)
+    proj = torch.nn.Linear(WIDTH, 3 * HEADS * DIM)
+    mask = ringattn.create_ring_mask(16 * world, causal=True)
+
+    def block(x, seed, score_mod):
+        q, k, v = proj(x).unflatten(-1, (3, HEADS, DIM)).unbind(2)
+        out = ringattn.ring_attention(
+            q, k, v, mask=mask, dropout_p=0.3, dropout_seed=seed, score_mod=score_mod
+        )
+        return out.square().mean()
+
+    def identity(score, b, h, q_idx, kv_idx):
+        return score
+
+    backend, compiled = _counting_backend()
+    compiled_block = torch.compile(block, backend=backend, fullgraph=True)
+    x = ringattn.shard(
+        torch.randn(2, 16 * world, WIDTH, generator=torch.Generator().manual_seed(1))
+    )
+    for seed, score_mod in ((1, None), (2, None), (3, None), (None, None), (None, identity)):
+        torch.manual_seed(5)
+        eager = block(x, seed, score_mod)
+        (eager_grad,) = torch.autograd.grad(eager, proj.weight)
+        torch.manual_seed(5)
+        got = compiled_block(x, seed, score_mod)
+        (got_grad,) = torch.autograd.grad(got, proj.weight)
+        assert_close(f"seed {seed} loss", got.detach(), eager.detach(), 1e-6)
+        assert_close(f"seed {seed} grad", got_grad, eager_grad, 1e-5)
+    plain = torch.autograd.grad(block(x, 9, None), proj.weight)[0]
+    with_identity = torch.autograd.grad(block(x, 9, identity), proj.weight)[0]
+    assert_close("identity score_mod's gradient", with_identity, plain, 1e-6)
+    torch._dynamo.reset()
+    return len(compiled)
+
+
+def test_per_step_values_and_identity_score_mod(pools):
+    counts = pools(2).run(_per_step_job)
+    assert all(c <= 4 for c in counts), counts

@@ -81,3 +81,20 @@ def test_non_deterministic_kernels_are_refused():
         ringattn.ring_attention(q, q, q, kernel=Racy(), deterministic=True)
     assert not KERNELS["cuda_cudnn"].deterministic
     assert select_kernel("auto", q, deterministic=True).deterministic
+
+
+def test_repeated_calls_with_threads_are_bitwise_identical():
+    """One process, every core (the pools run one thread per rank): the fused CPU kernel splits
+    its work over threads, and the results still repeat bit for bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        for name in ("causal", "softcap"):
+            kwargs, _, _ = mask_case(name, 1024)
+            q, k, v, dout = random_qkv(2, 1024, 8, 2, 64, 3, dtype=torch.float32)
+            first = _run((q, k, v), dout, granularity=FINE, **kwargs)
+            second = _run((q, k, v), dout, granularity=FINE, **kwargs)
+            for a, b in zip(first, second, strict=True):
+                assert torch.equal(a, b), name
+    finally:
+        torch.set_num_threads(threads)

@@ -93,8 +93,11 @@ def ring_attention(
     Every rank passes its own shard of the sequence, in the layout's order (see :func:`shard`).
     Keys/values travel around the ring (pass-KV) while each rank keeps its queries; results are
     merged with an fp32 online softmax, so the output equals single-device attention over the
-    whole sequence. All masks use *global* token positions. Inside ``torch.compile`` the call is a
-    graph break: it runs eagerly (its communication cannot be traced) and the rest compiles.
+    whole sequence. All masks use *global* token positions. Inside ``torch.compile`` a call with
+    a ``mask`` (on a 1-D group) is the custom op of :mod:`ringattn.ops`, traced without a graph
+    break (``fullgraph=True`` works; make the mask and any ``score_mod`` that captures tensors
+    outside the compiled function); a call with mask keywords is a graph break that runs
+    eagerly.
 
     The masks come either as ``mask``, a :class:`ringattn.RingMask` that
     :func:`ringattn.create_ring_mask` built once for the batch (the way to call it from every
@@ -312,6 +315,16 @@ def plan_call(
     )
 
 
+def _kernel_problem(q: torch.Tensor, v: torch.Tensor, call: CallOptions) -> str | None:
+    """Why the call's kernel cannot run these inputs (checked with the others, so that every
+    rank raises), or ``None``."""
+    try:
+        select_kernel(call.kernel, q, v.shape[-1], call.deterministic)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def _scale(q: torch.Tensor, scale: float | None) -> float:
     return q.shape[-1] ** -0.5 if scale is None else float(scale)
 
@@ -328,6 +341,7 @@ def _check_call(
     problem = problem or call_values_problem(
         call.scale, call.rotation, call.granularity, call.dropout_p, call.dropout_seed
     )
+    problem = problem or _kernel_problem(q, v, call)
     problem = problem or sinks_problem(sinks, q)
     if problem:
         return problem, None

@@ -132,7 +132,7 @@ class KVCache:
                 :func:`ringattn.ring_attention`).
 
         Returns:
-            ``(batch, seq_local, heads_q, head_dim)`` attention output of this rank's shard.
+            ``(batch, seq_local, heads_q, head_dim_v)`` attention output of this rank's shard.
         """
         if self.lengths[layer].any():
             raise RuntimeError(f"layer {layer} is already prefilled; feed new tokens to extend()")

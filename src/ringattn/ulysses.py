@@ -60,11 +60,13 @@ def context_mesh(ulysses: int, ring: int, device_type: str = "cpu") -> DeviceMes
     ``ring_attention(..., group=mesh)``, ``create_ring_mask(..., group=mesh)``,
     ``shard`` / ``unshard`` / ``positions`` and ``hf.register(group=mesh)``.
 
-    Rank ``g`` of the default group is mesh rank ``(g // ring, g % ring)``: ring neighbours are
-    consecutive ranks, the Ulysses peers of a rank are ``ring`` ranks apart. To put the
-    all-to-all on the faster link (inside a node) instead, build the mesh yourself with
-    ``init_device_mesh(device_type, (ring, ulysses), mesh_dim_names=("ring", "ulysses"))``;
-    either order of the names is accepted. Every rank calls it (it creates process groups).
+    Rank ``g`` of the default group is mesh rank ``(u, r) = (g % ulysses, g // ulysses)``: the
+    Ulysses peers of a rank are consecutive ranks, so with ``ulysses`` at most the GPUs of a
+    node the all-to-alls stay on the node's fast link and the ring crosses nodes (what
+    ``ringattn plan --gpus-per-node`` assumes, as USP and LoongTrain do). For the other
+    placement build the mesh yourself, e.g. ``init_device_mesh(device_type, (ulysses, ring),
+    mesh_dim_names=("ulysses", "ring"))``; either order of the names is accepted. Every rank
+    calls it (it creates process groups).
     """
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -77,7 +79,7 @@ def context_mesh(ulysses: int, ring: int, device_type: str = "cpu") -> DeviceMes
             f"a {ulysses} x {ring} (ulysses x ring) mesh needs {ulysses * ring} ranks, but the "
             f"default process group has {world}"
         )
-    return init_device_mesh(device_type, (ulysses, ring), mesh_dim_names=MESH_DIMS)
+    return init_device_mesh(device_type, (ring, ulysses), mesh_dim_names=MESH_DIMS[::-1])
 
 
 def ulysses_degrees(heads_q: int) -> list[int]:

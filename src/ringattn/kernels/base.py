@@ -58,6 +58,10 @@ class AttentionKernel(ABC):
         (query, key) pairs of this call, ``(heads_q,)`` in the accumulator dtype; ``-inf`` for
         a head that sees nothing. Computes ``q k^T`` once more, in slices of rows (the whole
         call with a ``score_fn``, whose index grids span all rows)."""
+        with without_autocast(q):
+            return self._max_scores(q, k, causal, scale, mask, score_fn)
+
+    def _max_scores(self, q, k, causal, scale, mask, score_fn) -> torch.Tensor:
         dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         batch, seq_q, heads, dim = q.shape
         heads_kv, seq_k = k.shape[2], k.shape[1]
@@ -121,6 +125,11 @@ class AttentionKernel(ABC):
         ``dq``, ``dk``, ``dv`` shaped like ``q``, ``k``, ``v`` (any floating dtype).
         ``lse`` is ``+inf`` for rows that saw no key at all, so that their ``P`` is 0.
         """
+
+
+def without_autocast(t: torch.Tensor) -> torch.autocast:
+    """A context that keeps autocast off on ``t``'s device: our own fp32 math stays fp32."""
+    return torch.autocast(t.device.type, enabled=False)
 
 
 def additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

@@ -7,14 +7,14 @@ autograd on the tile) and dropout, so it runs every tile that the fused kernels 
 
 from __future__ import annotations
 
-import concurrent.futures
+import threading
 from contextlib import nullcontext
 
 import torch
 
 from ..dropout import TileDropout
 from ..merge import accumulator_dtype
-from .base import AttentionKernel, ScoreFn
+from .base import AttentionKernel, ScoreFn, without_autocast
 
 
 def _expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -46,28 +46,33 @@ def _dropped(probs: torch.Tensor, dropout: TileDropout | None) -> torch.Tensor:
     return probs * dropout.keep / (1.0 - dropout.p)
 
 
-_AUTOGRAD_THREAD = concurrent.futures.ThreadPoolExecutor(1, "ringattn-score-mod-vjp")
-
-
 def _score_fn_vjp(score_fn: ScoreFn, raw: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """``grad`` (w.r.t. ``score_fn(raw)``) taken back through ``score_fn`` by autograd.
 
-    Inside the custom op of :mod:`ringattn.ops` the dispatcher excludes autograd on this
-    thread, so there the derivative is taken on a worker thread, whose dispatcher state is the
-    default one (on the caller's CUDA stream)."""
+    Inside the custom op of :mod:`ringattn.ops` the dispatcher excludes autograd on the
+    calling thread (and ``torch.func`` transforms fail inside a compiled graph's dispatch
+    modes), so there the derivative is taken on a short-lived thread of its own, whose
+    dispatcher state is the default one (on the caller's CUDA stream)."""
     stream = torch.cuda.current_stream(raw.device) if raw.is_cuda else None
+    found: list[torch.Tensor | None] = []
 
-    def vjp() -> torch.Tensor | None:
+    def vjp() -> None:
         with torch.enable_grad(), torch.cuda.stream(stream) if stream else nullcontext():
             leaf = raw.detach().requires_grad_()
             modified = score_fn(leaf)
-            if modified.grad_fn is None:
-                return None
-            return torch.autograd.grad(modified, leaf, grad)[0]
+            if modified is leaf:  # an identity score_mod (e.g. FlexAttention's noop)
+                found.append(grad)
+            elif modified.grad_fn is None:  # autograd is off, or score_fn ignores the scores
+                found.append(None)
+            else:
+                found.append(torch.autograd.grad(modified, leaf, grad)[0])
 
-    result = vjp()
-    if result is None:  # autograd is off here (or score_fn ignores the scores)
-        result = _AUTOGRAD_THREAD.submit(vjp).result()
+    vjp()
+    if found[-1] is None:
+        worker = threading.Thread(target=vjp, name="ringattn-score-mod-vjp")
+        worker.start()
+        worker.join()
+    result = found[-1]
     return torch.zeros_like(raw) if result is None else result
 
 
@@ -89,6 +94,10 @@ class ReferenceKernel(AttentionKernel):
         return raw, scores
 
     def forward(self, q, k, v, *, causal, scale, mask=None, score_fn=None, dropout=None):
+        with without_autocast(q):
+            return self._forward(q, k, v, causal, scale, mask, score_fn, dropout)
+
+    def _forward(self, q, k, v, causal, scale, mask, score_fn, dropout):
         dtype = accumulator_dtype(q.dtype)
         k, v = _expand_heads(k, q.shape[2]), _expand_heads(v, q.shape[2])
         _, scores = self._scores(q, k, scale, score_fn, _visible(q, k, causal, mask))
@@ -101,6 +110,10 @@ class ReferenceKernel(AttentionKernel):
     def backward(
         self, dout, q, k, v, out, lse, *, causal, scale, mask=None, score_fn=None, dropout=None
     ):
+        with without_autocast(q):
+            return self._backward(dout, q, k, v, out, lse, causal, scale, mask, score_fn, dropout)
+
+    def _backward(self, dout, q, k, v, out, lse, causal, scale, mask, score_fn, dropout):
         dtype = accumulator_dtype(q.dtype)
         heads, heads_kv = q.shape[2], k.shape[2]
         k_e, v_e = _expand_heads(k, heads).to(dtype), _expand_heads(v, heads).to(dtype)
