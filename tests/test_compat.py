@@ -1,7 +1,10 @@
 """ringattn.compat: ring-flash-attention's and yunchang's calls, made as those projects document
 them (each rank extracts its shard the way their tests do), against a float64 single-device
 reference and against ring_attention itself: outputs, softmax_lse and the gradients of q, k, v;
-every layout, the packed and varlen forms, llama3's slices, world sizes 1-3. Then every refusal.
+every layout, the packed and varlen forms, llama3's slices, world sizes 1-3; yunchang's Ulysses x
+ring on 4 ranks (2x2 in both placements, 4x1, 1x4, two replicas of 2x1), its shards checked
+against upstream's extraction and its mesh positions against upstream's groups. Then every
+refusal.
 """
 
 from __future__ import annotations
@@ -339,6 +342,107 @@ def test_yunchang_long_context_attention_matches_reference(pools, world):
     pools(world).run(_yunchang_job)
 
 
+# ---- yunchang with Ulysses: 4 ranks as ulysses x ring, both placements, replicas ----
+
+
+def _their_coordinates(rank: int, ud: int, rd: int, low: bool) -> tuple[int, int]:
+    """(Ulysses rank, ring rank) of ``rank`` in the groups of one block of ``ud x rd`` ranks as
+    yunchang's set_seq_parallel_pg lists them (a group's ranks are in increasing order)."""
+    sp = ud * rd
+    if low:
+        ulysses_groups = [range(i * ud, (i + 1) * ud) for i in range(rd)]
+        ring_groups = [range(i, sp, ud) for i in range(ud)]
+    else:
+        ring_groups = [range(i * rd, (i + 1) * rd) for i in range(ud)]
+        ulysses_groups = [range(i, sp, rd) for i in range(rd)]
+    u = next(group.index(rank) for group in ulysses_groups if rank in group)
+    r = next(group.index(rank) for group in ring_groups if rank in group)
+    return u, r
+
+
+def _their_extract(impl, x, rank, world, rd, ud, low):
+    """yunchang's EXTRACT_FUNC_DICT[impl](x, rank, world, rd, ud), with their tensor operations
+    (zigzag reads the ring and Ulysses ranks from their groups)."""
+    if impl == "basic":
+        return x.chunk(world, dim=1)[rank]
+    if impl == "strip":
+        b, n = x.shape[:2]
+        grouped = x.reshape(b, n // rd, rd, -1).transpose(1, 2).reshape(x.shape)
+        return grouped.chunk(world, dim=1)[rank]
+    u, r = _their_coordinates(rank, ud, rd, low)
+    chunks = x.chunk(2 * rd, dim=1)
+    return torch.cat([chunks[r], chunks[2 * rd - 1 - r]], dim=1).chunk(ud, dim=1)[u]
+
+
+_CONTEXT_MESHES: dict[tuple[int, int], object] = {}
+
+
+def _yunchang_ulysses_job(rank, world, ud, rd, low):
+    sp = ud * rd
+    replica, sp_rank = divmod(rank, sp)  # several blocks: data-parallel replicas
+    n = 8 * sp
+    q, k, v, dout = (t + replica for t in random_qkv(BATCH, n, HEADS_Q, HEADS_KV, DIM, seed=5))
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    causal_ref = _reference(q, k, v, dout, (j <= i)[None, None])
+    cap = ringattn.softcap(2.0)
+
+    def capped_alibi(score, b, h, qi, ki):
+        return cap(score, b, h, qi, ki) - SLOPES[h] * (qi - ki).abs()
+
+    window = {"window_size": (3, 2), "alibi_slopes": SLOPES, "softcap": 2.0}
+    window_ref = _reference(q, k, v, dout, ((j >= i - 3) & (j <= i + 2))[None, None], capped_alibi)
+    yunchang.set_seq_parallel_pg(ud, rd, rank, world, use_ulysses_low=low)
+    for impl, layout in (("basic", "contiguous"), ("zigzag", "zigzag"), ("strip", "striped")):
+
+        def cut(x, impl=impl):
+            return yunchang.EXTRACT_FUNC_DICT[impl](x, sp_rank, world_size=sp, rd=rd, ud=ud)
+
+        label = f"yunchang {impl} ulysses={ud} ring={rd} low={low} replica={replica}"
+        theirs = _their_extract(impl, q, sp_rank, sp, rd, ud, low)
+        assert torch.equal(cut(q), theirs), label
+        attn = yunchang.LongContextAttention(ring_impl_type=impl, attn_type=yunchang.AttnType.FA)
+        assert torch.equal(ringattn.shard(q, attn.layout, group=attn.group), theirs), label
+        if ud > 1:  # the mesh position of this rank is its place in yunchang's groups
+            mesh = attn.group
+            got = (mesh.get_local_rank("ulysses"), mesh.get_local_rank("ring"))
+            assert got == _their_coordinates(sp_rank, ud, rd, low), label
+        cases = [({"causal": True}, causal_ref)] + ([(window, window_ref)] * (impl == "zigzag"))
+        outs = []
+        for kwargs, ref in cases:
+            local = [cut(t).requires_grad_() for t in (q, k, v)]
+            out = attn(*local, dropout_p=0.0, return_attn_probs=True, **kwargs)
+            outs.append(out.detach())
+            grads = torch.autograd.grad(out, local, cut(dout))
+            assert_close(f"{label} {kwargs} out", out, cut(ref[0]), TOL)
+            for name, g, r in zip("qkv", grads, ref[2], strict=True):
+                assert_close(f"{label} {kwargs} d{name}", g, cut(r), TOL)
+        if low and replica == 0 and sp == world:  # the same call on ringattn's own mesh
+            if (ud, rd) not in _CONTEXT_MESHES:
+                _CONTEXT_MESHES[ud, rd] = ringattn.context_mesh(ud, rd)
+            group = _CONTEXT_MESHES[ud, rd] if ud > 1 else None
+            plain = [cut(t) for t in (q, k, v)]
+            ours = ringattn.ring_attention(*plain, causal=True, layout=layout, group=group)
+            assert_close(f"{label} vs ring_attention", outs[0], ours, 1e-12)
+    packed = yunchang.LongContextAttentionQKVPacked(ring_impl_type="zigzag")
+    qkv = torch.stack([q, *(t.repeat_interleave(2, dim=2) for t in (k, v))], dim=2)
+    got = packed(yunchang.zigzag_extract_local(qkv, sp_rank, sp, rd, ud), causal=True)
+    ref_out = yunchang.zigzag_extract_local(causal_ref[0], sp_rank, sp, rd, ud)
+    assert_close(f"yunchang qkvpacked ulysses={ud} ring={rd} low={low}", got, ref_out, TOL)
+    if ud > 1:  # query heads the Ulysses degree cannot split: refused on every rank
+        small = [t[:, : n // sp, : ud // 2] for t in (q, k, v)]
+        with pytest.raises(ValueError, match=f"Ulysses degree of {ud}"):
+            attn(*small, causal=True)
+
+
+@pytest.mark.parametrize(
+    ("ud", "rd", "low"),
+    [(2, 2, True), (2, 2, False), (4, 1, True), (1, 4, True), (2, 1, True)],
+    ids=["2x2", "2x2-ulysses-high", "4x1", "1x4", "2x1-two-replicas"],
+)
+def test_yunchang_ulysses_matches_reference(pools, ud, rd, low):
+    pools(4).run(_yunchang_ulysses_job, ud, rd, low)
+
+
 # ---- what is honoured without a ring, and every refusal ----
 
 
@@ -433,10 +537,15 @@ def _refusals():
             ValueError,
             "softcap",
         ),
-        "Ulysses degree": (
-            lambda: yunchang.set_seq_parallel_pg(2, 1, 0, 2),
-            NotImplementedError,
-            "sp_ulysses_degree=2",
+        "Ulysses x ring not dividing the world": (
+            lambda: yunchang.set_seq_parallel_pg(2, 1, 0, 1),
+            ValueError,
+            "sp_ulysses_degree x sp_ring_degree",
+        ),
+        "Ulysses degree below 1": (
+            lambda: yunchang.set_seq_parallel_pg(0, 1, 0, 1),
+            ValueError,
+            "sp_ulysses_degree",
         ),
         "rank not torch.distributed's": (
             lambda: yunchang.set_seq_parallel_pg(1, 2, 1, 2),
@@ -462,10 +571,15 @@ def _refusals():
             TypeError,
             "positional",
         ),
-        "extract with Ulysses": (
-            lambda: yunchang.EXTRACT_FUNC_DICT["zigzag"](q, 0, 2, rd=1, ud=2),
-            NotImplementedError,
-            "ud=2",
+        "extract, rd x ud not world_size": (
+            lambda: yunchang.EXTRACT_FUNC_DICT["zigzag"](q, 0, 2, rd=2, ud=2),
+            ValueError,
+            "rd=2 x ud=2",
+        ),
+        "extract, degrees not set_seq_parallel_pg's": (
+            lambda: _extract_after(yunchang.set_seq_parallel_pg(1, 1, 0, 1), q),
+            ValueError,
+            "differ from set_seq_parallel_pg",
         ),
         "extract, rd not world_size": (
             lambda: yunchang.EXTRACT_FUNC_DICT["basic"](q, 0, 2, rd=1, ud=1),
@@ -479,6 +593,11 @@ def _refusals():
         ),
         "AttnType name": (lambda: yunchang.AttnType.from_string("flash"), ValueError, "flash"),
     }
+
+
+def _extract_after(_setup: None, x: torch.Tensor) -> torch.Tensor:
+    """A 2 x 2 extraction after the call ``_setup`` (set_seq_parallel_pg of other degrees)."""
+    return yunchang.EXTRACT_FUNC_DICT["strip"](x, 0, 4, rd=2, ud=2)
 
 
 def _long_context(impl: str, **kwargs) -> yunchang.LongContextAttention:
@@ -498,6 +617,36 @@ def test_long_context_attention_needs_set_seq_parallel_pg(monkeypatch):
     with pytest.raises(RuntimeError, match="set_seq_parallel_pg"):
         yunchang.LongContextAttention()
     assert yunchang.AttnType.from_string("fa3") is yunchang.AttnType.FA3
+
+
+def test_yunchang_ulysses_layer_arguments(monkeypatch):
+    """With a Ulysses degree above 1 (state set by hand: no groups are needed to build a layer)
+    the all-to-all dims must be yunchang's defaults, and the layout is the one whose mesh shards
+    are EXTRACT_FUNC_DICT's: the built-in ones but for basic/strip with use_ulysses_low=False."""
+    state = yunchang._SequenceParallel(configured=True, ulysses=2, ring=2, ulysses_low=False)
+    monkeypatch.setattr(yunchang, "_STATE", state)
+    for make in (
+        lambda: yunchang.LongContextAttention(scatter_idx=1, gather_idx=2),
+        lambda: yunchang.LongContextAttentionQKVPacked(scatter_idx=2),
+    ):
+        with pytest.raises(ValueError, match="scatter_idx"):
+            make()
+    layouts = {
+        impl: yunchang.LongContextAttention(ring_impl_type=impl).layout
+        for impl in ("basic", "zigzag", "strip")
+    }
+    assert layouts == {
+        "basic": yunchang.UlyssesHighLayout("contiguous", 2),
+        "zigzag": "zigzag",
+        "strip": yunchang.UlyssesHighLayout("striped", 2),
+    }
+    state.ulysses_low = True
+    assert yunchang.LongContextAttentionQKVPacked(ring_impl_type="strip").layout == "striped"
+    # the ring shards of the strided placement: ranks g = r + u * R of their block, in order
+    assert [layouts["strip"].positions(r, 2, 8).tolist() for r in range(2)] == [
+        [0, 2, 4, 6, 1, 3, 5, 7],
+        [8, 10, 12, 14, 9, 11, 13, 15],
+    ]
 
 
 def test_importing_ringattn_leaves_compat_unimported():

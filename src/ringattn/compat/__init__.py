@@ -7,7 +7,8 @@ Existing code changes one import and keeps its calls:
   ``*_qkvpacked_func`` forms, the ``*_varlen_func`` forms and ``llama3_flash_attn_varlen_func``
   (``from ring_flash_attn import ...`` becomes ``from ringattn.compat.ring_flash_attn import ...``).
 - :mod:`ringattn.compat.yunchang`: yunchang's ``set_seq_parallel_pg``, ``LongContextAttention``,
-  ``LongContextAttentionQKVPacked``, ``EXTRACT_FUNC_DICT`` and ``AttnType``, ring degree only.
+  ``LongContextAttentionQKVPacked``, ``EXTRACT_FUNC_DICT`` and ``AttnType``: Ulysses x ring
+  (``sp_ulysses_degree`` x ``sp_ring_degree``, both placements, data-parallel replicas).
 
 Every call is exact (the same results as single-device attention, as ``ring_attention``), takes
 its arguments in the other library's conventions — ``(batch, seq, heads, head_dim)``,
