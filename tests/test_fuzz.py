@@ -3,11 +3,11 @@
 A valid case draws a world size (1-4), a layout (built in, or user-defined with one or mixed
 strides), self- or cross-attention lengths (primes, 1-token shards, padding that ``shard`` adds),
 GQA ratios, batch, head_dim, every mask (causal, window, cu_seqlens or document_ids, padding,
-mask_mod, score_mod) in combination, the rotation, tile size, sub-blocks, fp32 or fp64, and
-whether the masks come as a ``RingMask`` or as keywords. Output, log-sum-exp and dq/dk/dv must
-match the reference, with no NaN anywhere. An invalid case corrupts one argument on one rank or
-all of them: every rank must raise ``RingInputError``, and the same processes must then still run
-a valid ring.
+mask_mod, score_mod) in combination, the rotation (pass-KV, pass-Q, auto or all-gather), tile
+size, sub-blocks, fp32 or fp64, and whether the masks come as a ``RingMask`` or as keywords.
+Output, log-sum-exp and dq/dk/dv must match the reference, with no NaN anywhere. An invalid case
+corrupts one argument on one rank or all of them: every rank must raise ``RingInputError``, and
+the same processes must then still run a valid ring.
 
 CI runs a fixed-seed budget (40 valid and 20 invalid examples, about a minute);
 ``RINGATTN_FUZZ_EXAMPLES=N`` runs N of each with random seeds (``make fuzz``: 10,000).
@@ -99,7 +99,7 @@ def valid_cases(draw) -> dict:
         "padding": draw(st.booleans()),
         "mask_mod": draw(st.sampled_from([None, "prefix_lm", "every_third"])),
         "score_mod": draw(st.sampled_from([None, "softcap", "alibi"])),
-        "rotation": draw(st.sampled_from(["kv", "q", "auto"])),
+        "rotation": draw(st.sampled_from(["kv", "q", "auto", "allgather"])),
         "tile_size": draw(st.sampled_from([1, 2, 3, 5, 8, 512])),
         "sub_blocks": draw(st.integers(1, 3)),
         "via_mask": draw(st.booleans()),

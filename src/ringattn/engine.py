@@ -27,14 +27,16 @@ final ``out`` and ``lse`` of its rows.
 
 ``rotation="allgather"`` (TransformerEngine's and Megatron's all-gather context parallelism,
 Llama 3's training) moves nothing around the ring: each pass all-gathers every rank's K and V
-(the ``heads_kv`` heads) once, posted before this rank attends its own keys, and attends its
+(the ``heads_kv`` heads) once — as ``p - 1`` pairwise exchanges posted together before this
+rank attends its own keys, each shard received into a tensor of its own — and attends its
 queries to each rank's shard with the ring's own tiles and kernels (``RingPlan.tiles((rank,
-None), (source, None))``). Its backward gathers K/V again, sums dQ locally and computes fp32
-dK/dV for every rank's keys, one source at a time; each is sent straight to its owner while
-the next is computed (a reduce-scatter as ``p - 1`` pairwise exchanges), and the owner adds
-what arrives in a fixed order. A rank holds every rank's K/V, and at most three fp32 dK/dV
-shards in transit (one filled, one sent, one arriving) — not ``p`` as a reduce-scatter
-collective needs.
+None), (source, None))``), freeing each shard once used. Its backward gathers K/V again, sums
+dQ locally and computes fp32 dK/dV for every rank's keys, one source at a time; each is sent
+straight to its owner while the next is computed (a reduce-scatter as ``p - 1`` pairwise
+exchanges), and the owner adds what arrives in a fixed order. A rank holds every other rank's
+K/V, and at most three fp32 dK/dV shards in transit (one filled, one sent, one arriving) —
+not ``p`` as a reduce-scatter collective needs, nor the extra staging buffers of gloo's
+collectives.
 """
 
 from __future__ import annotations
@@ -53,7 +55,6 @@ from .comm import (
     all_reduce_bounded,
     host_timeout,
     transfer_device,
-    wait_bounded,
 )
 from .dropout import Dropout
 from .kernels import AttentionKernel
@@ -66,7 +67,7 @@ if TYPE_CHECKING:
     from .ring_mask import RingMask
 
 Rotation = Literal["kv", "q", "allgather"]
-_TRAVEL_TAG, _RETURN_TAG, _SCATTER_TAG = 0, 16, 32
+_TRAVEL_TAG, _RETURN_TAG, _SCATTER_TAG, _GATHER_TAG = 0, 16, 32, 48
 
 Part = tuple[int, int | None]
 """``(rank, sub-block index)``: a rank's whole shard (index ``None``) or one of its sub-blocks."""
@@ -672,67 +673,72 @@ def _count_sent(timer: StepTimer, nbytes: int) -> None:
         trace.bytes_sent += nbytes
 
 
-def _post_gather(
-    plan: RingPlan, tensors: Tensors, timer: StepTimer
-) -> Callable[[], list[list[torch.Tensor]]]:
-    """Post the all-gather of ``tensors`` (this rank's K and V shards) over the ring's group;
-    returns the wait, which gives ``[every rank's shard of tensors[i]]`` for each ``i``. This
-    rank's own shard is the tensor itself, never a copy; the others are new tensors. Counted as
-    sending ``p - 1`` shards (what a ring all-gather sends per rank)."""
-    comm = plan.comm
-    world, rank = comm.world_size, comm.rank
-    if world == 1:
-        return lambda: [[t] for t in tensors]
-    device = tensors[0].device
-    staging = transfer_device(comm.group, device)
-    works, gathered = [], []
-    for t in tensors:
-        sent = t.to(staging).contiguous()
-        parts = [sent if r == rank else torch.empty_like(sent) for r in range(world)]
-        works.append(dist.all_gather(parts, sent, group=comm.group, async_op=True))
-        gathered.append(parts)
-    _count_sent(timer, (world - 1) * sum(t.numel() * t.element_size() for t in tensors))
-    timeout = host_timeout(staging, comm.group, comm._timeout_s)
-
-    def wait() -> list[list[torch.Tensor]]:
-        with timer.waiting(0):
-            for work in works:
-                wait_bounded(work, timeout, f"all-gather of K/V over the ring's {world} ranks")
-        return [
-            [mine if r == rank else part.to(device) for r, part in enumerate(parts)]
-            for mine, parts in zip(tensors, gathered, strict=True)
-        ]
-
-    return wait
-
-
-def _post_pairwise(
-    comm: RingComm, tensors: Tensors, to: int, source: int, what: str
+def _post_p2p(
+    comm: RingComm,
+    tensors: Tensors,
+    to: Sequence[int],
+    sources: Sequence[int],
+    tag: int,
+    what: str,
 ) -> PendingExchange:
-    """Post sends of ``tensors`` to ring rank ``to`` and receives of same-shaped tensors from
-    ring rank ``source``, bounded as the ring's exchanges are."""
+    """Post sends of ``tensors`` to each ring rank in ``to`` and receives of same-shaped tensors
+    from each ring rank in ``sources`` (received: ``tensors``' worth per source, in order),
+    bounded and naming the peer as the ring's exchanges are."""
     device = tensors[0].device
     staging = transfer_device(comm.group, device)
     sent = [t.to(staging).contiguous() for t in tensors]
-    received = [torch.empty_like(t) for t in sent]
-    peers = [(to, "sending to"), (source, "receiving from")]
-    global_ranks = [dist.get_global_rank(comm.group, r) for r, _ in peers]
-    ops, whats = [], []
-    for i, (out, into) in enumerate(zip(sent, received, strict=True)):
-        ops.append(dist.P2POp(dist.isend, out, global_ranks[0], comm.group, _SCATTER_TAG + i))
-        ops.append(dist.P2POp(dist.irecv, into, global_ranks[1], comm.group, _SCATTER_TAG + i))
-        whats += [
-            f"{what}: {verb} rank {r} of the ring (global rank {g})"
-            for (r, verb), g in zip(peers, global_ranks, strict=True)
-        ]
+    ops, whats, received = [], [], []
+    for peers, verb in ((to, "sending to"), (sources, "receiving from")):
+        for peer in peers:
+            global_rank = dist.get_global_rank(comm.group, peer)
+            for i, t in enumerate(sent):
+                if verb == "sending to":
+                    ops.append(dist.P2POp(dist.isend, t, global_rank, comm.group, tag + i))
+                else:
+                    received.append(torch.empty_like(t))
+                    ops.append(
+                        dist.P2POp(dist.irecv, received[-1], global_rank, comm.group, tag + i)
+                    )
+                whats.append(f"{what}: {verb} rank {peer} of the ring (global rank {global_rank})")
     works = dist.batch_isend_irecv(ops)
     if len(works) == len(ops):
         named = list(zip(works, whats, strict=True))
     else:  # a backend that coalesces the operations
-        named = [(work, f"{what} with ranks {to} and {source} of the ring") for work in works]
+        named = [(work, f"{what} with ranks {[*to, *sources]} of the ring") for work in works]
     timeout = host_timeout(staging, comm.group, comm._timeout_s)
-    nbytes = sum(t.numel() * t.element_size() for t in sent)
+    nbytes = len(to) * sum(t.numel() * t.element_size() for t in sent)
     return PendingExchange(named, received, timeout, device, nbytes)
+
+
+class _Gather:
+    """Every rank's K and V shards, all-gathered as ``p - 1`` pairwise exchanges posted at
+    once: this rank's shards go to every other rank, theirs arrive, each into a tensor of its
+    own. (Both forms of gloo's all-gather stage all ``p`` shards in one more buffer: ``2p - 1``
+    or ``2p`` shards at once instead of ``p - 1``, and an output in one tensor could not be
+    freed shard by shard.) Each rank sends ``p - 1`` shards, what a ring all-gather sends."""
+
+    def __init__(self, plan: RingPlan, k: torch.Tensor, v: torch.Tensor, timer: StepTimer):
+        comm = plan.comm
+        self.mine, self.rank, self.timer = (k, v), comm.rank, timer
+        self.others = [plan.source(step) for step in range(1, comm.world_size)]
+        self.pending = None
+        if self.others:
+            what = f"all-gather of K/V over the ring's {comm.world_size} ranks"
+            self.pending = _post_p2p(comm, (k, v), self.others, self.others, _GATHER_TAG, what)
+            _count_sent(timer, self.pending.bytes_sent)
+
+    def wait(self) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """``({rank: k shard}, {rank: v shard})``; the caller's dicts become the only
+        references to the received shards, which are freed as the caller drops them."""
+        keys, values = {self.rank: self.mine[0]}, {self.rank: self.mine[1]}
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            with self.timer.waiting(0):
+                received = pending.wait()
+            del pending
+            for i, source in enumerate(self.others):
+                keys[source], values[source] = received[2 * i], received[2 * i + 1]
+        return keys, values
 
 
 def _allgather_forward(q, k, v, plan: RingPlan, peak: torch.Tensor | None):
@@ -740,7 +746,7 @@ def _allgather_forward(q, k, v, plan: RingPlan, peak: torch.Tensor | None):
     gathered K/V shard, in the ring's order of sources, as one traced step."""
     rank, world = plan.comm.rank, plan.comm.world_size
     timer = StepTimer("forward", q.device, 1, 1, world)
-    wait = _post_gather(plan, (k, v), timer)
+    gather = _Gather(plan, k, v, timer)
     acc: Output | None = None
 
     def attend(source: int, k_s: torch.Tensor, v_s: torch.Tensor) -> None:
@@ -750,11 +756,10 @@ def _allgather_forward(q, k, v, plan: RingPlan, peak: torch.Tensor | None):
         timer.unit_done(0)
 
     attend(rank, k, v)  # while the gather is in flight
-    keys, values = wait()
+    keys, values = gather.wait()
     for step in range(1, world):
         source = plan.source(step)
-        attend(source, keys[source], values[source])
-        keys[source] = values[source] = None  # each gathered shard is freed once attended
+        attend(source, keys.pop(source), values.pop(source))  # each shard freed once attended
     timer.finish()
     out, lse = acc if acc is not None else empty_partial(q, v.shape[-1])
     return out.to(q.dtype).contiguous(), lse
@@ -768,7 +773,7 @@ def _allgather_backward(dout, q, k, v, out, lse, plan: RingPlan):
     comm = plan.comm
     rank, world = comm.rank, comm.world_size
     timer = StepTimer("backward", q.device, 1, 1, world)
-    wait = _post_gather(plan, (k, v), timer)
+    gather = _Gather(plan, k, v, timer)
     dq = _GradSum(q, plan.band(queries=True))
 
     def grads_of(source: int, k_s: torch.Tensor, v_s: torch.Tensor) -> list[torch.Tensor]:
@@ -788,17 +793,18 @@ def _allgather_backward(dout, q, k, v, out, lse, plan: RingPlan):
             for total, part in zip(own, arrived, strict=True):
                 total += part
 
-    keys, values = wait()
+    keys, values = gather.wait()
     in_flight = None
     for step in range(1, world):
         owner = plan.source(step)
-        part = grads_of(owner, keys[owner], values[owner])
-        keys[owner] = values[owner] = None
+        part = grads_of(owner, keys.pop(owner), values.pop(owner))
         if in_flight is not None:
             fold(in_flight)
+            in_flight = None  # its buffers go before the next exchange allocates its own
         # to the keys' owner; from the rank whose step `step` holds this rank's keys
         sender = (rank + step) % world
-        in_flight = _post_pairwise(comm, part, owner, sender, "reduce-scatter of dK/dV")
+        what = "reduce-scatter of dK/dV"
+        in_flight = _post_p2p(comm, part, [owner], [sender], _SCATTER_TAG, what)
         _count_sent(timer, in_flight.bytes_sent)
         del part  # only the copy in flight stays alive
     if in_flight is not None:

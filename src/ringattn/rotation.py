@@ -10,6 +10,13 @@ fp32, ``d`` the query/key head_dim and ``dv`` the value head_dim, equal but for 
   ``n_q * h_q * (d * e + dv * 4 + 4)``; backward: Q, dO, O and lse plus the returning fp32
   dQ, ``n_q * h_q * ((d + 2 * dv) * e + 4 + d * 4)``.
 
+- all-gather (``rotation="allgather"``, never chosen by ``"auto"``) sends no ring steps: per
+  *pass* each rank sends its K/V shard's share of one all-gather, ``(p - 1)`` shards (``(p - 1)
+  / p`` of all K/V), ``(p - 1) * n_kv * h_kv * (d + dv) * e``; the backward gathers K/V again
+  and sends the fp32 dK/dV of the other ranks' keys to their owners (a reduce-scatter),
+  ``(p - 1) * n_kv * h_kv * (d + dv) * (e + 4)`` in all. That is pass-KV's volume less one
+  fp32 dK/dV block, but none of it overlaps compute beyond this rank's own shard.
+
 The rule: pick the rotation that moves fewer bytes (over forward and backward when gradients are
 needed); on a tie keep pass-KV. With equal query and key lengths pass-KV always wins; pass-Q wins
 when queries are few next to keys — chunked prefill against a long cache, cross-attention to a long
@@ -32,9 +39,12 @@ def rotation_bytes(
     dtype: torch.dtype,
     needs_grad: bool,
     head_dim_v: int | None = None,
+    world_size: int = 2,
 ) -> dict[str, int]:
-    """Bytes one rank sends per ring step under each rotation (see the module docstring);
-    ``head_dim_v`` defaults to ``head_dim``."""
+    """Bytes one rank sends per ring step under each rotation, ``"kv"`` and ``"q"``, and per
+    pass (forward, or forward and backward together) under ``"allgather"`` with ``world_size``
+    ranks (the default 2: one peer's share), see the module docstring; ``head_dim_v``
+    defaults to ``head_dim``."""
     e = torch.empty((), dtype=dtype).element_size()
     acc = 8 if dtype == torch.float64 else 4
     d, dv = head_dim, head_dim if head_dim_v is None else head_dim_v
@@ -43,7 +53,9 @@ def rotation_bytes(
     if needs_grad:
         kv += seq_kv_local * heads_kv * (d + dv) * (e + acc)
         q += seq_q_local * heads_q * ((d + 2 * dv) * e + acc + d * acc)
-    return {"kv": kv, "q": q}
+    shard = seq_kv_local * heads_kv * (d + dv)
+    allgather = (world_size - 1) * shard * (2 * e + acc if needs_grad else e)
+    return {"kv": kv, "q": q, "allgather": allgather}
 
 
 def choose_rotation(
