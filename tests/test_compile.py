@@ -75,6 +75,7 @@ def test_fullgraph_compile_equals_eager_and_compiles_once(pools, world):
     assert counts == [1] * world, f"one graph for every batch's mask, got {counts}"
 
 
+@pytest.mark.slow  # inductor's C++ compilation, uncached on a fresh machine (`make test-slow`)
 def test_fullgraph_compile_with_inductor(pools):
     pools(2).run(_fullgraph_job, "inductor")
 

@@ -100,6 +100,7 @@ def test_mesh_of_4_other_rotations(pools, rotation):
     pools(4).run(_exact_job, (2, 2), "zigzag", rotation, 4)
 
 
+@pytest.mark.slow  # a 6-rank pool of its own: about 20 s on 2 cores (`make test-slow`)
 @pytest.mark.parametrize(
     ("shape", "layout", "rotation"),
     [((2, 3), "zigzag", "kv"), ((3, 2), "striped", "q")],
