@@ -235,21 +235,7 @@ def _eager_ring_attention(q, k, v, sinks, mask, keywords, layout, group, call: C
     elif mask is None and split_context(group)[1] is not None:
         return ulysses_attention(q, k, v, sinks, None, keywords, layout, group, call)
     if mask is None:
-        mask = mask_for_call(
-            q,
-            k,
-            v,
-            keywords,
-            layout,
-            group,
-            call.scale,
-            call.score_mod,
-            call.granularity,
-            call.rotation,
-            call.check_across_ranks,
-            sinks,
-            call,
-        )
+        mask = mask_for_options(q, k, v, keywords, layout, group, sinks, call)
     elif not isinstance(mask, RingMask):  # raise on every rank of the group named
         conflict = _mask_problem_of_call(mask, keywords, layout, group)
         process_group, ulysses = split_context(group)
@@ -394,6 +380,25 @@ def _layout_or_none(layout: object) -> Layout | None:
         return get_layout(layout)
     except ValueError:
         return None
+
+
+def mask_for_options(q, k, v, masks: MaskArgs, layout, group, sinks, call: CallOptions) -> RingMask:
+    """:func:`mask_for_call` with the call's options as one :class:`CallOptions`."""
+    return mask_for_call(
+        q,
+        k,
+        v,
+        masks,
+        layout,
+        group,
+        call.scale,
+        call.score_mod,
+        call.granularity,
+        call.rotation,
+        call.check_across_ranks,
+        sinks,
+        call,
+    )
 
 
 def mask_for_call(

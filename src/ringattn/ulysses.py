@@ -242,24 +242,10 @@ def ulysses_attention(
 ):
     """:func:`ringattn.ring_attention` on a ``(ulysses, ring)`` mesh (``group``, or the
     ``mask``'s): ``(out, lse, max_logits)`` of this rank's sequence piece, all heads."""
-    from .api import _needs_grad, mask_for_call, plan_call
+    from .api import _needs_grad, mask_for_options, plan_call
 
     if mask is None:  # checks the call on the whole mesh first, raising everywhere
-        mask = mask_for_call(
-            q,
-            k,
-            v,
-            keywords,
-            layout,
-            group,
-            call.scale,
-            call.score_mod,
-            call.granularity,
-            call.rotation,
-            call.check_across_ranks,
-            sinks,
-            call,
-        )
+        mask = mask_for_options(q, k, v, keywords, layout, group, sinks, call)
     ulysses = mask.ulysses
     problem = input_problem(q, k, v, sinks, ulysses)
     if problem:
