@@ -292,7 +292,11 @@ def test_plan_gpus_per_node(capsys):
     assert main([*args, "--gpus-per-node", "64"]) == 0
     assert "spans" not in capsys.readouterr().out
     assert main([*args, "--inter-node-gbps", "100"]) == 2
-    assert "needs --gpus-per-node" in capsys.readouterr().err
+    assert "need --gpus-per-node" in capsys.readouterr().err
+    assert main([*args, "--gpus-per-node", "8", "--nics-per-node", "1"]) == 0
+    assert "8 per node sharing 1 inter-node link(s)" in capsys.readouterr().out
+    assert main([*args, "--gpus-per-node", "8", "--nics-per-node", "0"]) == 2
+    assert "--nics-per-node must be >= 1" in capsys.readouterr().err
     assert main(["plan", "--hardware", "cpu-2core", "--devices", "4", "--gpus-per-node", "2"]) == 2
     assert "--inter-node-gbps" in capsys.readouterr().err
 

@@ -688,7 +688,8 @@ def _post_p2p(
     staging = transfer_device(comm.group, device)
     sent = [t.to(staging).contiguous() for t in tensors]
     ops, whats, received = [], [], []
-    for peers, verb in ((to, "sending to"), (sources, "receiving from")):
+    # receives first, as in RingComm.exchange: gloo's word "posted" must not queue behind a send
+    for peers, verb in ((sources, "receiving from"), (to, "sending to")):
         for peer in peers:
             global_rank = dist.get_global_rank(comm.group, peer)
             for i, t in enumerate(sent):

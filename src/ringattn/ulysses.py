@@ -177,21 +177,33 @@ def agree_on_mesh(
 
 
 def _all_to_all(x: torch.Tensor, ulysses: UlyssesGroup, what: str) -> torch.Tensor:
-    """``dist.all_to_all_single`` of ``x`` (chunk ``i`` along dim 0 goes to Ulysses rank
-    ``i``), bounded by ``RINGATTN_TIMEOUT`` as the ring's waits are."""
+    """All-to-all of ``x`` over the Ulysses group (chunk ``i`` along dim 0 goes to Ulysses rank
+    ``i``; chunk ``j`` of the result came from rank ``j``), as pairwise sends and receives with
+    the receives posted first (gloo's ``all_to_all_single`` posts its sends first, and a send
+    waits for its receiver's word "posted", which can queue behind that receiver's own send:
+    measured between simulated hosts, up to 1.7x the time), each wait bounded by
+    ``RINGATTN_TIMEOUT`` as the ring's are."""
     device = x.device
     staging = transfer_device(ulysses.group, device)
     sent = x.to(staging).contiguous()
     received = torch.empty_like(sent)
-    work = dist.all_to_all_single(received, sent, group=ulysses.group, async_op=True)
+    received[ulysses.rank].copy_(sent[ulysses.rank])
+    size, rank = ulysses.size, ulysses.rank
+    peers = [(rank + i) % size for i in range(1, size)]
+    global_rank = {peer: dist.get_global_rank(ulysses.group, peer) for peer in peers}
+    ops = [dist.P2POp(dist.irecv, received[p], global_rank[p], ulysses.group) for p in peers]
+    ops += [dist.P2POp(dist.isend, sent[p], global_rank[p], ulysses.group) for p in peers]
+    whats = [f"receiving from rank {p}" for p in peers] + [f"sending to rank {p}" for p in peers]
+    works = dist.batch_isend_irecv(ops) if ops else []
+    if len(works) != len(ops):  # a backend that coalesces the operations
+        whats = ["exchanging"] * len(works)
     trace = current_trace()
     if trace is not None:
-        trace.bytes_sent += sent.numel() * sent.element_size() * (ulysses.size - 1) // ulysses.size
-    wait_bounded(
-        work,
-        host_timeout(staging, ulysses.group),
-        f"all-to-all of {what} over the {ulysses.size} ranks of the Ulysses group",
-    )
+        trace.bytes_sent += sent[0].numel() * sent.element_size() * (size - 1)
+    timeout = host_timeout(staging, ulysses.group)
+    for work, verb in zip(works, whats, strict=True):
+        group_text = f"the {size} ranks of the Ulysses group"
+        wait_bounded(work, timeout, f"all-to-all of {what} over {group_text}: {verb}")
     return received.to(device)
 
 

@@ -409,7 +409,14 @@ def _plan_parser(sub) -> None:
         "--inter-node-gbps",
         type=float,
         default=None,
-        help="with --gpus-per-node: gigabits/s per direction between nodes, per device",
+        help="with --gpus-per-node: gigabits/s per direction of one inter-node link (NIC)",
+    )
+    p.add_argument(
+        "--nics-per-node",
+        type=int,
+        default=None,
+        help="with --gpus-per-node: inter-node links per node (default one per device, as GPU "
+        "clusters give every GPU its NIC); fewer are shared by the ranks that send at once",
     )
     p.add_argument("--heads", type=int, default=d.heads, help="query heads")
     p.add_argument("--kv-heads", type=int, default=d.kv_heads, help="key/value heads")
@@ -527,8 +534,14 @@ def _run_plan(args: argparse.Namespace) -> int:
                 f"the ring spans {nodes} nodes: every step waits for the inter-node link "
                 f"({hardware.link_bandwidth * 8 / 1e9:g} Gbit/s per device)"
             )
-    elif args.inter_node_gbps is not None:
-        print("ringattn plan: error: --inter-node-gbps needs --gpus-per-node", file=sys.stderr)
+    elif args.inter_node_gbps is not None or args.nics_per_node is not None:
+        print(
+            "ringattn plan: error: --inter-node-gbps and --nics-per-node need --gpus-per-node",
+            file=sys.stderr,
+        )
+        return 2
+    if args.nics_per_node is not None and args.nics_per_node < 1:
+        print("ringattn plan: error: --nics-per-node must be >= 1", file=sys.stderr)
         return 2
     if args.validate:
         rows = json.loads(open(args.validate).read())["rows"]
@@ -572,17 +585,23 @@ def _run_plan(args: argparse.Namespace) -> int:
         f"{best.efficiency:.2f})"
     )
     if args.gpus_per_node is not None or args.configurations:
-        _print_ranking(config, one_device, args.gpus_per_node, args.inter_node_gbps)
+        _print_ranking(
+            config, one_device, args.gpus_per_node, args.inter_node_gbps, args.nics_per_node
+        )
     print(f"hardware source: {hardware.source}")
     return 0
 
 
-def _print_ranking(config, hardware, gpus_per_node: int | None, inter_node_gbps) -> None:
+def _print_ranking(
+    config, hardware, gpus_per_node: int | None, inter_node_gbps, nics_per_node: int | None
+) -> None:
     """The node-aware ranking of Ulysses x ring configurations (:mod:`.cluster`)."""
     from .cluster import rank, ranking_table
 
-    ranked = rank(config, hardware, gpus_per_node, inter_node_gbps)
+    ranked = rank(config, hardware, gpus_per_node, inter_node_gbps, nics_per_node)
     nodes = "" if gpus_per_node is None else f", {gpus_per_node} per node"
+    if nics_per_node is not None:
+        nodes += f" sharing {nics_per_node} inter-node link(s)"
     print(f"\nconfigurations of {config.devices} devices{nodes}, fastest that fits first:")
     print(ranking_table(ranked))
     best = ranked[0]

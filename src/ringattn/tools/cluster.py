@@ -3,17 +3,22 @@
 
 A configuration of ``U x R = devices`` puts the ``U`` ranks of a Ulysses group on consecutive
 devices (inside a node when ``U <= gpus_per_node``) and runs the ring over ``R`` ranks that are
-``U`` apart (across nodes as soon as the job spans more than one node). Per attention call:
+``U`` apart (across nodes as soon as the job spans more than one node). A node reaches the
+others through ``nics_per_node`` links of the inter-node rate (default one per device, as GPU
+clusters give every GPU its own NIC): messages that leave a node at once share its links, and a
+device's own messages share its link (:class:`Nodes`). Per attention call:
 
 - **Ulysses**: all-to-alls turn sequence shards into head shards and back — q, k, v and out
-  forward, dout, dq, dk and dv backward, each rank sending ``(U - 1) / U`` of its tensors, in
-  ``U - 1`` messages — at the rate of the link the group spans; they do not overlap compute.
-  KV heads are repeated to ``lcm(heads_kv, U)`` first when ``U`` does not divide them.
+  forward, dout, dq, dk and dv backward, each rank sending ``1 / U`` of its tensors to each of
+  the ``U - 1`` others — the messages inside a node through the device's path, those between
+  nodes over the links, side by side; they do not overlap compute. KV heads are repeated to
+  ``lcm(heads_kv, U)`` first when ``U`` does not divide them.
 - **Ring** (pass-KV or pass-Q): :func:`ringattn.tools.plan.predict` of ``R`` ranks holding
-  ``heads / U`` query heads each, at the inter-node rate when the ring spans nodes (every step
-  waits for its slowest hop).
-- **All-gather**: every rank gathers the ``R - 1`` other K/V shards before computing and, in
-  the backward, gathers them again and reduce-scatters fp32 dK/dV; nothing overlaps.
+  ``heads / U`` query heads each; when the ring spans nodes every step waits for its slowest
+  hop, an inter-node link shared by the ``U`` rings' hops that leave the node at once.
+- **All-gather**: every rank sends its K/V shard to the ``R - 1`` others of its ring while it
+  computes on its own and, in the backward, again, and reduce-scatters fp32 dK/dV, one shard
+  in flight while the next is computed.
 
 The fastest configuration whose memory fits is chosen; the others are ranked with the reason.
 """
@@ -21,6 +26,8 @@ The fastest configuration whose memory fits is chosen; the others are ranked wit
 from __future__ import annotations
 
 import math
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 from ..layout import LAYOUTS
@@ -68,6 +75,69 @@ class Ranked:
     reason: str
 
 
+@dataclass(frozen=True)
+class Nodes:
+    """Where the devices sit: ``per_node`` consecutive devices per node, each node joined to the
+    others by ``nics`` links (of the inter-node rate each)."""
+
+    per_node: int
+    nics: int
+
+    def __post_init__(self) -> None:
+        if self.per_node < 1 or self.nics < 1:
+            raise ValueError(f"nodes need >= 1 device and >= 1 link each, got {self}")
+
+    def loads(self, messages: Iterable[tuple[int, int]]) -> tuple[int, float]:
+        """For ``(source, destination)`` device messages of one size, all sent at once: the most
+        that one device sends inside its node, and the inter-node load — how many messages'
+        time over one link the slowest node needs (a device's messages go one after another
+        over its link; a node's share its ``nics``)."""
+        inside, leaving, leaving_node = Counter(), Counter(), Counter()
+        for source, destination in messages:
+            node = source // self.per_node
+            if node == destination // self.per_node:
+                inside[source] += 1
+            else:
+                leaving[source] += 1
+                leaving_node[node] += 1
+        load = max([*leaving.values(), *(n / self.nics for n in leaving_node.values())], default=0)
+        return max(inside.values(), default=0), load
+
+
+def _ring_messages(strategy: Strategy) -> list[tuple[int, int]]:
+    """One step of the ``U`` rings: every rank sends to the next of its ring (``U`` apart)."""
+    u, r = strategy.ulysses, strategy.ring
+    return [(a + u * j, a + u * ((j + 1) % r)) for a in range(u) for j in range(r)]
+
+
+def _group_messages(groups: Iterable[range]) -> list[tuple[int, int]]:
+    """Every rank of each group to every other rank of it (an all-to-all or all-gather)."""
+    return [(a, b) for group in groups for a in group for b in group if a != b]
+
+
+def _ulysses_groups(strategy: Strategy) -> list[range]:
+    u, r = strategy.ulysses, strategy.ring
+    return [range(i * u, (i + 1) * u) for i in range(r)]
+
+
+def _ring_groups(strategy: Strategy) -> list[range]:
+    u, r = strategy.ulysses, strategy.ring
+    return [range(a, u * r, u) for a in range(u)]
+
+
+def _exchange_seconds(
+    message: float, inside: int, load: float, device_bandwidth: float, link: Hardware | None
+) -> float:
+    """Seconds to send messages of ``message`` bytes at once, ``inside`` of them through the
+    device's path and a ``load`` (:meth:`Nodes.loads`) over the inter-node ``link``, side by
+    side."""
+    within = inside * message / device_bandwidth
+    if not load:
+        return within
+    assert link is not None and link.link_bandwidth, "messages between nodes need a link"
+    return max(within, load * message / _wire(link, device_bandwidth))
+
+
 def strategies(config: Config) -> list[Strategy]:
     """Every ``U x R`` split of ``config.devices`` whose Ulysses degree divides the query heads
     and whose shards split evenly, with each rotation and layout (a ring of one has nothing to
@@ -106,9 +176,16 @@ def ring_config(config: Config, strategy: Strategy) -> Config:
     )
 
 
-def all_to_all_seconds(config: Config, strategy: Strategy, hardware: Hardware) -> float:
-    """Seconds of one call's Ulysses all-to-alls (forward, and backward when training) on
-    ``hardware``'s link (the caller gives the link the group spans)."""
+def all_to_all_seconds(
+    config: Config,
+    strategy: Strategy,
+    hardware: Hardware,
+    nodes: Nodes | None = None,
+    link: Hardware | None = None,
+) -> float:
+    """Seconds of one call's Ulysses all-to-alls (forward, and backward when training):
+    ``hardware`` inside a node, ``link`` (its inter-node link) between the ``nodes``, if the
+    groups span nodes (default: one node)."""
     u = strategy.ulysses
     if u == 1:
         return 0.0
@@ -121,34 +198,64 @@ def all_to_all_seconds(config: Config, strategy: Strategy, hardware: Hardware) -
     rows = forward + (backward if config.backward else 0)
     calls = 4 + (4 if config.backward else 0)
     _, _, device_bandwidth = _rates(hardware, config.devices, tokens)
-    sent = config.batch * tokens * rows * e * (u - 1) / u
-    return sent / _wire(hardware, device_bandwidth) + calls * (u - 1) * hardware.latency
+    inside, load = (nodes or Nodes(config.devices, 1)).loads(
+        _group_messages(_ulysses_groups(strategy))
+    )
+    message = config.batch * tokens * rows * e / u  # to each peer, all calls together
+    latency = (link if load else hardware).latency
+    return (
+        _exchange_seconds(message, inside, load, device_bandwidth, link) + calls * (u - 1) * latency
+    )
 
 
-def _allgather(config: Config, hardware: Hardware) -> tuple[float, float]:
-    """Seconds and bytes per device of the ring part done by all-gather: all of the pass's
-    compute, plus the gathers (and the backward's reduce-scatter), none of it overlapped."""
+def _allgather(
+    config: Config, hardware: Hardware, strategy: Strategy, nodes: Nodes, link: Hardware | None
+) -> tuple[float, float]:
+    """Seconds and bytes per device of the ring part (``config``) of ``strategy`` done by
+    all-gather, as the engine runs it: the gather (every peer at once) hides behind the rank's
+    own shard's compute, the other shards' compute follows; in the backward each other shard's
+    fp32 dK/dV goes to its owner while the next shard is computed, the last one waited for.
+    ``link`` is the inter-node link between the ``nodes``, if any."""
     p = config.devices
     seq_local = config.seq_len // p
     work = rank_work(
         config.layout, p, seq_local, config.causal, diagonal_block=hardware.diagonal_block
     )
     machine_flops, rank_flops, device_bandwidth = _rates(hardware, p, config.seq_len)
-    scale = 1 + (hardware.backward_ratio if config.backward else 0.0)
-    compute = scale * max(
+    forward = max(
         config.flops_per_pair * max(work) / rank_flops,
         config.flops_per_pair * sum(work) / machine_flops,
     )
     e = _element_size(config.dtype)
     shard = config.batch * seq_local * config.kv_heads * (config.head_dim + config.value_dim)
-    gathered = (p - 1) * shard * e * (2 if config.backward else 1)
-    reduced = (p - 1) * shard * 4 if config.backward else 0
-    wire = _wire(hardware, device_bandwidth)
-    messages = (p - 1) * (3 if config.backward else 1)
-    transfer = (gathered + reduced) / wire + messages * hardware.latency
+
+    def exchange(message: float, messages: list[tuple[int, int]]) -> float:
+        inside, load = nodes.loads(messages)
+        latency = (link if load else hardware).latency
+        return _exchange_seconds(message, inside, load, device_bandwidth, link) + latency
+
+    gather = exchange(shard * e, _group_messages(_ring_groups(strategy))) + (p - 2) * (
+        hardware.latency
+    )
+    total = max(forward / p, gather) + forward * (p - 1) / p
+    if config.backward:
+        backward = hardware.backward_ratio * forward
+        scatters = [exchange(shard * 4, _shift_messages(strategy, s)) for s in range(1, p)]
+        total += max(backward / p, gather) + backward / p + scatters[-1]
+        total += sum(max(backward / p, scatter) for scatter in scatters[:-1])
     one = replace(config, devices=1, seq_len=seq_local)  # this rank's own tensors
     memory = device_memory(one) + (p - 1) * shard * e + (p * shard * 4 if config.backward else 0)
-    return compute + transfer, memory
+    return total, memory
+
+
+def _shift_messages(strategy: Strategy, shift: int) -> list[tuple[int, int]]:
+    """Every rank of each ring to the rank ``shift`` places before it (a reduce-scatter
+    step)."""
+    return [
+        (group[i], group[(i - shift) % len(group)])
+        for group in _ring_groups(strategy)
+        for i in range(len(group))
+    ]
 
 
 def rank(
@@ -156,24 +263,34 @@ def rank(
     hardware: Hardware,
     gpus_per_node: int | None = None,
     inter_node_gbps: float | None = None,
+    nics_per_node: int | None = None,
 ) -> list[Ranked]:
     """Every strategy of ``config`` (its ``devices``, heads, lengths), fastest first among
-    those that fit ``hardware.memory``, then the ones that do not fit."""
+    those that fit ``hardware.memory``, then the ones that do not fit. Nodes hold
+    ``gpus_per_node`` devices (default: all in one node) and reach each other over
+    ``nics_per_node`` links (default one per device) of ``inter_node_gbps`` each (default: the
+    profile paired with ``hardware``, :func:`~ringattn.tools.plan.across_nodes`)."""
     per_node = gpus_per_node or config.devices
+    nodes = Nodes(per_node, nics_per_node or per_node)
+    link = None
+    if config.devices > per_node:
+        link = across_nodes(hardware, config.devices, per_node, inter_node_gbps)
     ranked = []
     for strategy in strategies(config):
         ring = ring_config(config, strategy)
-        spans = config.devices if strategy.ring > 1 else 1
-        ring_hw = across_nodes(_one_ring(hardware, strategy), spans, per_node, inter_node_gbps)
-        group_hw = across_nodes(hardware, strategy.ulysses, per_node, inter_node_gbps)
-        exchange = all_to_all_seconds(config, strategy, group_hw)
+        _, ring_load = nodes.loads(_ring_messages(strategy))
+        ring_hw = _one_ring(hardware if not ring_load else _shared(link, ring_load), strategy)
+        exchange = all_to_all_seconds(config, strategy, hardware, nodes, link)
         if strategy.rotation == "allgather":
-            attention, memory = _allgather(ring, ring_hw)
+            attention, memory = _allgather(
+                ring, _one_ring(hardware, strategy), strategy, nodes, link
+            )
             ring_prediction: Prediction | None = None
         else:
             ring_prediction = predict(ring, ring_hw)
             attention, memory = ring_prediction.total_s, ring_prediction.memory_bytes
-        reason = _reason(strategy, ring_prediction, exchange, attention, ring_hw, group_hw)
+        group_crosses = nodes.loads(_group_messages(_ulysses_groups(strategy)))[1] > 0
+        reason = _reason(strategy, ring_prediction, exchange, ring_load > 0, group_crosses)
         fits = memory <= hardware.memory
         if not fits:
             reason += f"; needs {format_bytes(memory)} of {format_bytes(hardware.memory)}"
@@ -181,6 +298,13 @@ def rank(
             Ranked(strategy, exchange + attention, exchange, attention, memory, fits, reason)
         )
     return sorted(ranked, key=lambda r: (not r.fits, r.total_s))
+
+
+def _shared(link: Hardware | None, load: float) -> Hardware:
+    """``link`` when every ring step sends ``load`` messages' worth over it (:meth:`Nodes.loads`)
+    at once."""
+    assert link is not None and link.link_bandwidth, "a ring between nodes needs a link"
+    return link if load <= 1 else replace(link, link_bandwidth=link.link_bandwidth / load)
 
 
 def _one_ring(hardware: Hardware, strategy: Strategy) -> Hardware:
@@ -198,13 +322,13 @@ def _one_ring(hardware: Hardware, strategy: Strategy) -> Hardware:
     )
 
 
-def _reason(strategy, ring_prediction, exchange, attention, ring_hw, group_hw) -> str:
+def _reason(strategy, ring_prediction, exchange, ring_crosses, group_crosses) -> str:
     parts = []
     if strategy.ulysses > 1:
-        where = "across nodes" if group_hw.link_bandwidth else "within a node"
+        where = "across nodes" if group_crosses else "within a node"
         parts.append(f"all-to-all {where} {exchange * 1e3:.2f} ms")
     if strategy.ring > 1:
-        link = "inter-node" if ring_hw.link_bandwidth else "intra-node"
+        link = "inter-node" if ring_crosses else "intra-node"
         if ring_prediction is None:
             parts.append(f"all-gather over the {link} link, not overlapped")
         elif ring_prediction.overlapped:

@@ -191,7 +191,9 @@ def across_nodes(
     latency = PROFILES[paired].latency if paired else None
     if inter_node_gbps is None:
         inter_node_gbps = PROFILES[paired].bandwidth * 8 / 1e9
-    return with_link(hardware, inter_node_gbps, latency, hardware.comm_compute_share)
+    # a software stack's compute costs per byte: over a slower link, a smaller share of its time
+    share = hardware.comm_compute_share * min(1.0, inter_node_gbps * 1e9 / 8 / hardware.bandwidth)
+    return with_link(hardware, inter_node_gbps, latency, share)
 
 
 def load_hardware(name: str) -> Hardware:
@@ -257,6 +259,20 @@ class Config:
             backward,
             self.value_dim,
         )[self.rotation]
+
+    def return_bytes(self, seq_local: int, backward: bool) -> float:
+        """Bytes of the accumulator a rank sends home after a pass's last step (it follows its
+        block one step behind): pass-Q's out and lse (forward) or dQ (backward), pass-KV's dK
+        and dV (backward); nothing for pass-KV's forward."""
+        acc = 8 if self.dtype == "float64" else 4
+        if self.rotation == "kv":
+            return (
+                seq_local * self.kv_heads * (self.head_dim + self.value_dim) * acc
+                if backward
+                else 0
+            )
+        per_head = self.head_dim if backward else self.value_dim + 1
+        return seq_local * self.heads * per_head * acc
 
 
 _WORKLOAD_FIELDS = (
@@ -479,24 +495,32 @@ def predict(config: Config, hardware: Hardware) -> Prediction:
     machine_flops, rank_flops, device_bandwidth = _rates(hardware, p, seq_local)
     wire_bandwidth = _wire(hardware, device_bandwidth)
 
-    def pass_time(scale: float, step_bytes: float, returns: bool) -> tuple:
+    def pass_time(scale: float, step_bytes: float, returned: float) -> tuple:
         """Seconds of the pass, of compute per step, of a transfer, and of a step that
-        overlaps a transfer; and whether the transfer is hidden."""
+        overlaps a transfer; and whether the transfer is hidden. ``returned``: bytes of the
+        last hop, an accumulator going home (0: none)."""
         # the busiest rank bounds the pass, and so does the machine when ranks share it
         compute_pass = max(scale * flops_rank / rank_flops, scale * flops_total / machine_flops)
         compute = compute_pass / p
         comm = step_bytes / wire_bandwidth + hardware.latency if p > 1 else 0.0
         busy = max(compute + share * comm, comm)
-        total = (p - 1) * busy + compute + (comm if returns else 0.0)
+        returns = bool(returned) and p > 1
+        back = returned / wire_bandwidth + hardware.latency if returns else 0.0
+        total = (p - 1) * busy + compute + back
         crowding = max(1.0, p / hardware.cores) if hardware.ranks_share_device else 1.0
         overhead = (p + returns) * hardware.step_overhead * crowding
         return total + overhead, compute, comm, busy, compute + share * comm >= comm
 
-    forward_returns = config.rotation == "q"
-    forward, compute_step, comm_step, busy_step, hidden = pass_time(1.0, fwd_bytes, forward_returns)
+    forward, compute_step, comm_step, busy_step, hidden = pass_time(
+        1.0, fwd_bytes, config.return_bytes(seq_local, backward=False)
+    )
     backward = 0.0
     if config.backward:
-        backward, *_ = pass_time(hardware.backward_ratio, both_bytes - fwd_bytes, True)
+        backward, *_ = pass_time(
+            hardware.backward_ratio,
+            both_bytes - fwd_bytes,
+            config.return_bytes(seq_local, backward=True),
+        )
     ratio = 1 + (hardware.backward_ratio if config.backward else 0.0)
     ideal = ratio * flops_total / machine_flops
     return Prediction(
