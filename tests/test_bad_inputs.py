@@ -102,6 +102,8 @@ def _rank_case(name, rank):
         q.requires_grad_(rank == 0)
     if name == "cu_seqlens_differs":  # the same total, different boundaries
         kwargs["cu_seqlens"] = torch.tensor([0, 1 + rank, 2 * seq])
+    if name == "accumulator_split_differs":  # 16-bit backward cuts would not line up
+        kwargs["granularity"] = ringattn.Granularity(accumulator_split=1 + (rank == 0))
     return q, k, v, kwargs
 
 
@@ -195,6 +197,7 @@ def _expected_rank_case(name, world):
             "'torch.float64'" if r == 1 else "'torch.float32'" for r in range(world)
         ),
         "needs_grad_differs": ", ".join(["1"] + ["0"] * (world - 1)),
+        "accumulator_split_differs": ", ".join(["2"] + ["1"] * (world - 1)),
     }
     if name == "int_on_rank_1":
         return r"^ring_attention: invalid input on rank 1: q has dtype torch\.int64; use float16"
@@ -212,6 +215,7 @@ def _expected_rank_case(name, world):
         "seq_local": "every rank must hold an equal shard of the sequence; use ringattn.shard",
         "causal": "every rank must pass the same causal flag",
         "dtype": "every rank must use the same dtype",
+        "accumulator_split": "every rank must pass the same granularity",
         "needs_grad": "every rank must agree on whether gradients flow (requires_grad of q, k, v "
         "and grad mode): the backward pass and rotation='auto' involve every rank",
     }[field]
@@ -233,6 +237,7 @@ def _expected_rank_case(name, world):
         "scale_differs",
         "needs_grad_differs",
         "cu_seqlens_differs",
+        "accumulator_split_differs",
     ],
 )
 def test_rank_dependent_input_raises_on_every_rank(pools, world, name):

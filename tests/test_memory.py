@@ -53,6 +53,31 @@ def test_ring_adds_under_two_and_a_half_query_shards(pools, world):
         assert max(shards for shards, _ in whole_blocks) > LIMIT_Q_SHARDS + 1, whole_blocks
 
 
+def _bf16_memory_job(rank, world, accumulator_split):
+    workload = replace(
+        WORKLOAD, seq_len=8192, dtype="bfloat16", accumulator_split=accumulator_split
+    )
+    positions = get_layout(workload.layout).positions(rank, world, workload.seq_len // world)
+    inputs = workload.inputs(positions, torch.device("cpu"))
+    memory = measure_ring_memory(workload, inputs)
+    dist.barrier()
+    return memory.added / inputs["q"].nbytes
+
+
+def test_bf16_backward_cuts_its_fp32_accumulators_finer(pools):
+    """With bf16 inputs a rank must hold its dq in fp32 (one query-shard more than the bf16 dq
+    of the inherent set, whatever the ring does); what the ring adds beyond that stays under one
+    query-shard because the backward cuts its travelling K/V and returning fp32 dK/dV 4 times
+    finer (``Granularity.accumulator_split``), keeping its query bands. Measured at 8K tokens,
+    p=2: 1.84 query-shards added by default (1.45 at 16K tokens, where the cut reaches 32
+    pieces), 3.56 without the split."""
+    split = pools(2).run(_bf16_memory_job, 4)
+    unsplit = pools(2).run(_bf16_memory_job, 1)
+    fp32_dq = 1.0  # query-shards: fp32 dq over the bf16 dq of the inherent set
+    assert max(split) <= fp32_dq + 1.0, split
+    assert min(unsplit) > max(split) + 1.0, (split, unsplit)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("causal", [True, False])
 def test_a_world_of_one_costs_what_one_kernel_call_costs(dtype, causal):

@@ -188,12 +188,13 @@ def test_memory_model_terms():
     assert memory_per_token(ring) == memory_per_token(single) + buffers
     whole_blocks = replace(ring, granularity=Granularity(sub_blocks=1))
     assert memory_per_token(whole_blocks) == memory_per_token(single) + 8 * buffers
-    # 16-bit inputs: tensors and travelling blocks halve; returns, kernel band and the dq
-    # accumulator stay float32
+    # 16-bit inputs: tensors, travelling blocks and the kernel band halve; the returns stay
+    # float32 and the backward cuts them 4 times finer (32 pieces); dq is float32 (instead of
+    # its 16-bit result)
     bf16 = replace(ring, dtype="bfloat16")
     halved = (memory_per_token(single) - lse) / 2 + lse
-    bf16_buffers = (2 * kv_row + 3 * 2 * kv_row + (q_row + 2 * kv_row)) / 8
-    assert memory_per_token(bf16) == halved + bf16_buffers + q_row
+    bf16_buffers = (2 * kv_row + 3 * 2 * kv_row) / 32 + (q_row + 2 * kv_row) / 2 / 8
+    assert memory_per_token(bf16) == halved + bf16_buffers + q_row / 2
 
 
 def test_longest_sequence_is_the_longest_fitting_multiple():
@@ -385,3 +386,17 @@ def test_cluster_ranking_matches_the_recorded_measurement():
     )
     assert within, [(r["ulysses"], r["ring"], r["rotation"], r["error"]) for r in rows]
     assert not disordered
+
+
+def test_ranking_edge_cases():
+    """An inter-node profile is its own link; a batch of 4 sends 4 times the ring's bytes; a
+    float64 shard holds no less than a float32 one (it accumulates in place)."""
+    from ringattn.tools.cluster import rank
+
+    config = Config(seq_len=65536, devices=8, heads=8, kv_heads=8, head_dim=128)
+    assert rank(config, PROFILES["h100-infiniband"], gpus_per_node=4)[0].fits
+    one = predict(replace(config, rotation="kv"), PROFILES["h100-infiniband"])
+    four = predict(replace(config, rotation="kv", batch=4), PROFILES["h100-infiniband"])
+    assert four.comm_step_s > 3.9 * (one.comm_step_s - PROFILES["h100-infiniband"].latency)
+    ring = Config(seq_len=8192, devices=4, heads=4, kv_heads=2, head_dim=64)
+    assert memory_per_token(replace(ring, dtype="float64")) > memory_per_token(ring)

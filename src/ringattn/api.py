@@ -157,7 +157,8 @@ def ring_attention(
             or an :class:`~ringattn.kernels.AttentionKernel`.
         granularity: how finely blocks are pipelined through the ring (memory against kernel-call
             size); the default :class:`ringattn.Granularity` cuts each block into up to 8
-            sub-blocks of at least 512 tokens.
+            sub-blocks of pieces of at least 512 tokens (the backward of 16-bit inputs, whose
+            returning gradients are fp32, 4 times finer: up to 32, of at least 128).
         check_across_ranks: compare shapes, dtypes and flags across ranks with one small
             all-gather before the ring starts, so mismatches raise everywhere instead of hanging.
             With a ``mask`` this happens once per distinct call (once per batch in a model);

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -84,19 +84,30 @@ class Granularity:
     block-sizes in the backward pass (two travelling sub-blocks, three returning fp32 ones, a band
     of kernel outputs); ``sub_blocks=1`` double-buffers whole blocks. Finer cuts mean more,
     smaller kernel calls and messages: ``min_tokens`` keeps every call at least that long.
+
+    With 16-bit inputs the backward's returning accumulators (dK/dV, or dQ with pass-Q) are fp32,
+    twice the inputs' width, while the rank's own fp32 dQ already costs one more query-shard than
+    a single process holds: that pass cuts its travelling block ``accumulator_split`` times finer
+    (pieces down to ``min_tokens / accumulator_split``), keeping the stationary side's bands, so
+    its buffers stay near a quarter of their size at the price of narrower kernel calls.
+    ``accumulator_split=1`` cuts every pass alike.
     """
 
     sub_blocks: int = 8
     min_tokens: int = 512
+    accumulator_split: int = 4
 
     def __post_init__(self) -> None:
-        if self.sub_blocks < 1 or self.min_tokens < 1:
-            raise ValueError(f"Granularity needs sub_blocks >= 1 and min_tokens >= 1, got {self}")
+        if self.sub_blocks < 1 or self.min_tokens < 1 or self.accumulator_split < 1:
+            raise ValueError(
+                f"Granularity needs sub_blocks, min_tokens and accumulator_split >= 1, got {self}"
+            )
 
-    def count(self, segments: Sequence[Segment]) -> int:
-        """Sub-blocks for a shard made of ``segments``."""
+    def count(self, segments: Sequence[Segment], split: int = 1) -> int:
+        """Sub-blocks for a shard made of ``segments``, ``split`` times finer than
+        ``sub_blocks`` (pieces down to ``min_tokens / split``)."""
         shortest = min(s.length for s in segments)
-        return max(1, min(self.sub_blocks, shortest // self.min_tokens))
+        return max(1, min(self.sub_blocks * split, shortest // max(1, self.min_tokens // split)))
 
     def band(self, segments: Sequence[Segment]) -> int:
         """Most tokens of a stationary shard made of ``segments`` in one kernel call."""
@@ -127,6 +138,7 @@ class RingPlan:
     dropout: Dropout | None = None
     deterministic: bool = False
     head_offset: int = 0  # global index of head 0 (a Ulysses rank's share of the heads)
+    travel_split: int = 1  # this pass cuts travelling blocks this much finer (Granularity)
 
     @property
     def comm(self) -> RingComm:
@@ -157,7 +169,7 @@ class RingPlan:
 
     def _sub_blocks(self, rank: int, queries: bool) -> tuple[SubBlock, ...]:
         segments = self.mask.segments(rank, queries)
-        count = self.granularity.count(segments) if self._pipelined else 1
+        count = self.granularity.count(segments, self.travel_split) if self._pipelined else 1
         return sub_blocks(segments, count)
 
     def band(self, queries: bool) -> int:
@@ -592,6 +604,8 @@ def _backward(dout, q, k, v, out, lse, plan: RingPlan):
         return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v), strict=True))
     if plan.rotation == "allgather":
         return _allgather_backward(dout, q, k, v, out, lse, plan)
+    if accumulator_dtype(q.dtype).itemsize > q.dtype.itemsize:  # fp32 gradients travel home
+        plan = replace(plan, travel_split=plan.granularity.accumulator_split)
     if plan.rotation == "kv":
         dq = _GradSum(q, plan.band(queries=True))
 

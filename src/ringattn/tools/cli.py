@@ -532,7 +532,8 @@ def _run_plan(args: argparse.Namespace) -> int:
             nodes = -(-args.devices // args.gpus_per_node)
             print(
                 f"the ring spans {nodes} nodes: every step waits for the inter-node link "
-                f"({hardware.link_bandwidth * 8 / 1e9:g} Gbit/s per device)"
+                f"({(hardware.link_bandwidth or hardware.bandwidth) * 8 / 1e9:g} Gbit/s per "
+                "device)"
             )
     elif args.inter_node_gbps is not None or args.nics_per_node is not None:
         print(

@@ -126,16 +126,16 @@ def _ring_groups(strategy: Strategy) -> list[range]:
 
 
 def _exchange_seconds(
-    message: float, inside: int, load: float, device_bandwidth: float, link: Hardware | None
+    message: float, inside: int, load: float, inside_rate: float, link: Hardware | None
 ) -> float:
-    """Seconds to send messages of ``message`` bytes at once, ``inside`` of them through the
-    device's path and a ``load`` (:meth:`Nodes.loads`) over the inter-node ``link``, side by
-    side."""
-    within = inside * message / device_bandwidth
+    """Seconds to send messages of ``message`` bytes at once, ``inside`` of them at
+    ``inside_rate`` (bytes/s, inside a node) and a ``load`` (:meth:`Nodes.loads`) over the
+    inter-node ``link``, side by side."""
+    within = inside * message / inside_rate
     if not load:
         return within
     assert link is not None and link.link_bandwidth, "messages between nodes need a link"
-    return max(within, load * message / _wire(link, device_bandwidth))
+    return max(within, load * message / _wire(link, inside_rate))
 
 
 def strategies(config: Config) -> list[Strategy]:
@@ -203,9 +203,8 @@ def all_to_all_seconds(
     )
     message = config.batch * tokens * rows * e / u  # to each peer, all calls together
     latency = (link if load else hardware).latency
-    return (
-        _exchange_seconds(message, inside, load, device_bandwidth, link) + calls * (u - 1) * latency
-    )
+    rate = _wire(hardware, device_bandwidth)
+    return _exchange_seconds(message, inside, load, rate, link) + calls * (u - 1) * latency
 
 
 def _allgather(
@@ -232,7 +231,8 @@ def _allgather(
     def exchange(message: float, messages: list[tuple[int, int]]) -> float:
         inside, load = nodes.loads(messages)
         latency = (link if load else hardware).latency
-        return _exchange_seconds(message, inside, load, device_bandwidth, link) + latency
+        rate = _wire(hardware, device_bandwidth)
+        return _exchange_seconds(message, inside, load, rate, link) + latency
 
     gather = exchange(shard * e, _group_messages(_ring_groups(strategy))) + (p - 2) * (
         hardware.latency
@@ -275,6 +275,8 @@ def rank(
     link = None
     if config.devices > per_node:
         link = across_nodes(hardware, config.devices, per_node, inter_node_gbps)
+        if link.link_bandwidth is None:  # an inter-node profile: its bandwidth is the link's
+            link = replace(link, link_bandwidth=link.bandwidth)
     ranked = []
     for strategy in strategies(config):
         ring = ring_config(config, strategy)
@@ -330,7 +332,7 @@ def _reason(strategy, ring_prediction, exchange, ring_crosses, group_crosses) ->
     if strategy.ring > 1:
         link = "inter-node" if ring_crosses else "intra-node"
         if ring_prediction is None:
-            parts.append(f"all-gather over the {link} link, not overlapped")
+            parts.append(f"all-gather over the {link} link, hidden behind the own shard only")
         elif ring_prediction.overlapped:
             parts.append(f"ring over the {link} link hides its transfers")
         else:

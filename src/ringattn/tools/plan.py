@@ -246,8 +246,8 @@ class Config:
         return 2.0 * self.batch * self.heads * (self.head_dim + self.value_dim)
 
     def bytes_per_step(self, seq_local: int, backward: bool) -> float:
-        """Bytes one rank sends per ring step under this rotation (forward, or forward and
-        backward together), :func:`ringattn.rotation_bytes`."""
+        """Bytes one rank sends per ring step and sequence of the batch under this rotation
+        (forward, or forward and backward together), :func:`ringattn.rotation_bytes`."""
         dtype = getattr(torch, self.dtype)
         return rotation_bytes(
             seq_local,
@@ -261,9 +261,9 @@ class Config:
         )[self.rotation]
 
     def return_bytes(self, seq_local: int, backward: bool) -> float:
-        """Bytes of the accumulator a rank sends home after a pass's last step (it follows its
-        block one step behind): pass-Q's out and lse (forward) or dQ (backward), pass-KV's dK
-        and dV (backward); nothing for pass-KV's forward."""
+        """Bytes per sequence of the batch of the accumulator a rank sends home after a pass's
+        last step (it follows its block one step behind): pass-Q's out and lse (forward) or dQ
+        (backward), pass-KV's dK and dV (backward); nothing for pass-KV's forward."""
         acc = 8 if self.dtype == "float64" else 4
         if self.rotation == "kv":
             return (
@@ -359,12 +359,14 @@ def memory_per_token(config: Config) -> float:
     - what any attention keeps: out and the float32 log-sum-exp, and for training dq, dk, dv;
       a single device (``devices == 1``) computes the whole block and needs nothing else;
     - the ring's buffers, one sub-block each (the engine cuts a shard into
-      ``granularity.count(segments)`` sub-blocks): the travelling block being computed on and
-      the one arriving, three returning float32 blocks (being filled, sent, arriving: dK/dV
-      under pass-KV backward, dQ under pass-Q backward, partial out + lse under pass-Q
-      forward), and one band of kernel outputs in float32;
+      ``granularity.count(segments)`` sub-blocks, the backward of 16-bit inputs
+      ``accumulator_split`` times more): the travelling block being computed on and the one
+      arriving, three returning float32 blocks (being filled, sent, arriving: dK/dV under
+      pass-KV backward, dQ under pass-Q backward, partial out + lse under pass-Q forward), and
+      one band of kernel outputs (in the inputs' dtype when training);
     - float32 accumulators for inputs in 16-bit dtypes (float32 inputs accumulate in place): dq
-      (pass-KV) or dk, dv (pass-Q) in training, out in pass-KV inference.
+      (pass-KV) or dk, dv (pass-Q) in training, which take the place of their 16-bit results
+      (converted band by band at the end), and out in pass-KV inference, next to its result.
     """
     e = _element_size(config.dtype)
     q_row = config.heads * config.head_dim  # q, dq
@@ -379,15 +381,16 @@ def memory_per_token(config: Config) -> float:
     if config.rotation == "kv":
         travelling = kv_row * e
         returning = kv_row * 4 if train else 0
-        accumulators = (q_row if train else out_row) * 4
+        accumulators = q_row * (4 - e) if train else out_row * 4
     else:
         travelling = ((q_row + 2 * out_row) * e + lse) if train else q_row * e
         returning = q_row * 4 if train else out_row * 4 + lse
-        accumulators = kv_row * 4 if train else 0
-    band = (q_row + kv_row) * 4 if train else out_row * 4 + lse
-    ring = (2 * travelling + 3 * returning + band) / _sub_block_count(config)
-    if e == 4:  # float32 inputs accumulate in place
+        accumulators = kv_row * (4 - e) if train else 0
+    band = (q_row + kv_row) * e if train else out_row * 4 + lse
+    if e >= 4:  # float32 (or float64) inputs accumulate in their own dtype, in place
         accumulators = 0
+    count, travel_count = _sub_block_counts(config)
+    ring = (2 * travelling + 3 * returning) / travel_count + band / count
     return config.batch * (inputs + outputs + ring + accumulators)
 
 
@@ -396,18 +399,26 @@ def device_memory(config: Config) -> float:
     return memory_per_token(config) * (config.seq_len // config.devices)
 
 
-def _sub_block_count(config: Config) -> int:
+def _sub_block_counts(config: Config) -> tuple[int, int]:
+    """The sub-blocks of a shard (bands of the stationary side), and of the travelling block in
+    the pass that peaks: finer in the backward of 16-bit inputs (``accumulator_split``)."""
     seq_local = config.seq_len // config.devices
-    return config.granularity.count(LAYOUTS[config.layout].segments(0, config.devices, seq_local))
+    segments = LAYOUTS[config.layout].segments(0, config.devices, seq_local)
+    granularity = config.granularity
+    split = (
+        granularity.accumulator_split if config.backward and _element_size(config.dtype) < 4 else 1
+    )
+    return granularity.count(segments), granularity.count(segments, split)
 
 
 def longest_sequence(config: Config, memory: float) -> int:
     """The longest total sequence (a multiple of the layout's) whose :func:`device_memory` fits
     ``memory`` bytes per device; 0 if none does.
 
-    Memory grows with the length except where the sub-block count steps up (a longer shard is
-    cut finer and holds smaller ring buffers per token), so the search runs per count: the
-    lengths with one count form an interval, inside which memory only grows.
+    Memory grows with the length except where a sub-block count steps up (a longer shard is
+    cut finer and holds smaller ring buffers per token), so the search runs per pair of counts
+    (:func:`_sub_block_counts`): the lengths with one pair form an interval, inside which memory
+    only grows.
     """
     multiple = LAYOUTS[config.layout].seq_multiple(config.devices)
 
@@ -426,8 +437,8 @@ def longest_sequence(config: Config, memory: float) -> int:
     ceiling = int(memory / memory_per_token(bare) * config.devices / multiple) + 1
     best, start = 0, 1
     while start <= ceiling:
-        count = _sub_block_count(at(start))
-        end = last(start, ceiling, lambda units, c=count: _sub_block_count(at(units)) == c)
+        counts = _sub_block_counts(at(start))
+        end = last(start, ceiling, lambda units, c=counts: _sub_block_counts(at(units)) == c)
         if device_memory(at(start)) <= memory:
             fitting = last(start, end, lambda units: device_memory(at(units)) <= memory)
             best = max(best, fitting)
@@ -489,8 +500,8 @@ def predict(config: Config, hardware: Hardware) -> Prediction:
     )
     flops_rank = config.flops_per_pair * max(work)
     flops_total = config.flops_per_pair * sum(work)
-    fwd_bytes = config.bytes_per_step(seq_local, backward=False)
-    both_bytes = config.bytes_per_step(seq_local, backward=True)
+    fwd_bytes = config.batch * config.bytes_per_step(seq_local, backward=False)
+    both_bytes = config.batch * config.bytes_per_step(seq_local, backward=True)
     share = hardware.comm_compute_share
     machine_flops, rank_flops, device_bandwidth = _rates(hardware, p, seq_local)
     wire_bandwidth = _wire(hardware, device_bandwidth)
@@ -512,14 +523,14 @@ def predict(config: Config, hardware: Hardware) -> Prediction:
         return total + overhead, compute, comm, busy, compute + share * comm >= comm
 
     forward, compute_step, comm_step, busy_step, hidden = pass_time(
-        1.0, fwd_bytes, config.return_bytes(seq_local, backward=False)
+        1.0, fwd_bytes, config.batch * config.return_bytes(seq_local, backward=False)
     )
     backward = 0.0
     if config.backward:
         backward, *_ = pass_time(
             hardware.backward_ratio,
             both_bytes - fwd_bytes,
-            config.return_bytes(seq_local, backward=True),
+            config.batch * config.return_bytes(seq_local, backward=True),
         )
     ratio = 1 + (hardware.backward_ratio if config.backward else 0.0)
     ideal = ratio * flops_total / machine_flops

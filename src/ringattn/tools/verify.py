@@ -81,8 +81,9 @@ def _edges(workload: Workload, world_size: int) -> set[int]:
             offset += segment.length
         if world_size > 1:
             granularity = workload.granularity
-            for block in sub_blocks(segments, granularity.count(segments)):
-                local.update(i for start, stop in block.pieces for i in (start, stop - 1))
+            for split in {1, granularity.accumulator_split}:  # the 16-bit backward's finer cut
+                for block in sub_blocks(segments, granularity.count(segments, split)):
+                    local.update(i for start, stop in block.pieces for i in (start, stop - 1))
             band = granularity.band(segments)
             local.update(
                 i for b in range(0, seq_local, band) for i in (b, min(b + band, seq_local) - 1)

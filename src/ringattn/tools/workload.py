@@ -41,11 +41,12 @@ class Workload:
     seed: int = 0
     sub_blocks: int = Granularity().sub_blocks
     min_tokens: int = Granularity().min_tokens
+    accumulator_split: int = Granularity().accumulator_split
 
     @property
     def granularity(self) -> Granularity:
         """How the ring cuts its blocks (:class:`ringattn.Granularity`)."""
-        return Granularity(sub_blocks=self.sub_blocks, min_tokens=self.min_tokens)
+        return Granularity(self.sub_blocks, self.min_tokens, self.accumulator_split)
 
     @property
     def torch_dtype(self) -> torch.dtype:
