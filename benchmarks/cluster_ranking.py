@@ -1,7 +1,7 @@
 """The node-aware planner's ranking of 1-D and 2-D configurations, checked by measurement on
 this machine's 4 ranks: on two simulated hosts of 2 ranks joined by a shaped link, or on one.
 
-    sudo .venv/bin/python benchmarks/cluster_ranking.py --hosts 2 --rate 100mbit   # ~10 minutes
+    sudo .venv/bin/python benchmarks/cluster_ranking.py --hosts 2 --rate 100mbit   # ~5 minutes
     .venv/bin/python benchmarks/cluster_ranking.py                   # one host, about 5 minutes
     .venv/bin/python benchmarks/cluster_ranking.py --hosts 2 --from-json   # rank again, no runs
 

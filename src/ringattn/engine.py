@@ -17,7 +17,9 @@ Blocks travel as sub-blocks (:class:`Granularity`): sub-block ``j`` of every ran
 once around the ring, then sub-block ``j + 1``. A rank so holds two travelling *sub-blocks* (the
 one it computes on and the one arriving) and three returning ones (the one it fills, the one it
 sent, the one arriving) instead of whole blocks, and the stationary side is handed to the kernel
-in bands of the same size, so kernel outputs are sub-block-sized too.
+in bands of the same size, so kernel outputs are sub-block-sized too. (The backward of 16-bit
+inputs, whose returning accumulators are fp32, cuts its travelling block finer and keeps the
+bands: ``Granularity.accumulator_split``.)
 
 A returning accumulator starts at the block's owner, is updated by every rank it visits — in the
 buffer it arrived in — and arrives back after ``p`` steps. Each step computes the tiles
@@ -82,7 +84,8 @@ class Granularity:
     ``min_tokens`` tokens; the stationary side is handed to the kernel in bands of the same size.
     What the ring holds beyond a rank's own tensors is then about ``6 / sub_blocks``
     block-sizes in the backward pass (two travelling sub-blocks, three returning fp32 ones, a band
-    of kernel outputs); ``sub_blocks=1`` double-buffers whole blocks. Finer cuts mean more,
+    of kernel outputs); ``sub_blocks=1`` double-buffers whole blocks (with
+    ``accumulator_split=1`` also in a 16-bit backward). Finer cuts mean more,
     smaller kernel calls and messages: ``min_tokens`` keeps every call at least that long.
 
     With 16-bit inputs the backward's returning accumulators (dK/dV, or dQ with pass-Q) are fp32,
