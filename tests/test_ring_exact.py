@@ -185,3 +185,39 @@ def test_head_dims_up_to_512(pools, world, layout):
     """Head dims of current models (192 for MLA's q/k, 256, 512) on the CPU path, causal and
     full, GQA, travelling blocks cut into sub-blocks: out, lse and every gradient."""
     pools(world).run(_large_head_dim_job, layout)
+
+
+def _bf16_split_job(rank, world, rotation):
+    """bf16 through every mask case with the backward cut 4 times finer than the forward
+    (``accumulator_split=4``, pieces of 1-2 tokens: shards not divisible by the counts) and
+    not at all (``1``): both within twice a float64 reference's error of the other, and of the
+    input dtype."""
+    from helpers import MASK_CASES, mask_case, masked_reference
+
+    for seed, name in enumerate(MASK_CASES):
+        seq_len = 14 * world
+        kwargs, allowed, score_mod = mask_case(name, seq_len)
+        q, k, v, dout = random_qkv(1, seq_len, 4, 2, 16, seed)
+        full = [t.clone().requires_grad_() for t in (q, k, v)]
+        ref_out, _ = masked_reference(*full, allowed, score_mod)
+        refs = [ref_out, *torch.autograd.grad(ref_out, full, dout)]
+        errors = {}
+        for split in (1, 4):
+            granularity = ringattn.Granularity(sub_blocks=3, min_tokens=2, accumulator_split=split)
+            local = [ringattn.shard(t, "zigzag").bfloat16().requires_grad_() for t in (q, k, v)]
+            out = ringattn.ring_attention(
+                *local, layout="zigzag", rotation=rotation, granularity=granularity, **kwargs
+            )
+            grads = torch.autograd.grad(out, local, ringattn.shard(dout, "zigzag").bfloat16())
+            assert all(g.dtype == torch.bfloat16 for g in grads)
+            errors[split] = [
+                relative_error(got, ringattn.shard(ref, "zigzag"))
+                for got, ref in zip([out, *grads], refs, strict=True)
+            ]
+        for unsplit, split in zip(errors[1], errors[4], strict=True):
+            assert split <= max(2 * unsplit, 1e-2), (name, rotation, world, errors)
+
+
+@pytest.mark.parametrize(("world", "rotation"), [(2, "kv"), (4, "kv"), (3, "q")])
+def test_bf16_backward_split_is_exact_for_every_mask(pools, world, rotation):
+    pools(world).run(_bf16_split_job, rotation)
