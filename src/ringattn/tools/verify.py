@@ -81,7 +81,8 @@ def _edges(workload: Workload, world_size: int) -> set[int]:
             offset += segment.length
         if world_size > 1:
             granularity = workload.granularity
-            for split in {1, granularity.accumulator_split}:  # the 16-bit backward's finer cut
+            finer = granularity.accumulator_split if workload.dtype in LOW_PRECISION else 1
+            for split in {1, finer}:  # the 16-bit backward's finer cut, where it happens
                 for block in sub_blocks(segments, granularity.count(segments, split)):
                     local.update(i for start, stop in block.pieces for i in (start, stop - 1))
             band = granularity.band(segments)
