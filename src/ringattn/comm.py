@@ -134,6 +134,38 @@ class PendingExchange:
         return [t.to(self.device) for t in self.received]
 
 
+Message = tuple[int, torch.Tensor, int, str]
+"""One posted point-to-point message: ``(global rank of the peer, tensor, tag, what it is)``."""
+
+
+def post_messages(
+    group: dist.ProcessGroup | None,
+    receives: Sequence[Message],
+    sends: Sequence[Message],
+    timeout: timedelta | None,
+    device: torch.device,
+    coalesced: str,
+) -> PendingExchange:
+    """Post every receive, then every send, in one ``batch_isend_irecv``; :meth:`wait` bounds
+    each (named by its message) and returns the receive buffers moved to ``device``.
+
+    Receives go first: gloo sends a message only once its receiver has said the receive is
+    posted, and that word travels behind whatever the receiver is already sending on the same
+    connection, so a pair that posted its sends first could wait for the peer's whole message
+    before its own left (measured between simulated hosts: one exchange in two at half the
+    link's rate). ``coalesced`` names the works of a backend that returns fewer than one per
+    message."""
+    ops = [dist.P2POp(dist.irecv, t, peer, group, tag) for peer, t, tag, _ in receives]
+    ops += [dist.P2POp(dist.isend, t, peer, group, tag) for peer, t, tag, _ in sends]
+    works = dist.batch_isend_irecv(ops) if ops else []
+    if len(works) == len(ops):
+        named = [(work, m[3]) for work, m in zip(works, [*receives, *sends], strict=True)]
+    else:
+        named = [(work, coalesced) for work in works]
+    sent = sum(t.numel() * t.element_size() for _, t, _, _ in sends)
+    return PendingExchange(named, [t for _, t, _, _ in receives], timeout, device, sent)
+
+
 class RingPeerError(RuntimeError):
     """A transfer or collective failed because a peer died or closed its connection."""
 
@@ -248,32 +280,19 @@ class RingComm:
             self._staging[device] = transfer_device(self.group, device)
         staging = self._staging[device]
         tensors = [t.to(staging).contiguous() for t in tensors]
-        received = [torch.empty_like(t) for t in tensors]
-        # Receives first: gloo sends a message only once the receiver has said it is posted,
-        # and that word travels behind whatever the receiver is already sending on the same
-        # connection — a ring of two posting its send first can wait for the peer's whole block
-        # before its own leaves (measured: one exchange at half the link's rate, 1 time in 2).
-        ops = [
-            dist.P2POp(dist.irecv, recv, self.prev_peer, self.group, tag + i)
-            for i, recv in enumerate(received)
-        ] + [
-            dist.P2POp(dist.isend, send, self.next_peer, self.group, tag + i)
-            for i, send in enumerate(tensors)
+        receiving, sending = self._peer_text("receiving from", -1), self._peer_text("sending to", 1)
+        receives = [
+            (self.prev_peer, torch.empty_like(t), tag + i, receiving) for i, t in enumerate(tensors)
         ]
-        whats = [self._peer_text("receiving from", -1)] * len(received) + [
-            self._peer_text("sending to", 1)
-        ] * len(tensors)
-        works = dist.batch_isend_irecv(ops)
-        # gloo returns one work per operation; a backend that coalesces them returns fewer
-        named = zip(works, whats, strict=True) if len(works) == len(ops) else None
-        sent = sum(t.numel() * t.element_size() for t in tensors)
+        sends = [(self.next_peer, t, tag + i, sending) for i, t in enumerate(tensors)]
+        timeout = host_timeout(staging, self.group, self._timeout_s)
+        pending = post_messages(
+            self.group, receives, sends, timeout, device, "the ring exchange with both neighbours"
+        )
         trace = current_trace()
         if trace is not None:
-            trace.bytes_sent += sent
-        if named is None:
-            named = [(work, "the ring exchange with both neighbours") for work in works]
-        timeout = host_timeout(staging, self.group, self._timeout_s)
-        return PendingExchange(list(named), received, timeout, device, sent)
+            trace.bytes_sent += pending.bytes_sent
+        return pending
 
     def _peer_text(self, verb: str, offset: int) -> str:
         """E.g. "ring exchange: receiving from rank 2 of the ring (global rank 5)"."""

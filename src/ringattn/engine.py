@@ -56,6 +56,7 @@ from .comm import (
     RingComm,
     all_reduce_bounded,
     host_timeout,
+    post_messages,
     transfer_device,
 )
 from .dropout import Dropout
@@ -704,28 +705,20 @@ def _post_p2p(
     device = tensors[0].device
     staging = transfer_device(comm.group, device)
     sent = [t.to(staging).contiguous() for t in tensors]
-    ops, whats, received = [], [], []
-    # receives first, as in RingComm.exchange: gloo's word "posted" must not queue behind a send
-    for peers, verb in ((sources, "receiving from"), (to, "sending to")):
+
+    def messages(peers: Sequence[int], verb: str, buffer) -> list:
+        found = []
         for peer in peers:
             global_rank = dist.get_global_rank(comm.group, peer)
-            for i, t in enumerate(sent):
-                if verb == "sending to":
-                    ops.append(dist.P2POp(dist.isend, t, global_rank, comm.group, tag + i))
-                else:
-                    received.append(torch.empty_like(t))
-                    ops.append(
-                        dist.P2POp(dist.irecv, received[-1], global_rank, comm.group, tag + i)
-                    )
-                whats.append(f"{what}: {verb} rank {peer} of the ring (global rank {global_rank})")
-    works = dist.batch_isend_irecv(ops)
-    if len(works) == len(ops):
-        named = list(zip(works, whats, strict=True))
-    else:  # a backend that coalesces the operations
-        named = [(work, f"{what} with ranks {[*to, *sources]} of the ring") for work in works]
+            text = f"{what}: {verb} rank {peer} of the ring (global rank {global_rank})"
+            found += [(global_rank, buffer(t), tag + i, text) for i, t in enumerate(sent)]
+        return found
+
+    receives = messages(sources, "receiving from", torch.empty_like)
+    sends = messages(to, "sending to", lambda t: t)
     timeout = host_timeout(staging, comm.group, comm._timeout_s)
-    nbytes = len(to) * sum(t.numel() * t.element_size() for t in sent)
-    return PendingExchange(named, received, timeout, device, nbytes)
+    coalesced = f"{what} with ranks {[*to, *sources]} of the ring"
+    return post_messages(comm.group, receives, sends, timeout, device, coalesced)
 
 
 class _Gather:

@@ -39,6 +39,7 @@ from .comm import (
     UlyssesGroup,
     all_reduce_bounded,
     host_timeout,
+    post_messages,
     split_context,
     transfer_device,
     wait_bounded,
@@ -178,10 +179,9 @@ def agree_on_mesh(
 
 def _all_to_all(x: torch.Tensor, ulysses: UlyssesGroup, what: str) -> torch.Tensor:
     """All-to-all of ``x`` over the Ulysses group (chunk ``i`` along dim 0 goes to Ulysses rank
-    ``i``; chunk ``j`` of the result came from rank ``j``), as pairwise sends and receives with
-    the receives posted first (gloo's ``all_to_all_single`` posts its sends first, and a send
-    waits for its receiver's word "posted", which can queue behind that receiver's own send:
-    measured between simulated hosts, up to 1.7x the time), each wait bounded by
+    ``i``; chunk ``j`` of the result came from rank ``j``), as pairwise messages posted by
+    :func:`ringattn.comm.post_messages` (receives first; gloo's ``all_to_all_single`` posts its
+    sends first and took up to 1.7x the time between simulated hosts), each wait bounded by
     ``RINGATTN_TIMEOUT`` as the ring's are."""
     device = x.device
     staging = transfer_device(ulysses.group, device)
@@ -189,21 +189,16 @@ def _all_to_all(x: torch.Tensor, ulysses: UlyssesGroup, what: str) -> torch.Tens
     received = torch.empty_like(sent)
     received[ulysses.rank].copy_(sent[ulysses.rank])
     size, rank = ulysses.size, ulysses.rank
-    peers = [(rank + i) % size for i in range(1, size)]
-    global_rank = {peer: dist.get_global_rank(ulysses.group, peer) for peer in peers}
-    ops = [dist.P2POp(dist.irecv, received[p], global_rank[p], ulysses.group) for p in peers]
-    ops += [dist.P2POp(dist.isend, sent[p], global_rank[p], ulysses.group) for p in peers]
-    whats = [f"receiving from rank {p}" for p in peers] + [f"sending to rank {p}" for p in peers]
-    works = dist.batch_isend_irecv(ops) if ops else []
-    if len(works) != len(ops):  # a backend that coalesces the operations
-        whats = ["exchanging"] * len(works)
+    over = f"all-to-all of {what} over the {size} ranks of the Ulysses group"
+    peers = [(p, dist.get_global_rank(ulysses.group, p)) for p in range(size) if p != rank]
+    receives = [(g, received[p], 0, f"{over}: receiving from rank {p}") for p, g in peers]
+    sends = [(g, sent[p], 0, f"{over}: sending to rank {p}") for p, g in peers]
+    timeout = host_timeout(staging, ulysses.group)
+    pending = post_messages(ulysses.group, receives, sends, timeout, staging, over)
     trace = current_trace()
     if trace is not None:
-        trace.bytes_sent += sent[0].numel() * sent.element_size() * (size - 1)
-    timeout = host_timeout(staging, ulysses.group)
-    for work, verb in zip(works, whats, strict=True):
-        group_text = f"the {size} ranks of the Ulysses group"
-        wait_bounded(work, timeout, f"all-to-all of {what} over {group_text}: {verb}")
+        trace.bytes_sent += pending.bytes_sent
+    pending.wait()
     return received.to(device)
 
 

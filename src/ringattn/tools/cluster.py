@@ -126,16 +126,25 @@ def _ring_groups(strategy: Strategy) -> list[range]:
 
 
 def _exchange_seconds(
-    message: float, inside: int, load: float, inside_rate: float, link: Hardware | None
+    message: float,
+    messages: Iterable[tuple[int, int]],
+    nodes: Nodes,
+    hardware: Hardware,
+    device_bandwidth: float,
+    link: Hardware | None,
+    latencies: int = 1,
 ) -> float:
-    """Seconds to send messages of ``message`` bytes at once, ``inside`` of them at
-    ``inside_rate`` (bytes/s, inside a node) and a ``load`` (:meth:`Nodes.loads`) over the
-    inter-node ``link``, side by side."""
-    within = inside * message / inside_rate
-    if not load:
-        return within
-    assert link is not None and link.link_bandwidth, "messages between nodes need a link"
-    return max(within, load * message / _wire(link, inside_rate))
+    """Seconds to send ``message`` bytes for each ``(source, destination)`` of ``messages``, all
+    at once: those inside a node at the device's rate (``hardware``'s path, ``device_bandwidth``)
+    side by side with those over the inter-node ``link`` (:meth:`Nodes.loads`), plus
+    ``latencies`` message latencies of the slower kind."""
+    inside, load = nodes.loads(messages)
+    rate = _wire(hardware, device_bandwidth)
+    seconds = inside * message / rate
+    if load:
+        assert link is not None and link.link_bandwidth, "messages between nodes need a link"
+        seconds = max(seconds, load * message / _wire(link, rate))
+    return seconds + latencies * (link if load else hardware).latency
 
 
 def strategies(config: Config) -> list[Strategy]:
@@ -198,13 +207,12 @@ def all_to_all_seconds(
     rows = forward + (backward if config.backward else 0)
     calls = 4 + (4 if config.backward else 0)
     _, _, device_bandwidth = _rates(hardware, config.devices, tokens)
-    inside, load = (nodes or Nodes(config.devices, 1)).loads(
-        _group_messages(_ulysses_groups(strategy))
-    )
     message = config.batch * tokens * rows * e / u  # to each peer, all calls together
-    latency = (link if load else hardware).latency
-    rate = _wire(hardware, device_bandwidth)
-    return _exchange_seconds(message, inside, load, rate, link) + calls * (u - 1) * latency
+    messages = _group_messages(_ulysses_groups(strategy))
+    nodes = nodes or Nodes(config.devices, 1)
+    return _exchange_seconds(
+        message, messages, nodes, hardware, device_bandwidth, link, calls * (u - 1)
+    )
 
 
 def _allgather(
@@ -227,20 +235,19 @@ def _allgather(
     )
     e = _element_size(config.dtype)
     shard = config.batch * seq_local * config.kv_heads * (config.head_dim + config.value_dim)
-
-    def exchange(message: float, messages: list[tuple[int, int]]) -> float:
-        inside, load = nodes.loads(messages)
-        latency = (link if load else hardware).latency
-        rate = _wire(hardware, device_bandwidth)
-        return _exchange_seconds(message, inside, load, rate, link) + latency
-
-    gather = exchange(shard * e, _group_messages(_ring_groups(strategy))) + (p - 2) * (
-        hardware.latency
-    )
+    gather = _exchange_seconds(
+        shard * e, _group_messages(_ring_groups(strategy)), nodes, hardware, device_bandwidth,
+        link, p - 1,
+    )  # fmt: skip
     total = max(forward / p, gather) + forward * (p - 1) / p
     if config.backward:
         backward = hardware.backward_ratio * forward
-        scatters = [exchange(shard * 4, _shift_messages(strategy, s)) for s in range(1, p)]
+        scatters = [
+            _exchange_seconds(
+                shard * 4, _shift_messages(strategy, s), nodes, hardware, device_bandwidth, link
+            )
+            for s in range(1, p)
+        ]
         total += max(backward / p, gather) + backward / p + scatters[-1]
         total += sum(max(backward / p, scatter) for scatter in scatters[:-1])
     one = replace(config, devices=1, seq_len=seq_local)  # this rank's own tensors
